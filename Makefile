@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each makes .venv and installs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PARITY := $(VENV)/bin/parity
+# torch 2.13.0 is the CPU build on this workplace's disk; other versions pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[torch,hub,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	bash golden/demo.sh $(PARITY)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+.PHONY: install demo test

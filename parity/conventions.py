@@ -1,0 +1,64 @@
+"""The choices on which the reference implementations differ, as named options.
+
+Every capture, comparison and golden file records the Conventions it was made with (`to_dict`), so each
+reference can be reproduced exactly. Presets: `big_vision` and `transformers` (transformers 5.x, eager attention).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+PositionOrigin = Literal[0, 1]
+FinalSoftcap = Literal["always", "never", "decode_only"]
+SlidingWindow = Literal["off", "transformers"]
+NormalizerDtype = Literal["param", "float32"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+    position_origin: PositionOrigin = 0
+    """RoPE position of the first image token: 0 (big_vision, keras-hub) or 1 (transformers)."""
+
+    final_softcap: FinalSoftcap = "decode_only"
+    """Where the final-logit softcap (Gemma 2) applies: on every logit; never; or only on decode steps after the
+    first generated token (big_vision: `text_logits` and prefill use `compute_logits`, extend steps do not)."""
+
+    sliding_window: SlidingWindow = "off"
+    """Gemma 2 local layers: "off" (big_vision: every layer global) or "transformers" (5.x: in local layers a query
+    sees keys with q - k < window among its causal keys, while the bidirectional image+prefix block stays fully
+    visible)."""
+
+    attn_softcap: bool = True
+    """Apply the config's attention-logit softcap (every reference does; SDPA-based ports silently do not)."""
+
+    normalizer_dtype: NormalizerDtype = "param"
+    """Dtype in which sqrt(D) multiplies text embeddings: "param" rounds sqrt(D) to the embedding dtype and multiplies
+    in it (big_vision, transformers 5.x; bf16 gives 45.25 for D=2048); "float32" multiplies in float32."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Conventions":
+        return cls(**d)
+
+    def __post_init__(self):
+        checks = {"position_origin": (0, 1), "final_softcap": ("always", "never", "decode_only"),
+                  "sliding_window": ("off", "transformers"), "attn_softcap": (True, False),
+                  "normalizer_dtype": ("param", "float32")}
+        for field, allowed in checks.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"convention {field}={getattr(self, field)!r}; allowed: {allowed}")
+
+
+PRESETS: dict[str, Conventions] = {
+    "big_vision": Conventions(position_origin=0, final_softcap="decode_only", sliding_window="off"),
+    "transformers": Conventions(position_origin=1, final_softcap="always", sliding_window="transformers"),
+}
+
+
+def get_conventions(name: str) -> Conventions:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown convention preset {name!r}; known: {', '.join(PRESETS)}") from None
