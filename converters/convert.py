@@ -1,0 +1,181 @@
+"""`convert`: any supported checkpoint to npz or safetensors, streamed tensor by tensor through the spec.
+
+Outputs are written under a temporary name beside the destination and renamed when complete, so a failure
+leaves nothing behind. npz -> safetensors adds the HF vocabulary padding rows (the mean embedding row; see
+`parity.spec.pad_rows_for`); safetensors -> npz drops them: the one lossy step, reported in `notes`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from converters import dtypes, safetensors_io
+from converters.checkpoint import Checkpoint, open_checkpoint, sidecar_path
+from converters.hf_config import to_hf_config
+from converters.npz_io import NpzWriter
+from parity import spec
+from parity.config import PaliGemmaConfig
+from parity.errors import OutputError, describe
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current key)
+
+
+@contextlib.contextmanager
+def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary path beside `dst`; rename it to `dst` on success, remove it on any failure."""
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not overwrite:
+        raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise OutputError(describe(dst, what=f"output directory {parent} does not exist or is not a directory"))
+    base = os.path.basename(dst)
+    try:
+        tmp = (tempfile.mkdtemp if is_dir else tempfile.mkstemp)(prefix=f".{base}.", suffix=".partial", dir=parent)
+    except OSError as e:
+        raise OutputError(describe(dst, what=f"cannot write in {parent} ({e.strerror})")) from None
+    if not is_dir:
+        os.close(tmp[0])
+        tmp = tmp[1]
+    try:
+        yield tmp
+        if os.path.lexists(dst):
+            old = dst + ".replaced.partial"
+            os.rename(dst, old)
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (
+            os.path.exists(tmp) and os.remove(tmp))
+        raise
+
+
+def _target_dtype(ck: Checkpoint, e: spec.Entry, dtype: str) -> np.dtype:
+    return ck.dtype(e) if dtype == "keep" else dtypes.FLOAT_DTYPES[dtype]
+
+
+def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -> tuple[int, int]:
+    ents = ck.entries()
+    total = sum(int(np.prod(e.shape)) * _target_dtype(ck, e, dtype).itemsize for e in ents)
+    done = 0
+    with open(tmp, "wb") as f:
+        w = NpzWriter(f)
+        for e in ents:
+            dt = _target_dtype(ck, e, dtype)
+
+            def chunks(e=e, dt=dt):
+                nonlocal done
+                for c in ck.canonical_chunks(e):
+                    c = dtypes.cast(c, dt)
+                    yield c
+                    done += c.nbytes
+                    if progress:
+                        progress(done, total, e.key)
+            w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, chunks())
+        w.close()
+    return len(ents), total
+
+
+def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | None,
+                      progress: Progress | None) -> tuple[int, int, list[str]]:
+    plan = []  # (hf key, dtype, shape, entry, addr)
+    for e in ck.entries():
+        dt = _target_dtype(ck, e, dtype)
+        plan += [(k, dt, e.hf_shape, e, addr) for k, addr in e.hf_keys()]
+    specs = [(k, dt, shape) for k, dt, shape, _, _ in plan]
+    total = sum(int(np.prod(s)) * np.dtype(dt).itemsize for _, dt, s in specs)
+    shards = safetensors_io.plan_shards(specs, max_shard)
+    names = safetensors_io.shard_names(len(shards))
+    pads: dict[str, np.ndarray | None] = {}
+    done = 0
+    weight_map = {}
+    for name, idx in zip(names, shards):
+        def tensors(idx=idx):
+            nonlocal done
+            for i in idx:
+                k, dt, _, e, addr = plan[i]
+                if e.lossy and e.key not in pads:
+                    pads[e.key] = ck.pad_rows(e)
+
+                def chunks(k=k, dt=dt, e=e, addr=addr):
+                    nonlocal done
+                    for c in ck.hf_chunks(e, addr, pads.get(e.key), dt):
+                        yield c
+                        done += c.nbytes
+                        if progress:
+                            progress(done, total, k)
+                yield chunks()
+        with open(os.path.join(tmpdir, name), "wb") as f:
+            safetensors_io.write_file(f, [specs[i] for i in idx], tensors())
+        weight_map.update({specs[i][0]: name for i in idx})
+    if len(names) > 1:
+        with open(os.path.join(tmpdir, safetensors_io.INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return len(specs), total, names
+
+
+def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = None, dtype: str = "keep",
+            max_shard_size: str | int | None = None, overwrite: bool = False,
+            progress: Progress | None = None) -> dict:
+    """Convert `src` (any supported format) to `to` ('npz' or 'safetensors') at `dst`; returns a report."""
+    if to not in ("npz", "safetensors"):
+        raise OutputError(f"--to must be npz or safetensors, not {to!r}")
+    if dtype != "keep" and dtype not in dtypes.FLOAT_DTYPES:
+        raise OutputError(f"--dtype must be keep, float32, bfloat16 or float16, not {dtype!r}")
+    try:
+        max_shard = safetensors_io.parse_size(max_shard_size)
+    except ValueError as e:
+        raise OutputError(str(e)) from None
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not overwrite:  # fail before reading anything
+        raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    with open_checkpoint(src, config) as ck:
+        cfg = ck.config
+        notes += ck.notes
+        src_dtypes = sorted({dtypes.name(ck.dtype(e)) for e in ck.entries()})
+        if dtype != "keep" and any(dtypes.FLOAT_DTYPES[d].itemsize > dtypes.FLOAT_DTYPES[dtype].itemsize
+                                   or (d, dtype) in (("float16", "bfloat16"), ("bfloat16", "float16"))
+                                   for d in src_dtypes):
+            notes.append(f"lossy: values rounded from {'/'.join(src_dtypes)} to {dtype}")
+        if to == "npz":
+            side = sidecar_path(dst)
+            if os.path.lexists(side) and not overwrite:
+                raise OutputError(describe(side, what="sidecar exists; pass --overwrite to replace it"))
+            if ck.format == "safetensors":
+                notes.append(f"lossy: dropped the {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding "
+                             f"rows of embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}, incl. "
+                             f"<image>); big_vision's table has {cfg.text.vocab_size} rows")
+            with atomic_output(side, False, overwrite) as side_tmp:
+                with open(side_tmp, "w") as f:
+                    f.write(cfg.to_json())
+                with atomic_output(dst, False, overwrite) as tmp:
+                    n, nbytes = write_npz(ck, tmp, dtype, progress)
+            files = [dst, side]
+        else:
+            if ck.format == "npz":
+                notes.append(f"added {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding rows to "
+                             f"embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}), each the mean "
+                             f"embedding row; converting back drops them")
+            out_dtype = dtype if dtype != "keep" else src_dtypes[0] if len(src_dtypes) == 1 else "float32"
+            with atomic_output(dst, True, overwrite) as tmp:
+                n, nbytes, names = write_safetensors(ck, tmp, dtype, max_shard, progress)
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(to_hf_config(cfg, out_dtype), f, indent=2)
+            files = [os.path.join(dst, x) for x in names + (["model.safetensors.index.json"] if len(names) > 1
+                                                            else [])] + [os.path.join(dst, "config.json")]
+        return {
+            "source": {"path": os.path.abspath(src), "format": ck.format, "dtypes": src_dtypes},
+            "destination": {"path": dst, "format": to, "files": files,
+                            "dtype": dtype if dtype != "keep" else "/".join(src_dtypes)},
+            "config": cfg.name, "config_source": ck.config_source,
+            "tensors": n, "bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3), "notes": notes,
+        }

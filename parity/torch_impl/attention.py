@@ -1,0 +1,153 @@
+"""Gemma attention pieces: RoPE, prefix-LM and sliding-window masks, softcap, grouped-query attention.
+
+Axis letters (parity.config): B batch, T query length, S key length (the whole cache when decoding), D width,
+N query heads, K kv heads, G = N / K query heads per kv head, H head dim.
+Query head n reads kv head n // G (big_vision's `BTKGH` grouping, transformers' `repeat_kv`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parity.config import TextConfig
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), in the op order of every reference."""
+    return torch.tanh(x / cap) * cap
+
+
+# -- RoPE ----------------------------------------------------------------------------------------------------------
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Half-split rotary embedding. x: float[B, T, N, H]; positions: int[B, T].
+
+    Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula;
+    big_vision divides by the timescale instead, which differs in the last ulp of a few angles).
+    """
+    h = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, h, 2, device=x.device, dtype=torch.float32) / h))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def positions_from_mask(input_mask: torch.Tensor, origin: int) -> torch.Tensor:
+    """RoPE positions cumsum(input_mask) - 1 + origin (0: big_vision, 1: transformers). int64[B, S]."""
+    return torch.cumsum(input_mask.long(), dim=-1) - 1 + origin
+
+
+# -- masks (bool, True = may attend) -------------------------------------------------------------------------------
+def prefix_lm_mask(input_mask: torch.Tensor, mask_ar: torch.Tensor) -> torch.Tensor:
+    """big_vision `make_attn_mask`: bool[B, S, S]; row i sees key j iff cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]
+    and both are real tokens. mask_ar [[0 0 0 1 1 1]] is a prefix-LM: 3 bidirectional tokens, then causal."""
+    car = torch.cumsum(mask_ar.long(), dim=-1)
+    valid = input_mask.bool()
+    return (car[:, None, :] <= car[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+
+
+def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
+                        bidirectional: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers 5.x local-layer rule: among allowed keys keep those with q - k < window (positions without
+    the origin), except pairs of the same bidirectional block, which stay visible.
+
+    mask: bool[B, T, S]; q_pos: int[B, T]; k_pos: int[B, S]; bidirectional: bool[B, T, S] or None.
+    """
+    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    if bidirectional is not None:
+        near = near | bidirectional
+    return mask & near
+
+
+def same_block(mask_ar: torch.Tensor) -> torch.Tensor:
+    """bool[B, S, S]: tokens i, j share a bidirectional block (equal cumsum(mask_ar))."""
+    car = torch.cumsum(mask_ar.long(), dim=-1)
+    return car[:, :, None] == car[:, None, :]
+
+
+# -- attention -----------------------------------------------------------------------------------------------------
+def _param(*shape: int, storage: tuple[int, ...] | None = None) -> nn.Parameter:
+    """A parameter of canonical `shape` whose memory is laid out in the axis order `storage` (a permutation of the
+    axes), so that the matmul views used in forward are free (no weight copy per call)."""
+    if storage is None:
+        return nn.Parameter(torch.zeros(shape), requires_grad=False)
+    stored = torch.zeros([shape[a] for a in storage])
+    inverse = [storage.index(a) for a in range(len(shape))]
+    return nn.Parameter(stored.permute(inverse), requires_grad=False)
+
+
+class Einsum(nn.Module):
+    """One einsum kernel `w` (big_vision `Einsum`); memory order given by `storage` (see `_param`)."""
+
+    def __init__(self, *shape: int, storage: tuple[int, ...] | None = None):
+        super().__init__()
+        self.w = _param(*shape, storage=storage)
+
+
+class Attention(nn.Module):
+    """Gemma / Gemma 2 self-attention. Parameters (canonical, per layer):
+    q_einsum.w [N, D, H] + kv_einsum.w [2, K, D, H], or qkv_einsum.w [3, N, D, H] when K == N;
+    attn_vec_einsum.w [N, H, D]."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n, k, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if cfg.fused_qkv:
+            self.qkv_einsum = Einsum(3, n, d, h, storage=(2, 0, 1, 3))  # stored [D, 3, N, H]
+        else:
+            self.q_einsum = Einsum(n, d, h, storage=(1, 0, 2))  # stored [D, N, H]
+            self.kv_einsum = Einsum(2, k, d, h, storage=(2, 0, 1, 3))  # stored [D, 2, K, H]
+        self.attn_vec_einsum = Einsum(n, h, d)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: float[B, T, D] -> q float[B, T, N, H], k, v float[B, T, K, H]."""
+        c = self.cfg
+        b, t, d = x.shape
+        if c.fused_qkv:
+            w = self.qkv_einsum.w.permute(2, 0, 1, 3).reshape(d, -1)  # free view of [D, 3, N, H]
+            qkv = (x @ w).view(b, t, 3, c.num_heads, c.head_dim)  # "BTD,SNDH->BTSNH" (S = 3)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        wq = self.q_einsum.w.permute(1, 0, 2).reshape(d, -1)
+        q = (x @ wq).view(b, t, c.num_heads, c.head_dim)  # "BTD,NDH->BTNH"
+        wkv = self.kv_einsum.w.permute(2, 0, 1, 3).reshape(d, -1)
+        kv = (x @ wkv).view(b, t, 2, c.num_kv_heads, c.head_dim)  # "BTD,CKDH->BTCKH" (C = 2)
+        return q, kv[:, :, 0], kv[:, :, 1]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *, attn_softcap: bool,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                write_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S].
+
+        Without a cache S = T. With `cache` (k, v float[B, S_cache, K, H]) the new k, v are written at
+        `write_index` (int64[T], shared by the batch) and the query attends to the whole cache."""
+        c = self.cfg
+        q, k, v = self.project(x)
+        q = rope(q, positions, c.rope_base) * c.query_scale_value
+        k = rope(k, positions, c.rope_base)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache.index_copy_(1, write_index, k.to(k_cache.dtype))
+            v_cache.index_copy_(1, write_index, v.to(v_cache.dtype))
+            k, v = k_cache, v_cache
+        o = attend(q, k, v, mask, c.attn_softcap if attn_softcap else None)
+        b, t = x.shape[:2]
+        return o.reshape(b, t, -1) @ self.attn_vec_einsum.w.reshape(-1, c.width)  # "BTNH,NHD->BTD"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None
+           ) -> torch.Tensor:
+    """q float[B, T, N, H] (already scaled), k/v float[B, S, K, H], mask bool[B, T, S] -> float[B, T, N, H].
+
+    Order of every reference: scale -> softcap -> mask -> float32 softmax -> probabilities in the value dtype."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.view(b, t, kh, n // kh, h)
+    s = torch.einsum("BTKGH,BSKH->BKGTS", qg, k)
+    if cap is not None:
+        s = softcap(s, cap)
+    s = s.masked_fill(~mask[:, None, None], torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    o = torch.einsum("BKGTS,BSKH->BTKGH", p, v)
+    return o.reshape(b, t, n, h)

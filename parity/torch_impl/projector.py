@@ -1,0 +1,23 @@
+"""Linear projector from the ViT width to the LLM width (big_vision's ViT `head`): z = x W + b, no activation.
+
+Axis letters: B batch, T image tokens, Dv ViT width, D LLM width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity.torch_impl.attention import _param
+
+
+class Projector(nn.Module):
+    """kernel [Dv, D], bias [D] (canonical `img/head/*`)."""
+
+    def __init__(self, vision_width: int, width: int):
+        super().__init__()
+        self.kernel = _param(vision_width, width)
+        self.bias = _param(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.kernel.t(), self.bias)  # "BTE,ED->BTD" with E = Dv (+ bias)
