@@ -1,0 +1,119 @@
+"""The `parity` command: thin click wrappers over library functions users can import.
+
+Every command takes --json (a machine-readable report on stdout); errors print one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+
+import click
+
+from parity.errors import ParityError
+
+
+def _emit(report: dict, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        render(report)
+
+
+def handle_errors(fn):
+    """Map ParityError (bad input, mismatched config, refused output) to one line on stderr and exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except ParityError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, label: str):
+    """A rich progress bar on stderr (bytes), or nothing; yields a callback (done, total, key)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.console import Console
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[key]}"), console=Console(stderr=True), transient=True) as p:
+        task = p.add_task(label, total=None, key="")
+
+        def cb(done, total, key):
+            p.update(task, completed=done, total=total, key=key[-60:])
+        yield cb
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="paligemma-parity")
+def main():
+    """paligemma-parity: prove a PaliGemma checkpoint means the same in every framework, format and device."""
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Output .npz file or safetensors directory.")
+@click.option("--to", "to", required=True, type=click.Choice(["npz", "safetensors"]))
+@click.option("--config", default=None, help="Variant name or path of a config.json (default: sidecar/config.json, "
+                                             "else detected from the shapes).")
+@click.option("--dtype", default="keep", type=click.Choice(["keep", "float32", "bfloat16", "float16"]))
+@click.option("--max-shard-size", default=None, help="Shard safetensors output, e.g. 2GB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@handle_errors
+def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
+    """Convert SRC (npz or safetensors; detected) to --to format at -o, streaming tensor by tensor."""
+    from converters.convert import convert as run
+    with progress_bar(not as_json and sys.stderr.isatty(), "converting") as cb:
+        report = run(src, dst, to, config=config, dtype=dtype, max_shard_size=max_shard_size,
+                     overwrite=overwrite, progress=cb)
+
+    def render(r):
+        click.echo(f"{r['source']['format']} -> {r['destination']['format']}: {r['tensors']} tensors, "
+                   f"{r['bytes'] / 1e6:.1f} MB, config {r['config']} ({r['config_source']}), {r['seconds']} s")
+        for f in r["destination"]["files"]:
+            click.echo(f"  wrote {f}")
+        for n in r["notes"]:
+            click.echo(f"  note: {n}")
+    _emit(report, as_json, render)
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--config", default=None, help="Variant name or config.json to check against.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def inspect(path, config, as_json):
+    """Format, config, dtypes, parameter count, tensors, and every departure from the spec (exit 1 if any)."""
+    from converters.inspect import inspect as run
+    report = run(path, config)
+
+    def render(r):
+        from rich.console import Console
+        from rich.table import Table
+        con = Console()
+        spec_n = f"{r['spec_parameters']:,}" if r["spec_parameters"] is not None else "unknown"
+        con.print(f"[bold]{r['path']}[/bold]: {r['format']}, config [bold]{r['config']}[/bold] "
+                  f"({r['config_source']}), dtypes {', '.join(r['dtypes'])}, {r['tensors']} tensors, "
+                  f"{r['parameters']:,} parameters (spec: {spec_n})")
+        t = Table("key", "shape", "dtype", "status")
+        for row in r["tensors_table"]:
+            t.add_row(row["key"], str(row["shape"]), row["dtype"], row["status"])
+        con.print(t)
+        for n in r["notes"]:
+            con.print(f"note: {n}")
+        for d in r["departures"]:
+            con.print(f"[red]departure[/red]: {d['key']}: {d['what']} (expected {d['expected']}, found {d['found']})")
+        con.print("conforms to the spec" if r["conforms"] else f"{len(r['departures'])} departures from the spec")
+    _emit(report, as_json, render)
+    sys.exit(0 if report["conforms"] else 1)
+
+
+if __name__ == "__main__":
+    main()

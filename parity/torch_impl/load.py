@@ -1,0 +1,86 @@
+"""Load canonical parameters (big_vision npz keys without `params/`, layers stacked on axis 0) into the model.
+
+Every key and shape is checked against `parity.spec.entries(config)` before the model is touched. Module names
+mirror the keys, so the only transform is unstacking the layer axis:
+    llm/layers/attn/q_einsum/w [L, N, D, H]  ->  llm.layers.{i}.attn.q_einsum.w [N, D, H]
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from parity import spec
+from parity.errors import CheckpointError, describe
+
+_STACKS = {"llm/layers/": "llm.layers.{i}.", "img/Transformer/encoderblock/": "img.Transformer.encoderblock.{i}."}
+
+
+def torch_names(key: str, layers: int | None) -> list[str]:
+    """Parameter names of one canonical key: one per layer for stacked keys."""
+    for prefix, template in _STACKS.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix):].replace("/", ".")
+            return [template.format(i=i) + rest for i in range(layers)]
+    return [key.replace("/", ".")]
+
+
+def check_params(config, params: dict[str, np.ndarray], source: str = "params") -> None:
+    """Raise CheckpointError naming the first missing, unexpected or wrong-shape key."""
+    expected = {e.key: e.shape for e in spec.entries(config)}
+    for key, shape in expected.items():
+        if key not in params:
+            raise CheckpointError(describe(source, key, shape, "nothing", f"missing parameter for {config.name}"))
+        found = tuple(np.shape(params[key]))
+        if found != shape:
+            raise CheckpointError(describe(source, key, shape, found, f"wrong shape for {config.name}"))
+    for key in params:
+        if key not in expected:
+            raise CheckpointError(describe(source, key, "no such key", tuple(np.shape(params[key])),
+                                           f"unexpected parameter for {config.name}"))
+
+
+def to_torch(x: np.ndarray) -> torch.Tensor:
+    """numpy (float32 / float16 / ml_dtypes.bfloat16) -> torch tensor of the same dtype, no rounding."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    if x.dtype in (np.float32, np.float16, np.float64):
+        return torch.from_numpy(x)
+    raise CheckpointError(f"unsupported parameter dtype {x.dtype} (expected float32, float16 or bfloat16)")
+
+
+def _pairs(model, config) -> Iterator[tuple[str, int | None, torch.nn.Parameter]]:
+    named = dict(model.named_parameters())
+    for e in spec.entries(config):
+        for i, name in enumerate(torch_names(e.key, e.layers)):
+            yield e.key, (i if e.layers is not None else None), named[name]
+
+
+@torch.no_grad()
+def load_canonical(model, params: dict[str, np.ndarray], source: str = "params") -> None:
+    """Copy canonical numpy params into `model` (cast to its dtype and device). Checks everything first."""
+    config = model.config
+    check_params(config, params, source)
+    seen = set()
+    for key, i, p in _pairs(model, config):
+        x = params[key] if i is None else params[key][i]
+        p.copy_(to_torch(x).to(device=p.device, dtype=p.dtype))  # copy_ keeps the parameter's memory layout
+        seen.add(id(p))
+    missed = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missed:  # a model/spec disagreement, not a user error
+        raise AssertionError(f"model parameters not covered by the spec: {missed}")
+
+
+def state_to_canonical(model) -> dict[str, np.ndarray]:
+    """The model's parameters as canonical float32 numpy arrays (stacked layers)."""
+    grouped: dict[str, list[np.ndarray]] = {}
+    for key, _, p in _pairs(model, model.config):
+        grouped.setdefault(key, []).append(p.detach().float().cpu().numpy())
+    return {k: (np.stack(v) if len(v) > 1 or _stacked(k) else v[0]) for k, v in grouped.items()}
+
+
+def _stacked(key: str) -> bool:
+    return any(key.startswith(p) for p in _STACKS)
