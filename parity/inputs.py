@@ -212,7 +212,7 @@ def _array(x: Any, key: str, fail) -> np.ndarray:
         a = np.asarray(x)
     except Exception as e:  # ragged lists and the like
         fail(key, "an array", type(x).__name__, f"not convertible to an array ({e})")
-    if a.dtype == object or a.dtype.kind in "USV":
+    if a.dtype == object or (a.dtype.kind in "USV" and a.dtype.name != "bfloat16"):
         fail(key, "a numeric array", f"dtype {a.dtype}", "not numeric")
     return a
 
@@ -262,7 +262,7 @@ def _image(x: Any, config: PaliGemmaConfig | None, fail) -> np.ndarray:
              "non-finite pixel")
     lo, hi = float(img.min()), float(img.max())
     if lo < -1 - IMAGE_TOLERANCE or hi > 1 + IMAGE_TOLERANCE:
-        hint = "; pixels in [0, 255]? use x/127.5 - 1" if hi > 2 else "; pixels in [0, 1]? use 2x - 1" if lo >= 0 else ""
+        hint = "; pixels in [0, 255]? use x/127.5 - 1" if hi > 2 and lo >= 0 else ""
         fail("image", f"values in [-1, 1] (± {IMAGE_TOLERANCE:g})", f"min {lo:.6g}, max {hi:.6g}",
              f"pixel values out of range{hint}")
     return img

@@ -263,7 +263,8 @@ def pad_rows_for(embedding: np.ndarray) -> np.ndarray:
 
     A mean row's logit is the mean of the real logits, so a padded id can never win an argmax.
     """
-    return embedding.astype(np.float64).mean(axis=0).astype(embedding.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return embedding.astype(np.float64).mean(axis=0).astype(embedding.dtype)
 
 
 # -- whole-dict conversions (in memory; the streaming converters use Entry piece by piece) -------------------
