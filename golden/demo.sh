@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on the shipped tiny PaliGemma 2 checkpoint (bf16 npz, released layout):
+# inspect it, convert it to Hugging Face safetensors and back, and prove the round trip bit-exact.
+set -euo pipefail
+PARITY=${1:-parity}
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+ckpt=golden/tiny-pg2-gqa.b16.npz
+
+"$PARITY" inspect "$ckpt"
+"$PARITY" convert "$ckpt" --to safetensors -o "$out/hf" --max-shard-size 100KB
+"$PARITY" inspect "$out/hf" > /dev/null && echo "safetensors output conforms to the spec"
+"$PARITY" convert "$out/hf" --to npz -o "$out/back.b16.npz"
+python3 - "$ckpt" "$out/back.b16.npz" <<'PY'
+import sys, zipfile
+a, b = (zipfile.ZipFile(p) for p in sys.argv[1:])
+same = {n: a.read(n) == b.read(n) for n in a.namelist()}
+assert set(a.namelist()) == set(b.namelist()) and all(same.values()), [n for n, s in same.items() if not s]
+print(f"round trip npz -> safetensors -> npz: {len(same)} members bit-exact")
+PY
