@@ -110,6 +110,9 @@ def main(argv: list[str]) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)

@@ -103,6 +103,7 @@ def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -114,6 +115,12 @@ def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite
             except OSError:
                 pass
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def inputs_sha256(inputs: Mapping[str, Any]) -> str:
@@ -184,7 +191,7 @@ def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig | None = 
             fail("mask_input", "at least one token (1) per row", f"row {i} all padding", "a row with no tokens")
         if not row[:n].all():
             j = int(np.argmin(row))  # first padding position, followed by a token
-            fail("mask_input", "1…1 then 0…0 (right padding)",
+            fail("mask_input", "1...1 then 0...0 (right padding)",
                  f"row {i}: padding at {j}, token at {j + int(np.argmax(row[j:]))}", "padding not only at the end")
         if text[i, 0] != BOS_ID:
             fail("text", f"first token <bos> = {BOS_ID}", f"{text[i, 0]} in row {i}", "row does not start with <bos>")
@@ -240,6 +247,8 @@ def _image(x: Any, config: PaliGemmaConfig | None, fail) -> np.ndarray:
     if a.shape[-1] != 3:
         hint = "channels-first (NCHW)? big_vision images are NHWC" if a.shape[1] == 3 else "wrong shape"
         fail("image", expected, _sig(a), hint)
+    if a.size == 0:
+        fail("image", expected, _sig(a), "empty image batch")
     if a.dtype.kind in "iub":
         fail("image", expected, _sig(a),
              "integer pixels; normalise to [-1, 1] first (x/127.5 - 1, parity.processor.load_image)")

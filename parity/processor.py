@@ -30,7 +30,8 @@ RESAMPLE = ("bilinear", "bicubic")
 # normalize in float32 (`(x - 0.5) / 0.5`, mean = std = 0.5). big_vision's `value_range(-1, 1)` (`-1 + 2·(x/255)` in
 # float32) and the colab's `x/127.5 - 1` in float32 give bit-identical values for all 256 inputs (tests check this).
 # Computing `x/127.5 - 1` (or `(x/255 - 0.5)/0.5`) wholly in float64 and casting at the end does NOT: it differs for
-# x = 64…191 (128 of 256 values), by at most 5.96e-8 = 2^-24, because it skips the float32 rounding of x/255.
+# x = 64…191 (128 of 256 values), by up to 5.92e-8 (< 2^-24; up to 127 ulps of the small values near x = 127.5),
+# because it skips the float32 rounding of x/255 that every real pipeline performs.
 PIXEL_VALUES = (((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5))
                 / np.float32(0.5))
 PIXEL_VALUES.setflags(write=False)
@@ -124,11 +125,13 @@ def build_inputs(images: Sequence[Any], prefixes: Sequence[str] | str, suffixes:
     if not (len(images) == len(prefixes) == len(suffixes)):
         raise InputsError(describe("<build_inputs>", "prefixes", "one image, prefix and suffix per example",
                                    f"{len(images)} images, {len(prefixes)} prefixes, {len(suffixes)} suffixes"))
+    if not prefixes:
+        raise InputsError(describe("<build_inputs>", "prefixes", "at least one example", "none"))
     if tokenizer.vocab_size > config.text.vocab_size:
         raise InputsError(describe(tokenizer.path, "vocab_size", f"<= {config.text.vocab_size} ({config.name})",
                                    tokenizer.vocab_size, "tokenizer larger than the model's vocabulary"))
     rows = [tokenize(tokenizer, p, s) for p, s in zip(prefixes, suffixes)]
-    longest = max((len(t) for t, _ in rows), default=0)
+    longest = max(len(t) for t, _ in rows)
     t_len = longest if text_len is None else text_len
     if longest > t_len:
         raise InputsError(describe("<build_inputs>", "text_len", f">= {longest} (the longest example)", t_len))
@@ -139,7 +142,7 @@ def build_inputs(images: Sequence[Any], prefixes: Sequence[str] | str, suffixes:
     for i, (tokens, ar) in enumerate(rows):
         text[i, :len(tokens)], mask_ar[i, :len(ar)], mask_input[i, :len(tokens)] = tokens, ar, 1
     size = config.vision.image_size
-    image = np.stack([load_image(im, size, resample) for im in images]) if b else np.zeros((0, size, size, 3))
+    image = np.stack([load_image(im, size, resample) for im in images])
     return validate_inputs(dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input), config,
                            path="<build_inputs>")
 
