@@ -19,3 +19,8 @@ same = {n: a.read(n) == b.read(n) for n in a.namelist()}
 assert set(a.namelist()) == set(b.namelist()) and all(same.values()), [n for n, s in same.items() if not s]
 print(f"round trip npz -> safetensors -> npz: {len(same)} members bit-exact")
 PY
+
+# Run the PyTorch implementation on the shipped inputs (2 rows, different prompt lengths, one right-padded):
+# capture every named point, then decode greedily with the KV cache.
+"$PARITY" capture "$ckpt" --inputs golden/tiny-inputs.npz --convention big_vision -o "$out/capture.safetensors"
+"$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model

@@ -115,5 +115,71 @@ def inspect(path, config, as_json):
     sys.exit(0 if report["conforms"] else 1)
 
 
+def _model_options(fn):
+    """Options shared by the commands that run a model."""
+    for opt in reversed([
+        click.option("--impl", default="torch", type=click.Choice(["torch"]), help="Implementation to run."),
+        click.option("--inputs", "inputs", required=True, type=click.Path(),
+                     help="Inputs file (.npz/.safetensors): image, text, mask_ar[, mask_input]."),
+        click.option("--convention", default="big_vision", type=click.Choice(["big_vision", "transformers"]),
+                     help="Conventions preset (recorded in the output)."),
+        click.option("--config", default=None, help="Variant name or config.json (default: detected)."),
+        click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"])),
+        click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path())
+@_model_options
+@click.option("--points", default=None, help="Comma-separated globs of capture points (default: all), e.g. "
+                                             "'img/block0*/*,llm/layer*/out'. `logits` is always captured.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Capture file (.safetensors).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def capture(ckpt, impl, inputs, convention, config, dtype, device, points, output, overwrite, as_json):
+    """Run a forward pass of CKPT on --inputs and save the named capture points with a manifest."""
+    from parity.run import capture as run
+    m = run(ckpt, inputs, output, impl=impl, convention=convention, dtype=dtype, device=device, points=points,
+            config=config, overwrite=overwrite)
+
+    def render(r):
+        click.echo(f"captured {len(r['points'])} points with {r['impl']} ({r['dtype']}, {r['device']}, "
+                   f"convention {convention}) in {r['seconds']} s -> {r['output']}")
+    _emit(m, as_json, render)
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path())
+@_model_options
+@click.option("--max-new-tokens", required=True, type=int)
+@click.option("--greedy/--sample", default=True, help="Greedy (default) or sampling.")
+@click.option("--temperature", default=1.0, type=float)
+@click.option("--top-k", default=None, type=int)
+@click.option("--top-p", default=None, type=float)
+@click.option("--seed", default=0, type=int)
+@click.option("--tokenizer", default=None, type=click.Path(), help="SentencePiece model, to print text too.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def generate(ckpt, impl, inputs, convention, config, dtype, device, max_new_tokens, greedy, temperature, top_k,
+             top_p, seed, tokenizer, as_json):
+    """Generate up to --max-new-tokens per row (prefill, then KV-cache decoding); stops at <eos>."""
+    from parity.run import generate as run
+    sampled = temperature != 1.0 or top_k is not None or top_p is not None
+    r = run(ckpt, inputs, max_new_tokens, impl=impl, convention=convention, dtype=dtype, device=device,
+            greedy=greedy and not sampled, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            tokenizer=tokenizer, config=config)
+
+    def render(r):
+        for row in r["rows"]:
+            click.echo(f"row {row['row']}: {row['tokens']}" + (f"  {row['text']!r}" if "text" in row else ""))
+        m = r["manifest"]
+        click.echo(f"({m['impl']}, {m['dtype']}, {m['device']}, convention {convention}, {m['seconds']} s)")
+    _emit(r, as_json, render)
+
+
 if __name__ == "__main__":
     main()
