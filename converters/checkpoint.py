@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from converters import dtypes
+from converters import dtypes, hub
 from converters.hf_config import from_hf_config
 from converters.npz_io import NpzReader
 from converters.safetensors_io import INDEX_NAME, SafetensorsReader
@@ -321,8 +321,9 @@ def infer_config(shapes: dict) -> PaliGemmaConfig | None:
 
 def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | None = None,
                     strict: bool = True) -> Checkpoint:
-    """Open `path`, resolve its config and check every tensor against the spec (CheckpointError/ConfigError)."""
-    path = os.fspath(path)
+    """Open `path` (or a hub reference, see converters.hub), resolve its config and check every tensor against the
+    spec (CheckpointError/ConfigError)."""
+    path = hub.resolve(path)
     fmt = detect_format(path)
     notes: list[str] = []
     npz = st = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from converters import safetensors_io
+from converters import hub, safetensors_io
 from converters.checkpoint import load_checkpoint
 from converters.convert import atomic_output
 from parity import points as pts
@@ -80,6 +80,7 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
     """Load checkpoint and inputs (validated against the config) and build the model."""
     conv = _conventions(convention)
     api = _impl(impl)
+    ckpt = hub.resolve(ckpt)
     cfg, params = load_checkpoint(ckpt, config)
     inputs = load_inputs(inputs_path, cfg)
     model = api.build_model(cfg, conv, dtype=dtype, device=device, params=params)
