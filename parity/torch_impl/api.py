@@ -13,8 +13,8 @@ import torch
 from parity import points as pts
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
-from parity.errors import InputsError
-from parity.torch_impl import generate as gen
+from parity.inputs import validate_inputs
+from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
 
@@ -27,41 +27,20 @@ def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = 
     (zeros otherwise)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    with torch.device(device):
-        model = PaliGemma(config, conventions).to(DTYPES[dtype])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])  # allocate in the target dtype on the target device: no f32 detour
+    try:
+        with torch.device(device):
+            model = PaliGemma(config, conventions)
+    finally:
+        torch.set_default_dtype(previous)
     if params is not None:
         load_canonical(model, params)
     return model.eval()
 
 
-def _validate(model: PaliGemma, inputs: dict[str, np.ndarray]) -> None:
-    try:
-        from parity.inputs import validate_inputs  # written by another engineer; optional
-    except ImportError:
-        validate_inputs = None
-    if validate_inputs is not None:
-        validate_inputs(inputs, model.config, "inputs")
-        return
-    cfg = model.config
-    for key in ("image", "text", "mask_ar"):
-        if key not in inputs:
-            raise InputsError(f"inputs: key {key!r} missing")
-    image, text = np.asarray(inputs["image"]), np.asarray(inputs["text"])
-    res = cfg.vision.image_size
-    if image.ndim != 4 or image.shape[1:] != (res, res, 3):
-        raise InputsError(f"inputs: key 'image' (expected float32[B, {res}, {res}, 3], found {image.shape})")
-    if text.ndim != 2 or text.shape[0] != image.shape[0]:
-        raise InputsError(f"inputs: key 'text' (expected int32[{image.shape[0]}, L], found {text.shape})")
-    for key in ("mask_ar", "mask_input"):
-        if key in inputs and np.shape(inputs[key]) != text.shape:
-            raise InputsError(f"inputs: key {key!r} (expected shape {text.shape}, found {np.shape(inputs[key])})")
-    if text.size and (text.min() < 0 or text.max() >= cfg.text.vocab_size):
-        raise InputsError(f"inputs: key 'text' (expected ids in [0, {cfg.text.vocab_size}), found "
-                          f"[{text.min()}, {text.max()}])")
-
-
 def _tensors(model: PaliGemma, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    _validate(model, inputs)
+    inputs = validate_inputs(inputs, model.config, "inputs")
     dev = model.llm.final_norm.scale.device
     t = {"image": torch.as_tensor(np.asarray(inputs["image"], np.float32), device=dev)}
     for key in ("text", "mask_ar", "mask_input"):
@@ -93,7 +72,7 @@ def generate(model: PaliGemma, inputs: dict[str, np.ndarray], max_new_tokens: in
     """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS), "logits": float32[B, steps, V] if asked,
     captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}."""
     t = _tensors(model, inputs)
-    g = gen.generate(model, t["image"], t["text"], t["mask_ar"], t["mask_input"], max_new_tokens=max_new_tokens,
+    g = _generate(model, t["image"], t["text"], t["mask_ar"], t["mask_input"], max_new_tokens=max_new_tokens,
                      greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
                      return_logits=return_logits, capture=capture or (), compile=compile)
     result: dict[str, Any] = {"tokens": g.tokens.cpu().numpy().astype(np.int32), "decode_path": g.decode_path}
