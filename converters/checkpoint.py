@@ -167,7 +167,11 @@ class Checkpoint:
             yield from self._row_chunks(reader, e.shape[0], row_bytes)
         elif e.layers is not None:
             for i in range(e.layers):
-                yield self.canonical(e, (i,))
+                if self._st is not None and len(e.hf_templates) > 1:  # pieces in order: no stacking copy
+                    for j in range(len(e.hf_templates)):
+                        yield self.canonical(e, (i, j))
+                else:
+                    yield self.canonical(e, (i,))
         else:
             yield self.canonical(e)
 
@@ -180,20 +184,23 @@ class Checkpoint:
             return self._read_st(hf_key, (e.shape[0], e.hf_shape[0]))
         total = np.zeros(e.shape[1:], np.float64)
         for c in self.canonical_chunks(e):
-            total += c.astype(np.float64).sum(axis=0)
+            total += c.sum(axis=0, dtype=np.float64)
         return (total / e.shape[0]).astype(self.dtype(e))
 
-    def hf_chunks(self, e: spec.Entry, addr, pad: np.ndarray | None, dtype: np.dtype | None
-                  ) -> Iterator[np.ndarray]:
+    def hf_chunks(self, e: spec.Entry, addr, dtype: np.dtype | None) -> Iterator[np.ndarray]:
         """Consecutive C-order blocks of one HF tensor."""
-        if self._is_rows(e):
-            for c in self.canonical_chunks(e):
-                yield dtypes.cast(c, dtype)
-            if pad is not None:
-                n = e.hf_shape[0] - e.shape[0]
-                yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
+        if not self._is_rows(e):
+            yield dtypes.cast(e.to_hf(self.canonical(e, e.index(addr)), self.pad_rows(e)), dtype)
             return
-        yield dtypes.cast(e.to_hf(self.canonical(e, e.index(addr)), pad), dtype)
+        total = np.zeros(e.shape[1:], np.float64)
+        for c in self.canonical_chunks(e):
+            if e.lossy and self._st is None:  # the mean row, accumulated on the way (one pass over the table)
+                total += c.sum(axis=0, dtype=np.float64)
+            yield dtypes.cast(c, dtype)
+        if e.lossy:
+            n = e.hf_shape[0] - e.shape[0]
+            pad = self.pad_rows(e) if self._st is not None else (total / e.shape[0]).astype(self.dtype(e))
+            yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
 
     def load(self, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
         """Every canonical tensor in memory (for building a model)."""

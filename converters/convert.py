@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -61,26 +63,69 @@ def _target_dtype(ck: Checkpoint, e: spec.Entry, dtype: str) -> np.dtype:
     return ck.dtype(e) if dtype == "keep" else dtypes.FLOAT_DTYPES[dtype]
 
 
+def background(items: Iterator, depth: int = 3) -> Iterator:
+    """Produce `items` in a worker thread, `depth` ahead of the consumer: reading and transforming the next block
+    (preadv, tiled transposes, CRC: all release the GIL) overlaps writing this one. Exceptions reach the consumer;
+    a consumer that stops early stops the worker."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:  # forwarded, re-raised in the consumer
+            q.put((end, e))
+
+    t = threading.Thread(target=work, name="parity-convert-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+def _take(stream: Iterator[np.ndarray], nbytes: int, progress: Progress | None, counter: list[int], total: int,
+          key: str) -> Iterator[np.ndarray]:
+    """The next `nbytes` worth of chunks from `stream` (one tensor's), reporting progress."""
+    got = 0
+    while got < nbytes:
+        c = next(stream)
+        got += c.nbytes
+        counter[0] += c.nbytes
+        if progress:
+            progress(counter[0], total, key)
+        yield c
+
+
 def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -> tuple[int, int]:
     ents = ck.entries()
-    total = sum(int(np.prod(e.shape)) * _target_dtype(ck, e, dtype).itemsize for e in ents)
-    done = 0
+    dts = [_target_dtype(ck, e, dtype) for e in ents]
+    sizes = [int(np.prod(e.shape)) * dt.itemsize for e, dt in zip(ents, dts)]
+    stream = background(dtypes.cast(c, dt) for e, dt in zip(ents, dts) for c in ck.canonical_chunks(e))
+    counter = [0]
     with open(tmp, "wb") as f:
         w = NpzWriter(f)
-        for e in ents:
-            dt = _target_dtype(ck, e, dtype)
-
-            def chunks(e=e, dt=dt):
-                nonlocal done
-                for c in ck.canonical_chunks(e):
-                    c = dtypes.cast(c, dt)
-                    yield c
-                    done += c.nbytes
-                    if progress:
-                        progress(done, total, e.key)
-            w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, chunks())
+        for e, dt, n in zip(ents, dts, sizes):
+            w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, _take(stream, n, progress, counter, sum(sizes), e.key))
         w.close()
-    return len(ents), total
+    return len(ents), sum(sizes)
 
 
 def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | None,
@@ -90,30 +135,18 @@ def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | 
         dt = _target_dtype(ck, e, dtype)
         plan += [(k, dt, e.hf_shape, e, addr) for k, addr in e.hf_keys()]
     specs = [(k, dt, shape) for k, dt, shape, _, _ in plan]
-    total = sum(int(np.prod(s)) * np.dtype(dt).itemsize for _, dt, s in specs)
+    sizes = [int(np.prod(s)) * np.dtype(dt).itemsize for _, dt, s in specs]
+    total = sum(sizes)
     shards = safetensors_io.plan_shards(specs, max_shard)
     names = safetensors_io.shard_names(len(shards))
-    pads: dict[str, np.ndarray | None] = {}
-    done = 0
+    order = [i for idx in shards for i in idx]
+    stream = background(c for i in order for c in ck.hf_chunks(plan[i][3], plan[i][4], plan[i][1]))
+    counter = [0]
     weight_map = {}
     for name, idx in zip(names, shards):
-        def tensors(idx=idx):
-            nonlocal done
-            for i in idx:
-                k, dt, _, e, addr = plan[i]
-                if e.lossy and e.key not in pads:
-                    pads[e.key] = ck.pad_rows(e)
-
-                def chunks(k=k, dt=dt, e=e, addr=addr):
-                    nonlocal done
-                    for c in ck.hf_chunks(e, addr, pads.get(e.key), dt):
-                        yield c
-                        done += c.nbytes
-                        if progress:
-                            progress(done, total, k)
-                yield chunks()
         with open(os.path.join(tmpdir, name), "wb") as f:
-            safetensors_io.write_file(f, [specs[i] for i in idx], tensors())
+            safetensors_io.write_file(f, [specs[i] for i in idx],
+                                      (_take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx))
         weight_map.update({specs[i][0]: name for i in idx})
     if len(names) > 1:
         with open(os.path.join(tmpdir, safetensors_io.INDEX_NAME), "w") as f:

@@ -109,16 +109,10 @@ class NpzReader:
             sub = (rows[1] - rows[0],) + m.shape[1:]
             count = row * sub[0]
             start = rows[0] * row * m.dtype.itemsize
-        buf = bytearray(count * m.dtype.itemsize)
-        view = memoryview(buf)
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [view[done:done + _CHUNK]], m.offset + start + done)
-            if n <= 0:
-                raise CheckpointError(describe(self.path, key, what="unexpected end of file (truncated)"))
-            done += n
-        self._crc_update(m, start, view)
-        return np.frombuffer(buf, dtype=m.dtype).reshape(sub)
+        buf = np.empty(count * m.dtype.itemsize, np.uint8)
+        pread_into(self._fd, buf, m.offset + start, self.path, key)
+        self._crc_update(m, start, memoryview(buf))
+        return buf.view(m.dtype).reshape(sub)
 
     def _crc_update(self, m: Member, start: int, data: memoryview) -> None:
         if start != m._crc_pos:
@@ -145,6 +139,19 @@ class NpzReader:
             self.close()
         except Exception:
             pass
+
+
+def pread_into(fd: int, buf: np.ndarray, offset: int, path: str, key: str) -> None:
+    """Fill `buf` from `offset`, then ask the kernel to read ahead what usually comes next, so the disk works
+    while the caller transforms this block."""
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + _CHUNK]], offset + done)
+        if n <= 0:
+            raise CheckpointError(describe(path, key, what="unexpected end of file (truncated)"))
+        done += n
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset + done, 256 << 20, os.POSIX_FADV_WILLNEED)
 
 
 def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], int]:

@@ -16,6 +16,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from converters import dtypes
+from converters.npz_io import pread_into
 from parity.errors import CheckpointError, describe
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -156,15 +157,9 @@ class SafetensorsReader:
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * t.dtype.itemsize
             start += rows[0] * row_bytes
             shape = (rows[1] - rows[0],) + shape[1:]
-        n = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
-        buf = bytearray(n)
-        view, done = memoryview(buf), 0
-        while done < n:
-            got = os.preadv(self._fd(t.file), [view[done:done + (64 << 20)]], start + done)
-            if got <= 0:
-                raise CheckpointError(describe(t.file, key, what="unexpected end of file (truncated)"))
-            done += got
-        return np.frombuffer(buf, dtype=t.dtype).reshape(shape)
+        buf = np.empty(int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize, np.uint8)
+        pread_into(self._fd(t.file), buf, start, t.file, key)
+        return buf.view(t.dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
