@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from converters import dtypes, safetensors_io
+from converters import dtypes, memory, safetensors_io
 from converters.checkpoint import Checkpoint, open_checkpoint, sidecar_path
 from converters.hf_config import to_hf_config
 from converters.npz_io import NpzWriter
@@ -171,6 +171,7 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
         raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
     t0 = time.perf_counter()
     notes: list[str] = []
+    memory.reuse_large_allocations()
     with open_checkpoint(src, config) as ck:
         cfg = ck.config
         notes += ck.notes

@@ -107,7 +107,7 @@ class PaliGemmaConfig:
 
     @property
     def image_token_id(self) -> int:
-        """Hugging Face's `<image>` placeholder id: the first id past the real vocabulary."""
+        """Hugging Face's `<image>` token id: the first id past the real vocabulary."""
         return self.text.vocab_size
 
     def symbols(self) -> dict[str, int]:
