@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 on CPU, 64 on CUDA")
-    ap.add_argument("--repeat", type=int, default=None, help="timed repeats, fastest kept (default: 3 on CPU, 5 on CUDA)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed repeats, fastest kept (default: 9 on CPU, 5 on CUDA)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     cuda = a.device == "cuda"
     torch.manual_seed(0)
     res = bench(a.device, a.new_tokens or (64 if cuda else 32), [1, 8] if cuda else [1, 4],
-                a.repeat or (5 if cuda else 3))
+                a.repeat or (5 if cuda else 9))
     print(json.dumps(res, indent=2) if a.json else table(res))
 
 
