@@ -18,10 +18,10 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from converters import dtypes
+from converters.rawio import pread_into, write_chunks
 from parity.errors import CheckpointError, describe
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
-_CHUNK = 64 << 20
 
 
 @dataclass
@@ -141,19 +141,6 @@ class NpzReader:
             pass
 
 
-def pread_into(fd: int, buf: np.ndarray, offset: int, path: str, key: str) -> None:
-    """Fill `buf` from `offset`, then ask the kernel to read ahead what usually comes next, so the disk works
-    while the caller transforms this block."""
-    view, done = memoryview(buf), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:done + _CHUNK]], offset + done)
-        if n <= 0:
-            raise CheckpointError(describe(path, key, what="unexpected end of file (truncated)"))
-        done += n
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset + done, 256 << 20, os.POSIX_FADV_WILLNEED)
-
-
 def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], int]:
     if head[:6] != b"\x93NUMPY":
         raise CheckpointError(describe(path, key, "an npy header", repr(head[:6]), "corrupt member"))
@@ -197,18 +184,9 @@ class NpzWriter:
         self._zf = zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def write(self, key: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> None:
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        written = 0
         with self._zf.open(key + ".npy", "w", force_zip64=True) as f:
             f.write(npy_header(dtype, shape))
-            for c in chunks:
-                if c.dtype != dtype:
-                    raise TypeError(f"{key}: chunk dtype {c.dtype}, expected {dtype}")
-                c = np.ascontiguousarray(c)
-                f.write(memoryview(c.reshape(-1).view(np.uint8)))
-                written += c.nbytes
-        if written != expected:
-            raise ValueError(f"{key}: wrote {written} bytes, expected {expected} for {shape}")
+            write_chunks(f, key, dtype, shape, chunks)
 
     def close(self) -> None:
         self._zf.close()

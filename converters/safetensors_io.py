@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from converters import dtypes
-from converters.npz_io import pread_into
+from converters.rawio import pread_into, write_chunks
 from parity.errors import CheckpointError, describe
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -189,17 +189,7 @@ def write_file(f: BinaryIO, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
     total = 0
     it = iter(tensors)
     for key, dt, shape in specs:
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        written = 0
-        for x in next(it):
-            if x.dtype != dt:
-                raise ValueError(f"{key}: got {x.dtype}, header says {dt}")
-            x = np.ascontiguousarray(x)
-            f.write(memoryview(x.reshape(-1).view(np.uint8)))
-            written += x.nbytes
-        if written != expected:
-            raise ValueError(f"{key}: wrote {written} bytes, header says {expected} for {list(shape)}")
-        total += written
+        total += write_chunks(f, key, dt, shape, next(it))
     return total
 
 
