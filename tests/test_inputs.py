@@ -318,17 +318,11 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, suffix):
     assert not q.parent.exists()
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
 def test_unwritable_directory(tmp_path):
-    d = tmp_path / "ro"
-    d.mkdir()
-    d.chmod(0o500)
-    try:
-        with pytest.raises(OutputError, match="cannot write"):
-            save_inputs(d / "in.npz", good())
-        assert os.listdir(d) == []
-    finally:
-        d.chmod(0o700)
+    """/proc refuses new files even to root (CI runs as root, so directory permissions would not stop it)."""
+    with pytest.raises(OutputError, match="cannot write|/proc"):
+        save_inputs("/proc/parity-inputs.npz", good())
+    assert not os.path.exists("/proc/parity-inputs.npz")
 
 
 # -- digest -----------------------------------------------------------------------------------------------------
