@@ -21,6 +21,7 @@ print(f"round trip npz -> safetensors -> npz: {len(same)} members bit-exact")
 PY
 
 # Run the PyTorch implementation on the shipped inputs (2 rows, different prompt lengths, one right-padded):
-# capture every named point, then decode greedily with the KV cache.
+# capture every named point, then decode greedily with the KV cache. The tiny weights are random, so the
+# generated text is meaningless: the demo shows the pipeline, the tests prove the numbers.
 "$PARITY" capture "$ckpt" --inputs golden/tiny-inputs.npz --convention big_vision -o "$out/capture.safetensors"
 "$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model

@@ -115,6 +115,42 @@ def inspect(path, config, as_json):
     sys.exit(0 if report["conforms"] else 1)
 
 
+@main.command("inputs")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--prefix", "prefixes", multiple=True, required=True,
+              help="Prompt per image (repeat the option; one value is used for every image).")
+@click.option("--suffix", "suffixes", multiple=True, help="Target text per image (scoring); omit to generate.")
+@click.option("--tokenizer", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="SentencePiece model (PaliGemma's tokenizer).")
+@click.option("--config", required=True, help="Variant name or config.json (image size, vocabulary).")
+@click.option("--resample", default="bilinear", type=click.Choice(["bilinear", "bicubic"]),
+              help="bilinear ~ big_vision; bicubic = transformers' SiglipImageProcessor.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Inputs file (.npz or .safetensors).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def make_inputs(images, prefixes, suffixes, tokenizer, config, resample, output, overwrite, as_json):
+    """Build an inputs file from IMAGES and prompts: <bos> prefix \\n [suffix <eos>], right-padded."""
+    from converters.checkpoint import resolve_config
+    from parity.inputs import save_inputs
+    from parity.processor import Tokenizer, build_inputs
+    from parity.errors import InputsError
+    n = len(images)
+    prefixes = list(prefixes) * n if len(prefixes) == 1 else list(prefixes)
+    if suffixes and len(suffixes) == 1:
+        suffixes = list(suffixes) * n
+    if len(prefixes) != n or (suffixes and len(suffixes) != n):
+        raise InputsError(f"{n} images need 1 or {n} --prefix (got {len(prefixes)}) and 0, 1 or {n} --suffix "
+                          f"(got {len(suffixes)})")
+    batch = build_inputs(list(images), prefixes, list(suffixes) if suffixes else None,
+                         tokenizer=Tokenizer(tokenizer), config=resolve_config(config), resample=resample)
+    path = save_inputs(output, batch, overwrite=overwrite)
+    report = {"output": str(path), **{k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in batch.items()},
+              "text": batch["text"].tolist()}
+    _emit(report, as_json, lambda r: click.echo(f"wrote {r['output']}: " + ", ".join(
+        f"{k} {batch[k].dtype}{list(batch[k].shape)}" for k in batch)))
+
+
 def _model_options(fn):
     """Options shared by the commands that run a model."""
     for opt in reversed([

@@ -118,3 +118,44 @@ def test_inputs_roundtrip_through_safetensors(tmp_path):
     a = invoke("generate", CKPT, "--inputs", INPUTS, "--max-new-tokens", "4", "--json")
     b = invoke("generate", CKPT, "--inputs", tmp_path / "in.safetensors", "--max-new-tokens", "4", "--json")
     assert json.loads(a.stdout)["rows"] == json.loads(b.stdout)["rows"]
+
+
+def test_inputs_command_matches_the_processor(tmp_path):
+    from PIL import Image
+    from parity.processor import Tokenizer, build_inputs
+    img = tmp_path / "a.png"
+    Image.fromarray((np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)).save(img)
+    tok = os.path.join(GOLDEN, "tokenizer.model")
+    r = invoke("inputs", img, img, "--prefix", "caption en", "--prefix", "answer en what is this?",
+               "--tokenizer", tok, "--config", "tiny-pg2-gqa", "-o", tmp_path / "in.npz", "--json")
+    assert r.exit_code == 0, r.stderr
+    got = load_inputs(tmp_path / "in.npz")
+    want = build_inputs([str(img)] * 2, ["caption en", "answer en what is this?"], tokenizer=Tokenizer(tok),
+                        config=TINY_VARIANTS["tiny-pg2-gqa"])
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    r = invoke("inputs", img, img, "--prefix", "a", "--prefix", "b", "--prefix", "c", "--tokenizer", tok,
+               "--config", "tiny-pg2-gqa", "-o", tmp_path / "x.npz")
+    assert r.exit_code == 2 and "--prefix" in r.stderr and not os.path.exists(tmp_path / "x.npz")
+
+
+def test_capture_is_the_same_from_npz_and_safetensors(tmp_path):
+    """The model loads through the spec from either format: identical logits, bit for bit."""
+    from converters.convert import convert
+    convert(CKPT, tmp_path / "hf", "safetensors")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert invoke("capture", CKPT, "--inputs", INPUTS, "-o", a, "--points", "logits").exit_code == 0
+    assert invoke("capture", tmp_path / "hf", "--inputs", INPUTS, "-o", b, "--points", "logits").exit_code == 0
+    (ta, _), (tb, _) = read_capture(str(a)), read_capture(str(b))
+    assert ta["logits"].tobytes() == tb["logits"].tobytes()
+
+
+def test_capture_in_bfloat16(tmp_path):
+    out32, out16 = tmp_path / "f32.safetensors", tmp_path / "bf16.safetensors"
+    assert invoke("capture", CKPT, "--inputs", INPUTS, "-o", out32, "--points", "logits").exit_code == 0
+    r = invoke("capture", CKPT, "--inputs", INPUTS, "-o", out16, "--points", "logits", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.stderr
+    (a, _), (b, m) = read_capture(str(out32)), read_capture(str(out16))
+    assert m["dtype"] == "bfloat16"
+    rel = np.abs(a["logits"] - b["logits"]).max() / np.abs(a["logits"]).max()
+    assert 0 < rel < 0.1  # bf16 rounding moves the logits, but only by bf16-sized amounts
