@@ -182,24 +182,24 @@ class Checkpoint:
         hf_key = next(k for k, _ in e.hf_keys())
         if self._st is not None:
             return self._read_st(hf_key, (e.shape[0], e.hf_shape[0]))
-        total = np.zeros(e.shape[1:], np.float64)
+        mean = spec.MeanRow()
         for c in self.canonical_chunks(e):
-            total += c.sum(axis=0, dtype=np.float64)
-        return (total / e.shape[0]).astype(self.dtype(e))
+            mean.add(c)
+        return mean.value(self.dtype(e))
 
     def hf_chunks(self, e: spec.Entry, addr, dtype: np.dtype | None) -> Iterator[np.ndarray]:
         """Consecutive C-order blocks of one HF tensor."""
         if not self._is_rows(e):
             yield dtypes.cast(e.to_hf(self.canonical(e, e.index(addr)), self.pad_rows(e)), dtype)
             return
-        total = np.zeros(e.shape[1:], np.float64)
+        mean = spec.MeanRow() if e.lossy and self._st is None else None
         for c in self.canonical_chunks(e):
-            if e.lossy and self._st is None:  # the mean row, accumulated on the way (one pass over the table)
-                total += c.sum(axis=0, dtype=np.float64)
+            if mean is not None:  # the mean row, accumulated on the way: one pass over the table
+                mean.add(c)
             yield dtypes.cast(c, dtype)
         if e.lossy:
             n = e.hf_shape[0] - e.shape[0]
-            pad = self.pad_rows(e) if self._st is not None else (total / e.shape[0]).astype(self.dtype(e))
+            pad = self.pad_rows(e) if mean is None else mean.value(self.dtype(e))
             yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
 
     def load(self, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:

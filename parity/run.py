@@ -106,7 +106,7 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
         raise OutputError(describe(output, what="output exists; pass --overwrite to replace it"))
     api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config)
     wanted = pts.select(pts.forward_points(cfg), points)
-    if not wanted or wanted == [pts.LOGITS] and points not in (None, "logits"):
+    if not wanted or (wanted == [pts.LOGITS] and points not in (None, "logits")):
         raise ConfigError(f"--points {points!r} selects no capture point except logits "
                           f"(e.g. 'llm/layer0*/attn', 'img/*'; see parity.points)")
     t0 = time.perf_counter()

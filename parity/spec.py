@@ -274,13 +274,32 @@ def param_count(config: PaliGemmaConfig) -> int:
     return sum(int(np.prod(s)) for s in canonical_shapes(config).values())
 
 
-def pad_rows_for(embedding: np.ndarray) -> np.ndarray:
-    """The deterministic HF vocabulary padding row: the mean of all real rows (float64 sum, cast back).
+class MeanRow:
+    """The deterministic HF vocabulary padding row: the mean of all real embedding rows (float64 sums of row
+    blocks, cast back to the table dtype). Fed block by block so the converters need one pass over the table.
 
     A mean row's logit is the mean of the real logits, so a padded id can never win an argmax.
     """
-    with np.errstate(invalid="ignore", over="ignore"):
-        return embedding.astype(np.float64).mean(axis=0).astype(embedding.dtype)
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, block: np.ndarray) -> None:
+        s = block.sum(axis=0, dtype=np.float64)
+        self.total = s if self.total is None else self.total + s
+        self.rows += block.shape[0]
+
+    def value(self, dtype) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (self.total / self.rows).astype(dtype)
+
+
+def pad_rows_for(embedding: np.ndarray) -> np.ndarray:
+    """MeanRow of a whole in-memory table."""
+    m = MeanRow()
+    m.add(embedding)
+    return m.value(embedding.dtype)
 
 
 # -- whole-dict conversions (in memory; the streaming converters use Entry piece by piece) -------------------
