@@ -7,7 +7,6 @@ in either layout, derived from the spec's rows; no format pair has code of its o
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -15,8 +14,9 @@ from typing import Iterator
 import numpy as np
 
 from converters import dtypes, hub
-from converters.hf_config import from_hf_config
+from converters.hf_config import config_from_dict, from_hf_config
 from converters.npz_io import NpzReader
+from converters.rawio import open_regular, read_json
 from converters.safetensors_io import INDEX_NAME, SafetensorsReader
 from parity import spec
 from parity.config import ALL_VARIANTS, PaliGemmaConfig, QueryScale, TextConfig, VisionConfig, get_config
@@ -43,19 +43,17 @@ def detect_format(path: str) -> str:
         if any(n.endswith(".npz") for n in names):
             raise CheckpointError(describe(path, what="a directory; name the .npz file inside it"))
         raise CheckpointError(describe(path, what="directory holds no .safetensors or index file"))
-    with open(path, "rb") as f:
-        head = f.read(9)
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "npz"
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
-    if path.endswith(".json"):
-        try:
-            with open(path) as f:
-                if "weight_map" in json.load(f):
-                    return "safetensors"
-        except (ValueError, OSError):
-            pass
+    if path.endswith(".json") and "weight_map" in read_json(path, CheckpointError, "safetensors index"):
+        return "safetensors"
     raise CheckpointError(describe(path, what="not a checkpoint: neither an npz (zip) archive nor a safetensors "
                                               "file, index or directory"))
 
@@ -79,16 +77,12 @@ def resolve_config(config: PaliGemmaConfig | str | None) -> PaliGemmaConfig | No
     """A config object, a variant name, the path of a HF config.json, or of a paligemma-parity sidecar."""
     if config is None or isinstance(config, PaliGemmaConfig):
         return config
-    if os.path.exists(config):
-        try:
-            with open(config) as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(describe(config, what=f"unreadable config JSON ({e})")) from None
+    if os.path.lexists(config):
+        d = read_json(config, ConfigError, "config JSON")
         try:
             if d.get("model_type") == "paligemma" or "parity_config" in d:
                 return from_hf_config(d, name=os.path.basename(os.path.dirname(os.path.abspath(config))))
-            return PaliGemmaConfig.from_dict(d)
+            return config_from_dict(d)
         except ValueError as e:
             raise ConfigError(describe(config, what=str(e))) from None
     try:
@@ -208,7 +202,14 @@ class Checkpoint:
         for e in self.entries():
             chunks = [dtypes.cast(c, dtype) for c in self.canonical_chunks(e)]
             out[e.key] = np.concatenate(chunks).reshape(e.shape) if len(chunks) > 1 else chunks[0].reshape(e.shape)
+        self.verify_read()
         return out
+
+    def verify_read(self) -> None:
+        """Finish the CRC-32 check of every npz member: front-to-back reads verify on the way; whatever was read
+        out of order (or not at all) is read again here, so no corrupt member passes unnoticed."""
+        if self._npz is not None:
+            self._npz.verify_all()
 
     def close(self) -> None:
         if self._npz is not None:

@@ -10,8 +10,6 @@ import contextlib
 import json
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from typing import Callable, Iterator
@@ -19,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from converters import dtypes, memory, safetensors_io
+from converters.atomic import atomic_output
 from converters.checkpoint import Checkpoint, open_checkpoint, sidecar_path
 from converters.hf_config import to_hf_config
 from converters.npz_io import NpzWriter
@@ -29,62 +28,37 @@ from parity.errors import OutputError, describe
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current key)
 
 
-@contextlib.contextmanager
-def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary path beside `dst`; rename it to `dst` on success, remove it on any failure."""
-    dst = os.path.abspath(dst)
-    if os.path.lexists(dst) and not overwrite:
-        raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
-    parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise OutputError(describe(dst, what=f"output directory {parent} does not exist or is not a directory"))
-    base = os.path.basename(dst)
-    try:
-        tmp = (tempfile.mkdtemp if is_dir else tempfile.mkstemp)(prefix=f".{base}.", suffix=".partial", dir=parent)
-    except OSError as e:
-        raise OutputError(describe(dst, what=f"cannot write in {parent} ({e.strerror})")) from None
-    if not is_dir:
-        os.close(tmp[0])
-        tmp = tmp[1]
-    try:
-        yield tmp
-        if os.path.lexists(dst):
-            old = dst + ".replaced.partial"
-            os.rename(dst, old)
-            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (
-            os.path.exists(tmp) and os.remove(tmp))
-        raise
-
-
 def _target_dtype(ck: Checkpoint, e: spec.Entry, dtype: str) -> np.dtype:
     return ck.dtype(e) if dtype == "keep" else dtypes.FLOAT_DTYPES[dtype]
 
 
 def background(items: Iterator, depth: int = 3) -> Iterator:
     """Produce `items` in a worker thread, `depth` ahead of the consumer: reading and transforming the next block
-    (preadv, tiled transposes, CRC: all release the GIL) overlaps writing this one. Exceptions reach the consumer;
-    a consumer that stops early stops the worker."""
+    (preadv, tiled transposes, CRC: all release the GIL) overlaps writing this one. Exceptions reach the consumer.
+    Shutdown cannot deadlock: the worker never blocks on a full queue without watching `stop`, and a consumer that
+    stops early (an error, Ctrl-C, SIGTERM) sets `stop` and drains the queue before joining. Close the generator
+    (contextlib.closing) so the worker has stopped reading before its files are closed."""
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     end = object()
 
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((end, None))
+            put((end, None))
         except BaseException as e:  # forwarded, re-raised in the consumer
-            q.put((end, e))
+            put((end, e))
 
     t = threading.Thread(target=work, name="parity-convert-reader", daemon=True)
     t.start()
@@ -98,7 +72,11 @@ def background(items: Iterator, depth: int = 3) -> Iterator:
             yield item
     finally:
         stop.set()
-        t.join()
+        while t.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    q.get_nowait()
+            t.join(0.05)
 
 
 def _take(stream: Iterator[np.ndarray], nbytes: int, progress: Progress | None, counter: list[int], total: int,
@@ -120,11 +98,9 @@ def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -
     sizes = [int(np.prod(e.shape)) * dt.itemsize for e, dt in zip(ents, dts)]
     stream = background(dtypes.cast(c, dt) for e, dt in zip(ents, dts) for c in ck.canonical_chunks(e))
     counter = [0]
-    with open(tmp, "wb") as f:
-        w = NpzWriter(f)
+    with contextlib.closing(stream), open(tmp, "wb") as f, NpzWriter(f) as w:
         for e, dt, n in zip(ents, dts, sizes):
             w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, _take(stream, n, progress, counter, sum(sizes), e.key))
-        w.close()
     return len(ents), sum(sizes)
 
 
@@ -143,11 +119,12 @@ def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | 
     stream = background(c for i in order for c in ck.hf_chunks(plan[i][3], plan[i][4], plan[i][1]))
     counter = [0]
     weight_map = {}
-    for name, idx in zip(names, shards):
-        with open(os.path.join(tmpdir, name), "wb") as f:
-            safetensors_io.write_file(f, [specs[i] for i in idx],
-                                      (_take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx))
-        weight_map.update({specs[i][0]: name for i in idx})
+    with contextlib.closing(stream):
+        for name, idx in zip(names, shards):
+            with open(os.path.join(tmpdir, name), "wb") as f:
+                safetensors_io.write_file(f, [specs[i] for i in idx], (
+                    _take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx))
+            weight_map.update({specs[i][0]: name for i in idx})
     if len(names) > 1:
         with open(os.path.join(tmpdir, safetensors_io.INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
@@ -193,6 +170,7 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
                     f.write(cfg.to_json())
                 with atomic_output(dst, False, overwrite) as tmp:
                     n, nbytes = write_npz(ck, tmp, dtype, progress)
+                    ck.verify_read()
             files = [dst, side]
         else:
             if ck.format == "npz":
@@ -202,6 +180,7 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
             out_dtype = dtype if dtype != "keep" else src_dtypes[0] if len(src_dtypes) == 1 else "float32"
             with atomic_output(dst, True, overwrite) as tmp:
                 n, nbytes, names = write_safetensors(ck, tmp, dtype, max_shard, progress)
+                ck.verify_read()
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(to_hf_config(cfg, out_dtype), f, indent=2)
             files = [os.path.join(dst, x) for x in names + (["model.safetensors.index.json"] if len(names) > 1
