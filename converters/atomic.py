@@ -273,7 +273,8 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
         raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
-        raise OutputError(describe(dst, what=f"output directory {parent} does not exist or is not a directory"))
+        raise OutputError(describe(dst, what=f"cannot write: output directory {parent} does not exist or is not "
+                                             f"a directory"))
     with cleanup_on_signals():
         tmp, fd = None, -1
         try:
@@ -303,7 +304,9 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
 
 
 def write_file_atomic(dst: str, data: bytes, overwrite: bool) -> None:
-    """Write `data` to `dst` through `atomic_output` (small files: inputs, JSON)."""
+    """Write `data` to `dst` through `atomic_output`, flushed to disk before the rename (small files)."""
     with atomic_output(dst, False, overwrite) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())

@@ -7,16 +7,25 @@ import numpy as np
 
 from converters import dtypes
 from converters.checkpoint import departures, expected_shapes, open_checkpoint
+from converters.convert import Progress
 from parity import spec
 from parity.config import PaliGemmaConfig
 
 
-def inspect(path: str, config: PaliGemmaConfig | str | None = None) -> dict:
+NOT_READ = "headers only: tensor data was not read (no CRC-32 or value check); --verify reads every byte"
+VERIFIED = "every byte read (--verify): npz CRC-32 checked, safetensors offsets checked, NaN/inf values counted"
+
+
+def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool = False,
+            progress: Progress | None = None) -> dict:
     """A report: format, config (and how it was found), dtypes, parameter count, per-tensor rows, departures.
 
+    By default only headers are read. `verify` reads every byte: the CRC-32 of every npz member (a mismatch is a
+    CheckpointError: the file is corrupt), and every value of every tensor, counting non-finite ones (departures).
     Never raises for departures (they are the report); raises CheckpointError for unreadable files.
     """
     with open_checkpoint(path, config, strict=False) as ck:
+        nonfinite = verify_data(ck, progress) if verify else {}
         cfg = ck.config
         exp = expected_shapes(cfg, ck.format) if cfg is not None else {}
         rows = []
@@ -27,6 +36,8 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None) -> dict:
                          "status": status})
         deps = [{"key": k, "expected": _j(e), "found": _j(f), "what": w}
                 for k, e, f, w in (departures(ck.shapes, cfg, ck.format) if cfg is not None else [])]
+        deps += [{"key": k, "expected": "finite values", "found": f"{n} NaN or infinite values",
+                  "what": "non-finite values"} for k, n in nonfinite.items()]
         if cfg is None:
             deps.append({"key": None, "expected": "a known variant", "found": "unknown shapes",
                          "what": "config could not be determined; pass --config"})
@@ -41,7 +52,8 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None) -> dict:
             "tensors": len(rows),
             "parameters": n_params,
             "spec_parameters": spec.param_count(cfg) if cfg is not None else None,
-            "notes": list(ck.notes),
+            "notes": list(ck.notes) + [VERIFIED if verify else NOT_READ],
+            "data_verified": verify,
             "departures": deps,
             "conforms": not deps,
             "tensors_table": rows,
@@ -52,6 +64,37 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None) -> dict:
             report["notes"].append(f"embed_tokens has {cfg.hf_vocab_rows} rows: {cfg.text.vocab_size} real + "
                                    f"{cfg.hf_vocab_rows - cfg.text.vocab_size} HF padding rows (dropped in npz)")
         return report
+
+
+def verify_data(ck, progress: Progress | None = None) -> dict[str, int]:
+    """Read every byte of the checkpoint: npz members through their CRC-32 (CheckpointError on a mismatch),
+    safetensors tensors in row blocks (their offsets were checked when the header was read). Returns
+    {native key: count of NaN/inf values} for the tensors that have any."""
+    bad: dict[str, int] = {}
+    total = sum(int(np.prod(s)) * ck.native_dtypes[k].itemsize for k, s in ck.shapes.items())
+    done = [0]
+
+    def count(key: str, block: np.ndarray) -> None:
+        n = int(block.size - np.count_nonzero(np.isfinite(block)))
+        if n:
+            bad[key] = bad.get(key, 0) + n
+        done[0] += block.nbytes
+        if progress:
+            progress(done[0], total, key)
+
+    if ck._npz is not None:
+        for k in ck._npz.keys():
+            ck._npz.verify(k, visit=lambda b, k=k: count(k[len(ck._npz_prefix):], b))
+    elif ck._st is not None:
+        keys = {v: n for n, v in ck._st_keys.items()}
+        for k, t in ck._st.tensors.items():
+            rows = t.shape[0] if t.shape else 1
+            row_bytes = max(1, (int(np.prod(t.shape[1:])) if t.shape else 1) * t.dtype.itemsize)
+            step = max(1, (64 << 20) // row_bytes)
+            for a in range(0, rows, step):
+                block = ck._st.read(k, (a, min(rows, a + step))) if t.shape else ck._st.read(k)
+                count(keys.get(k, k), block)
+    return bad
 
 
 def _j(x):

@@ -87,12 +87,14 @@ def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--config", default=None, help="Variant name or config.json to check against.")
+@click.option("--verify", is_flag=True, help="Read every byte: CRC-32 of npz members, every value finite.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def inspect(path, config, as_json):
+def inspect(path, config, verify, as_json):
     """Format, config, dtypes, parameter count, tensors, and every departure from the spec (exit 1 if any)."""
     from converters.inspect import inspect as run
-    report = run(path, config)
+    with progress_bar(verify and not as_json and sys.stderr.isatty(), "verifying") as cb:
+        report = run(path, config, verify=verify, progress=cb)
 
     def render(r):
         from rich.console import Console

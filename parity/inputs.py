@@ -5,7 +5,7 @@
     mask_ar     int32[B, T]          0: prefix (full attention among c = 0 tokens); 1: suffix (starts a causal step)
     mask_input  int32[B, T]          optional; 1: token, 0: padding (only at the end of a row); default all ones
 
-(architecture.md §2.4.) A file is `.npz` (never unpickled) or `.safetensors`; the format is detected from the bytes,
+(architecture.md §2.4.) A file is `.npz` (never unpickled; read by converters.npz_io) or `.safetensors`; the format is detected from the bytes,
 not the suffix. `validate_inputs` returns the arrays in exactly these dtypes, with mask_input filled in, or raises
 `InputsError` with one line naming the file, the key, and what was expected and found.
 """
@@ -14,15 +14,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from converters import dtypes
+from converters.atomic import write_file_atomic
+from converters.npz_io import NpzReader
+from converters.rawio import open_regular
+from converters.safetensors_io import SafetensorsReader
+
 from .config import PaliGemmaConfig
-from .errors import InputsError, OutputError, describe
+from .errors import CheckpointError, InputsError, OutputError, describe
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 REQUIRED_KEYS = ("image", "text", "mask_ar")
@@ -37,49 +41,67 @@ _INT32 = np.iinfo(np.int32)
 # -- reading and writing ------------------------------------------------------------------------------------------
 def load_inputs(path: str | os.PathLike, config: PaliGemmaConfig | None = None, *,
                 validate: bool = True) -> dict[str, np.ndarray]:
-    """Read an npz or safetensors inputs file; validated against `config` (see `validate_inputs`) unless told not."""
+    """Read an npz or safetensors inputs file; validated against `config` (see `validate_inputs`) unless told not.
+
+    Both formats go through the checkpoint readers (converters.npz_io / safetensors_io): regular files only,
+    every structure checked before a byte of data is read (no array larger than the file is ever allocated; with a
+    config, the image size is checked from the header first), CRC-32 verified for npz, never unpickled."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
+        fd = open_regular(path, InputsError)
+    except InputsError as e:
+        raise InputsError(str(e).replace(": cannot open (", ": cannot read the inputs file (", 1)) from None
+    try:
+        head = os.pread(fd, 9, 0)
     except OSError as e:
         raise InputsError(describe(path, what=f"cannot read the inputs file: {e.strerror or e}")) from None
+    finally:
+        os.close(fd)
     if head[:2] == b"PK":  # a zip archive: npz
-        arrays = _load_npz(path)
+        reader = _open(lambda: NpzReader(path, any_numeric=True))
+        shapes = {k: m.shape for k, m in reader.members.items()}
     elif len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then JSON
-        arrays = _load_safetensors(path)
+        reader = _open(lambda: SafetensorsReader([os.fspath(path)], allowed=dtypes.ST_ALL_DTYPES))
+        shapes = {k: t.shape for k, t in reader.tensors.items()}
     else:
         raise InputsError(describe(path, expected="an npz (zip) or safetensors file", found=f"first bytes {head!r}",
                                    what="unknown inputs format"))
+    with reader:
+        if validate:
+            _check_before_reading(shapes, config, path)
+        arrays = {k: _open(lambda k=k: reader.read(k)) for k in shapes}
     return validate_inputs(arrays, config, path) if validate else arrays
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _open(fn):
+    """Run a reader call; its one-line CheckpointError becomes an InputsError with the same line."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except ValueError as e:  # object arrays need pickle, which is refused
-        raise InputsError(describe(path, expected="plain numeric arrays", found="an array that needs pickle",
-                                   what=f"npz not loadable without pickle ({e})")) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputsError(describe(path, what=f"corrupt npz file: {e}")) from None
+        return fn()
+    except CheckpointError as e:
+        raise InputsError(str(e)) from None
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise InputsError(describe(path, what=f"corrupt safetensors file: {e}")) from None
+def _check_before_reading(shapes: Mapping[str, tuple[int, ...]], config: PaliGemmaConfig | None, path) -> None:
+    """What the header alone can refuse: unknown keys, and an image whose shape differs from the config's."""
+    extra = [k for k in shapes if k not in KEYS]
+    if extra:
+        raise InputsError(describe(path, extra[0], f"only keys {', '.join(KEYS)}", f"keys {', '.join(shapes)}",
+                                   "unexpected key"))
+    img = shapes.get("image")
+    if config is not None and img is not None:
+        s = config.vision.image_size
+        if len(img) != 4 or tuple(img[1:]) != (s, s, 3):
+            raise InputsError(describe(path, "image", f"float32[B, {s}, {s}, 3] in [-1, 1]",
+                                       f"shape [{', '.join(map(str, img))}]",
+                                       f"image shape differs from config {config.name}"))
 
 
 def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite: bool = True) -> Path:
     """Validate `inputs` (no config) and write them in the format named by the suffix (.npz or .safetensors).
 
-    The bytes go to a temporary file in the same directory, renamed over `path` only when complete, so a failed
-    write never leaves a partial file under `path` (nor a temporary one).
+    The bytes go to a temporary file in the same directory, renamed over `path` only when complete
+    (converters.atomic), so a failed or interrupted write never leaves a partial file under `path` (nor a
+    temporary one), and the file gets the permissions open() would give.
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
@@ -96,24 +118,7 @@ def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite
         from safetensors.numpy import save
 
         data = save(arrays, metadata={"format": "paligemma-parity inputs"})
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise OutputError(describe(path, what=f"cannot write the inputs file: {e.strerror or e}")) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    write_file_atomic(os.fspath(path), data, overwrite)
     return path
 
 

@@ -18,11 +18,12 @@ import numpy as np
 
 from converters import hub, safetensors_io
 from converters.checkpoint import load_checkpoint
-from converters.convert import atomic_output
+from converters.atomic import atomic_output
+from converters.rawio import JSONProblem, loads_strict, open_regular
 from parity import points as pts
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions, get_conventions
-from parity.errors import ConfigError, OutputError, describe
+from parity.errors import CheckpointError, ConfigError, OutputError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
 IMPLS = {"torch": "parity.torch_impl.api"}
@@ -37,7 +38,7 @@ def file_sha256(path: str) -> str:
     for p in paths:
         if os.path.isdir(path):
             h.update(os.path.relpath(p, path).encode() + b"\0")
-        with open(p, "rb") as f:
+        with os.fdopen(open_regular(p), "rb") as f:  # a FIFO beside the checkpoint must not block forever
             while chunk := f.read(16 << 20):
                 h.update(chunk)
     return h.hexdigest()
@@ -122,13 +123,17 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
 
 
 def read_capture(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, manifest) of a capture file."""
-    r = safetensors_io.SafetensorsReader.open(path)
-    try:
-        manifest = json.loads(r.metadata.get("parity_manifest", "{}"))
+    """(tensors, manifest) of a capture file; CheckpointError (one line) for anything malformed."""
+    with safetensors_io.SafetensorsReader.open(path) as r:
+        try:
+            manifest = loads_strict(r.metadata.get("parity_manifest", "{}"))
+        except JSONProblem as e:
+            raise CheckpointError(describe(path, "parity_manifest", what=f"unreadable capture manifest: {e}")) \
+                from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(describe(path, "parity_manifest", "a JSON object", type(manifest).__name__,
+                                           "unreadable capture manifest"))
         return {k: r.read(k) for k in r.keys()}, manifest
-    finally:
-        r.close()
 
 
 def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
