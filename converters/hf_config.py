@@ -141,8 +141,9 @@ def config_from_dict(d: Any) -> PaliGemmaConfig:
     """Our own serialised config (the npz sidecar, `parity_config`), validated. ValueError."""
     try:
         cfg = PaliGemmaConfig.from_dict(_obj("the config", d))
-    except ArithmeticError as e:  # zero heads: TextConfig checks num_heads % num_kv_heads
-        raise ValueError(f"not a paligemma-parity config: {e}") from None
+    except ArithmeticError as e:  # TextConfig checks num_heads % num_kv_heads first
+        raise ValueError(f"not a paligemma-parity config: text.num_kv_heads must be a positive integer ({e})") \
+            from None
     for k, want in (("vision", VisionConfig), ("text", TextConfig)):
         if not isinstance(getattr(cfg, k), want):
             raise ValueError(f"{k} must be an object")

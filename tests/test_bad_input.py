@@ -216,3 +216,489 @@ def test_invalid_max_shard_size(tiny_npz, out):
     code, err, _ = run("convert", src, "-o", out / "x", "--to", "safetensors", "--max-shard-size", "lots")
     assert_one_line_error(code, err, "lots")
     assert_nothing_left(out, [])
+
+
+# -- hostile input: every reproduction of issue 10, each one line and exit 2 -------------------------------------
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
+
+from tests import hostile_files as hf  # noqa: E402
+
+LN0 = "params/img/Transformer/encoderblock/LayerNorm_0/scale.npy"
+LN1 = "params/img/Transformer/encoderblock/LayerNorm_1/scale.npy"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of blocking forever (a FIFO opened for reading waits for a writer)."""
+    def boom(*_):
+        raise TimeoutError("blocked: a hang")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _mutated_npz(tiny_npz, mutate, name="tiny-pg2-gqa"):
+    src, _ = tiny_npz(name)
+    data = bytearray(open(src, "rb").read())
+    mutate(data)
+    open(src, "wb").write(bytes(data))
+    return src
+
+
+def _both_ways(src, out, *must):
+    """inspect, inspect --verify and convert all refuse `src` with one line; nothing is left behind."""
+    for args in (["inspect", src], ["inspect", "--verify", src], ["convert", src, "-o", out / "x", "--to",
+                                                                   "safetensors"]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, *must)
+    assert_nothing_left(out, [])
+
+
+def test_npz_directory_entry_pointing_at_another_members_header(tiny_npz, out):
+    """Silent wrong value before: LayerNorm_0's entry read LayerNorm_1's data (np.load refuses: names differ)."""
+    def mutate(d):
+        a, b = hf.record(d, LN0), hf.record(d, LN1)
+        hf.put(d, a["pos"] + hf.CD["offset"], "<I", b["offset"])
+        hf.put(d, a["pos"] + hf.CD["crc"], "<I", b["crc"])
+    src = _mutated_npz(tiny_npz, mutate)
+    with pytest.raises(zipfile.BadZipFile, match="differ"):
+        np.load(src)[LN0[:-4]]
+    _both_ways(src, out, "LayerNorm_0/scale", "directory and local header differ")
+
+
+@pytest.mark.parametrize("case", ["eocd+7", "name 0xff utf8", "version 9.9", "method 99", "encrypted",
+                                  "local name", "local crc"])
+def test_npz_crafted_zip_structures(tiny_npz, out, case):
+    def mutate(d):
+        r = hf.record(d, LN0)
+        p = r["pos"]
+        if case == "eocd+7":
+            e = d.rindex(b"PK\x05\x06")
+            hf.put(d, e + hf.EOCD_CD_OFFSET, "<I", struct.unpack_from("<I", d, e + hf.EOCD_CD_OFFSET)[0] + 7)
+        elif case == "name 0xff utf8":
+            d[p + hf.CD["name"] + 3] = 0xFF
+            hf.put(d, p + hf.CD["flags"], "<H", 0x800)
+        elif case == "version 9.9":
+            d[p + hf.CD["extract_version"]] = 99
+        elif case == "method 99":
+            hf.put(d, p + hf.CD["method"], "<H", 99)
+            hf.put(d, r["offset"] + hf.LH["method"], "<H", 99)
+        elif case == "encrypted":
+            hf.put(d, p + hf.CD["flags"], "<H", 1)
+            hf.put(d, r["offset"] + hf.LH["flags"], "<H", 1)
+        elif case == "local name":
+            d[r["offset"] + hf.LH["name"] + 8] ^= 0x20  # the local header's copy of the name only
+        elif case == "local crc":
+            d[r["offset"] + hf.LH["crc"]] ^= 0x01
+    src = _mutated_npz(tiny_npz, mutate)
+    if case != "local crc":  # np.load ignores the local copy of the CRC; a disagreement is corruption all the same
+        with pytest.raises(Exception):  # the reference reader refuses every other one too
+            with np.load(src) as z:
+                [z[k] for k in z.files]
+    _both_ways(src, out, src)
+
+
+@pytest.mark.parametrize("header,what", [
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551616,), }", "truncated or corrupt"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'extra': 1, }", "exactly the keys"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4.0,), }", "non-negative integers"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': ('4',), }", "non-negative integers"),
+    ("{'descr': '<f4', 'fortran_order': 0, 'shape': (4,), }", "fortran_order"),
+    ("{'descr': 7, 'fortran_order': False, 'shape': (4,), }", "dtype"),
+    ("[" * 5000 + "]" * 5000, "npy header"),
+])
+def test_npz_crafted_npy_headers(tmp_path, out, header, what):
+    p = tmp_path / "h.npz"
+    hf.raw_npz(p, {"params/img/head/bias.npy": hf.npy_bytes(header, b"\0" * 16)})
+    _both_ways(p, out, "img/head/bias", what)
+
+
+def test_npz_crc_failure_found_by_verify_only(tiny_npz, out):
+    def mutate(d):
+        d[hf.member_data(d, LN0) + 128 + 4] ^= 0x40  # inside the data, past the npy header
+    src = _mutated_npz(tiny_npz, mutate)
+    code, err, stdout = run("inspect", src)
+    assert code == 0 and "tensor data was not read" in stdout and "--verify" in stdout
+    code, err, _ = run("inspect", "--verify", src)
+    assert_one_line_error(code, err, "LayerNorm_0/scale", "CRC-32")
+    code, _, stdout = run("inspect", "--verify", "--json", _mutated_npz(tiny_npz, lambda d: None, "tiny-pg1-mqa"))
+    assert code == 0 and json.loads(stdout)["data_verified"] is True
+
+
+def _st_dir(tiny_npz, tmp_path, name="st", max_shard=None):
+    from converters.convert import convert as conv
+    src, _ = tiny_npz()
+    conv(src, tmp_path / name, "safetensors", max_shard_size=max_shard)
+    return tmp_path / name
+
+
+def _rewrite_header(path, fn, raw=None):
+    data = open(path, "rb").read()
+    h, body = hf.st_split(data)
+    h = fn(h) if fn else h
+    open(path, "wb").write(hf.st_join(h, body, raw(h) if raw else None))
+
+
+Q0 = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("relabel", ["F16 first half", "BF16 second half"])
+def test_safetensors_relabelled_tensor_leaving_unclaimed_bytes(tiny_npz, tmp_path, out, relabel):
+    """Silent wrong value before (-2964.0 for -0.2226): the offsets must tile the data section exactly."""
+    d = _st_dir(tiny_npz, tmp_path)
+
+    def fn(h):
+        b, e = h[Q0]["data_offsets"]
+        half = (e - b) // 2
+        h[Q0]["dtype"], h[Q0]["data_offsets"] = ("F16", [b, b + half]) if relabel.startswith("F16") else \
+            ("BF16", [b + half, e])
+        return h
+    _rewrite_header(d / "model.safetensors", fn)
+    from safetensors.numpy import load_file
+    with pytest.raises(Exception, match="offset|covered"):
+        load_file(d / "model.safetensors")
+    for args in (["convert", d, "-o", out / "x.npz", "--to", "npz"], ["inspect", d]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, "lying header")
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("case,must", [
+    ("metadata string", "__metadata__"), ("metadata list", "__metadata__"), ("metadata number", "__metadata__"),
+    ("metadata int value", "__metadata__"), ("shape 2**64", "non-negative integers"),
+    ("shape Infinity", "Infinity is not JSON"), ("shape string", "non-negative integers"),
+    ("shape float", "non-negative integers"), ("offsets strings", "data_offsets"),
+    ("offsets floats", "data_offsets"), ("nested 100000", "nested too deeply"), ("dtype F8_E4M3", "F8_E4M3"),
+    ("trailing bytes", "trailing bytes"), ("duplicate key", "duplicate key"), ("entry not object", "malformed"),
+])
+def test_safetensors_crafted_headers(tiny_npz, tmp_path, out, case, must):
+    d = _st_dir(tiny_npz, tmp_path)
+    f = d / "model.safetensors"
+    raw = None
+    if case.startswith("metadata"):
+        v = {"metadata string": "x", "metadata list": [1], "metadata number": 3, "metadata int value": {"a": 1}}
+        fn = lambda h: {**h, "__metadata__": v[case]}  # noqa: E731
+    elif case.startswith("shape") or case.startswith("offsets"):
+        field, val = {"shape 2**64": ("shape", [2**64, 32]), "shape string": ("shape", ["32", 32]),
+                      "shape float": ("shape", [32.0, 32]), "offsets strings": ("data_offsets", ["0", "4096"]),
+                      "offsets floats": ("data_offsets", [0.0, 4096.0]),
+                      "shape Infinity": ("shape", [float("inf"), 32])}[case]
+        fn = lambda h: (h[Q0].__setitem__(field, val), h)[1]  # noqa: E731
+    elif case == "nested 100000":
+        fn, raw = None, lambda h: b'{"__metadata__": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    elif case == "dtype F8_E4M3":
+        def fn(h):
+            h[Q0]["dtype"] = "F8_E4M3"
+            h[Q0]["shape"] = [h[Q0]["shape"][0] * 4, h[Q0]["shape"][1]]
+            return h
+    elif case == "trailing bytes":
+        fn = None
+        open(f, "ab").write(b"\0" * 8)
+    elif case == "duplicate key":
+        fn, raw = None, lambda h: (lambda s: s[:-1] + ", " + json.dumps(Q0) + ": " + json.dumps(h[Q0]) + "}")(
+            json.dumps(h)).encode()
+    else:
+        fn = lambda h: {**h, Q0: [1, 2]}  # noqa: E731
+    _rewrite_header(f, fn, raw)
+    for args in (["convert", d, "-o", out / "x.npz", "--to", "npz"], ["inspect", "--verify", d]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, "model.safetensors", must)
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("case,must", [
+    ("top list", "a list"), ("top string", "a string"), ("text_config list", "text_config must be an object"),
+    ("vision_config string", "vision_config must be an object"),
+    ("rope_parameters list", "rope_parameters must be an object"), ("zero heads", "num_attention_heads"),
+    ("zero kv heads", "num_key_value_heads"), ("zero patch", "patch_size"), ("width string", "hidden_size"),
+    ("width float", "hidden_size must be an integer"), ("eps string", "rms_norm_eps"),
+    ("softcap list", "attn_logit_softcapping"), ("depth huge", "num_hidden_layers"),
+    ("invalid json", "unreadable"), ("nested", "nested too deeply"),
+])
+def test_hf_config_json_hostile(tiny_npz, tmp_path, out, case, must):
+    d = _st_dir(tiny_npz, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["parity_config"]  # a hub-style config.json
+    t, v = cfg["text_config"], cfg["vision_config"]
+    text = None
+    if case == "top list":
+        cfg = [cfg]
+    elif case == "top string":
+        cfg = "paligemma"
+    elif case == "text_config list":
+        cfg["text_config"] = [t]
+    elif case == "vision_config string":
+        cfg["vision_config"] = "siglip"
+    elif case == "rope_parameters list":
+        t["rope_parameters"] = [10000.0]
+    elif case == "zero heads":
+        t["num_attention_heads"] = 0
+    elif case == "zero kv heads":
+        t["num_key_value_heads"] = 0
+    elif case == "zero patch":
+        v["patch_size"] = 0
+    elif case == "width string":
+        t["hidden_size"] = "48"
+    elif case == "width float":
+        t["hidden_size"] = 48.0
+    elif case == "eps string":
+        t["rms_norm_eps"] = "1e-6"
+    elif case == "softcap list":
+        t["attn_logit_softcapping"] = [50.0]
+    elif case == "depth huge":
+        t["num_hidden_layers"] = 10**12
+    elif case == "invalid json":
+        text = json.dumps(cfg)[:-3]
+    elif case == "nested":
+        text = '{"a": ' + "[" * 100000 + "]" * 100000 + "}"
+    (d / "config.json").write_text(text if text is not None else json.dumps(cfg))
+    for args in (["inspect", d], ["convert", d, "-o", out / "x.npz", "--to", "npz"],
+                 ["inspect", tiny_npz()[0], "--config", d / "config.json"]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, "config.json", must)
+    assert_nothing_left(out, [])
+
+
+def test_hub_style_config_json_still_reads(tiny_npz, tmp_path, out):
+    d = _st_dir(tiny_npz, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["parity_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, err, _ = run("convert", d, "-o", out / "x.npz", "--to", "npz")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("case,must", [
+    ("list", "a list"), ("string", "a string"), ("zero kv heads", "num_kv_heads"), ("width float", "text.width"),
+    ("width string", "text"), ("vision list", "vision"), ("gemma2 string", "gemma2"), ("unknown field", "colour"),
+])
+def test_sidecar_hostile(tiny_npz, tmp_path, out, case, must):
+    from converters.convert import convert as conv
+    src, _ = tiny_npz()
+    conv(src, tmp_path / "ref.npz", "npz")
+    side = tmp_path / "ref.npz.parity.json"
+    c = json.loads(side.read_text())
+    if case == "list":
+        c = [c]
+    elif case == "string":
+        c = "tiny"
+    elif case == "zero kv heads":
+        c["text"]["num_kv_heads"] = 0
+    elif case == "width float":
+        c["text"]["width"] = 48.0
+    elif case == "width string":
+        c["text"]["width"] = "48"
+    elif case == "vision list":
+        c["vision"] = [1]
+    elif case == "gemma2 string":
+        c["text"]["gemma2"] = "yes"
+    else:
+        c["text"]["colour"] = "blue"
+    side.write_text(json.dumps(c))
+    for args in (["inspect", tmp_path / "ref.npz"], ["convert", tmp_path / "ref.npz", "-o", out / "x", "--to",
+                                                       "safetensors"]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, "parity.json", must)
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("case,must", [
+    ("list", "weight_map"), ("string", "weight_map"), ("null", "weight_map"), ("value not string", "shard file"),
+    ("path in value", "shard file"), ("top list", "a list"), ("tensor not listed", "does not list"),
+    ("nested", "nested too deeply"),
+])
+def test_index_json_hostile(tiny_npz, tmp_path, out, case, must):
+    d = _st_dir(tiny_npz, tmp_path, max_shard="20KB")
+    p = d / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    wm = idx["weight_map"]
+    text = None
+    if case == "list":
+        idx["weight_map"] = list(wm)
+    elif case == "string":
+        idx["weight_map"] = "model-00001-of-00002.safetensors"
+    elif case == "null":
+        idx["weight_map"] = None
+    elif case == "value not string":
+        wm[Q0] = 1
+    elif case == "path in value":
+        wm[Q0] = "../" + os.path.basename(d) + "/" + wm[Q0]
+    elif case == "top list":
+        idx = [idx]
+    elif case == "tensor not listed":
+        del wm[Q0]
+    else:
+        text = '{"weight_map": ' + "{" * 0 + "[" * 100000 + "]" * 100000 + "}"
+    p.write_text(text if text is not None else json.dumps(idx))
+    for args in (["inspect", d], ["convert", d, "-o", out / "x.npz", "--to", "npz"], ["inspect", p]):
+        code, err, _ = run(*args)
+        assert_one_line_error(code, err, "index.json", must)
+    assert_nothing_left(out, [])
+
+
+def _capture(ckpt, inputs, output, *extra):
+    return run("capture", ckpt, "--inputs", inputs, "-o", output, *extra)
+
+
+GOLD_CKPT = os.path.join(ROOT, "golden", "tiny-pg1-mqa.npz")
+GOLD_INPUTS = os.path.join(ROOT, "golden", "tiny-inputs.npz")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_inputs_image_needing_49_tib(tmp_path, out, fmt):
+    """The header declares an image of 49 TiB: refused from the header, before any allocation."""
+    shape = (1, 2_100_000, 2_100_000, 3)
+    p = tmp_path / f"in.{fmt}"
+    if fmt == "npz":
+        hf.raw_npz(p, {"image.npy": hf.npy_bytes(f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}",
+                                                 b"\0" * 64),
+                       "text.npy": hf.npy_bytes("{'descr': '<i4', 'fortran_order': False, 'shape': (1, 2), }",
+                                                b"\2\0\0\0\3\0\0\0")})
+    else:
+        h = {"image": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 64]}}
+        p.write_bytes(hf.st_join(h, b"\0" * 64))
+    code, err, _ = _capture(GOLD_CKPT, p, out / "c.safetensors")
+    assert_one_line_error(code, err, p, "image")
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("case", ["encrypted", "method 99", "crc", "extra key"])
+def test_inputs_npz_hostile(tmp_path, out, case):
+    data = bytearray(open(GOLD_INPUTS, "rb").read())
+    r = hf.record(data, "text.npy")
+    if case == "encrypted":
+        hf.put(data, r["pos"] + hf.CD["flags"], "<H", 1)
+        hf.put(data, r["offset"] + hf.LH["flags"], "<H", 1)
+    elif case == "method 99":
+        hf.put(data, r["pos"] + hf.CD["method"], "<H", 99)
+        hf.put(data, r["offset"] + hf.LH["method"], "<H", 99)
+    elif case == "crc":
+        data[hf.member_data(data, "text.npy") + 128] ^= 1
+    p = tmp_path / "in.npz"
+    p.write_bytes(bytes(data))
+    if case == "extra key":
+        with np.load(GOLD_INPUTS) as z:
+            arrays = {k: z[k] for k in z.files}
+        b = arrays["text"].tobytes()
+        hf.raw_npz(p, {**{f"{k}.npy": hf.npy_bytes(
+            f"{{'descr': '{v.dtype.str}', 'fortran_order': False, 'shape': {v.shape}, }}", v.tobytes())
+            for k, v in arrays.items() if k != "text"},
+            "text.npy": hf.npy_bytes(f"{{'descr': '<i4', 'fortran_order': False, 'shape': {arrays['text'].shape},"
+                                     f" 'x': 0, }}", b)})
+    code, err, _ = _capture(GOLD_CKPT, p, out / "c.safetensors")
+    assert_one_line_error(code, err, p, "text")
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "shard", "inputs", "config", "sidecar", "index"])
+def test_fifo_is_refused_before_open(tiny_npz, tmp_path, out, no_hang, target):
+    fifo = tmp_path / "fifo"
+    if target == "checkpoint":
+        os.mkfifo(fifo)
+        args = ["inspect", fifo]
+    elif target == "inputs":
+        os.mkfifo(fifo)
+        args = ["capture", GOLD_CKPT, "--inputs", fifo, "-o", out / "c.safetensors"]
+    elif target == "config":
+        os.mkfifo(fifo)
+        args = ["inspect", tiny_npz()[0], "--config", fifo]
+    elif target == "sidecar":
+        src, _ = tiny_npz()
+        os.mkfifo(src + ".parity.json")
+        args = ["inspect", src]
+    else:
+        d = _st_dir(tiny_npz, tmp_path, max_shard="20KB" if target == "shard" else None)
+        name = (sorted(n for n in os.listdir(d) if n.startswith("model-"))[0] if target == "shard"
+                else "model.safetensors.index.json")
+        if target == "index":
+            os.remove(d / "model.safetensors")
+        else:
+            os.remove(d / name)
+        os.mkfifo(d / name)
+        args = ["inspect", d]
+    code, err, _ = run(*args)
+    assert_one_line_error(code, err, "a regular file", "FIFO")
+    assert_nothing_left(out, [])
+
+
+@pytest.mark.parametrize("case", ["manifest not json", "manifest list", "trailing", "fifo"])
+def test_read_capture_hostile(tmp_path, no_hang, case):
+    from parity.errors import ParityError
+    from parity.run import read_capture
+    p = tmp_path / "c.safetensors"
+    if case == "fifo":
+        os.mkfifo(p)
+    else:
+        meta = {"parity_manifest": "{" if case == "manifest not json" else "[1]"}
+        data = hf.st_file({"logits": np.zeros((1, 2), np.float32)}, {"logits": "F32"}, meta)
+        p.write_bytes(data + (b"\0" * 4 if case == "trailing" else b""))
+    with pytest.raises(ParityError) as e:
+        read_capture(str(p))
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def _cli_subprocess(args, limit_bytes=None, timeout=120):
+    """The real CLI in a fresh interpreter (stderr exactly as a user sees it); optionally with a file size limit
+    (writes past it fail with EFBIG, the way a full disk fails with ENOSPC)."""
+    import resource
+
+    def pre():
+        if limit_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "parity.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, preexec_fn=pre, timeout=timeout)
+
+
+@pytest.mark.parametrize("to", ["npz", "safetensors", "capture"])
+def test_disk_full_is_one_line(tiny_npz, out, to):
+    src, _ = tiny_npz()
+    if to == "capture":
+        args = ["capture", GOLD_CKPT, "--inputs", GOLD_INPUTS, "-o", out / "c.safetensors"]
+    else:
+        args = ["convert", src, "-o", out / "x", "--to", to]
+    r = _cli_subprocess(args, limit_bytes=20_000)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot write" in r.stderr and "File too large" in r.stderr
+    assert_nothing_left(out, [])
+
+
+def test_enospc_mid_tensor_is_one_line(tiny_npz, out, monkeypatch):
+    import converters.rawio as rawio
+    real = rawio.write_chunks
+    calls = [0]
+
+    def full(f, *a):
+        calls[0] += 1
+        if calls[0] == 5:
+            f.write(b"\0" * 100)
+            raise OSError(28, "No space left on device")
+        return real(f, *a)
+    monkeypatch.setattr(rawio, "write_chunks", full)
+    import converters.npz_io
+    import converters.safetensors_io
+    monkeypatch.setattr(converters.npz_io, "write_chunks", full)
+    monkeypatch.setattr(converters.safetensors_io, "write_chunks", full)
+    src, _ = tiny_npz()
+    for to in ("npz", "safetensors"):
+        calls[0] = 0
+        code, err, _ = run("convert", src, "-o", out / "x", "--to", to)
+        assert_one_line_error(code, err, out / "x", "No space left on device")
+        assert_nothing_left(out, [])
+
+
+def test_clean_error_in_convert_to_npz_has_no_zipfile_noise(tiny_npz, out):
+    """A CRC failure half-way through writing an npz: one line on stderr, no `ZipFile.__del__` traceback after."""
+    src = _mutated_npz(tiny_npz, lambda d: d.__setitem__(d.index(b"params/llm/layers/mlp/linear.npy") + 300,
+                                                         d[d.index(b"params/llm/layers/mlp/linear.npy") + 300] ^ 1))
+    r = _cli_subprocess(["convert", src, "-o", out / "x.npz", "--to", "npz"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "CRC-32" in r.stderr, r.stderr
+    assert_nothing_left(out, [])
