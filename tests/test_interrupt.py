@@ -1,0 +1,260 @@
+"""Interruption and concurrent writers: the real CLI in a subprocess, stopped (SIGSTOP) mid-conversion, then sent
+SIGINT / SIGTERM / SIGHUP / SIGKILL; a second writer while the first is alive; --overwrite replacing under SIGKILL.
+Afterwards the destination holds either nothing, the old complete output or the new one, and no temporary is left
+(except the stale one SIGKILL must leave, which the next run names and --overwrite removes)."""
+import dataclasses
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converters import atomic
+from converters.convert import background, convert
+from parity import spec
+from parity.cli import main
+from parity.config import TINY_VARIANTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def big_config():
+    """tiny-pg2-gqa scaled up to ~80 MB of float32: long enough to be stopped while writing, quick to make."""
+    base = TINY_VARIANTS["tiny-pg2-gqa"]
+    t = dataclasses.replace(base.text, width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=4, head_dim=64,
+                            vocab_size=8192)
+    return dataclasses.replace(base, name="big-test", text=t)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big")
+    cfg = big_config()
+    paths = {}
+    for seed in (0, 1):
+        p = d / f"big{seed}.npz"
+        np.savez(p, **{spec.NPZ_PREFIX + k: v for k, v in spec.random_params(cfg, seed=seed).items()})
+        (d / f"big{seed}.npz.parity.json").write_text(cfg.to_json())
+        paths[seed] = str(p)
+    paths["st"] = str(d / "big0-st")
+    convert(paths[0], paths["st"], "safetensors")
+    return paths
+
+
+def start(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, "-m", "parity.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli(*args):
+    """A follow-up run in this process (click's runner): (exit status, stderr)."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stderr
+
+
+def temps(dst):
+    return [p for p, _, _ in atomic.temporaries(str(dst))]
+
+
+def written(tmp):
+    if os.path.isdir(tmp):
+        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+    return os.path.getsize(tmp)
+
+
+def stop_midway(proc, dst, min_bytes=1 << 20, timeout=60):
+    """Wait until the writer's temporary holds `min_bytes`, then SIGSTOP it there. Returns the temporary, or None
+    when the conversion finished first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        for tmp in temps(dst):
+            try:
+                if written(tmp) >= min_bytes:
+                    proc.send_signal(signal.SIGSTOP)
+                    if os.path.lexists(tmp) and not os.path.lexists(dst):
+                        return tmp
+                    proc.send_signal(signal.SIGCONT)
+                    return None
+            except FileNotFoundError:
+                pass
+        time.sleep(0.001)
+    return None
+
+
+def finish(proc, timeout=60):
+    """Wait for the process (a hang fails the test instead of blocking the suite)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("hang: the process did not end after the signal")
+    return proc.returncode, err
+
+
+def interrupted(big, tmp_path, direction, sig, min_bytes=1 << 20):
+    src, to = (big[0], "safetensors") if direction == "npz->st" else (big["st"], "npz")
+    dst = tmp_path / ("out" if to == "safetensors" else "out.npz")
+    for attempt in range(5):
+        proc = start("convert", src, "-o", dst, "--to", to)
+        tmp = stop_midway(proc, dst, min_bytes >> attempt)
+        if tmp is not None:
+            break
+        finish(proc)
+        for p in [dst, str(dst) + ".parity.json"]:
+            atomic.remove_path(str(p))
+    else:
+        pytest.skip("conversion always finished before it could be stopped")
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    code, err = finish(proc)
+    return dst, tmp, code, err, proc.pid
+
+
+@pytest.mark.parametrize("sig,direction", [(signal.SIGINT, "st->npz"), (signal.SIGINT, "npz->st"),
+                                           (signal.SIGTERM, "st->npz"), (signal.SIGHUP, "npz->st")])
+def test_signal_midway_leaves_nothing(big, tmp_path, direction, sig):
+    dst, tmp, code, err, _ = interrupted(big, tmp_path, direction, sig)
+    if sig == signal.SIGINT:
+        assert code != 0 and "Traceback" not in err, err
+    else:
+        assert code == -sig, (code, err)  # cleaned up, then ended by the signal itself (exit status 128 + n)
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_sigkill_leaves_a_stale_temporary_named_and_removed_next_time(big, tmp_path):
+    dst, tmp, code, err, pid = interrupted(big, tmp_path, "npz->st", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert os.path.exists(tmp) and f".{pid}." in os.path.basename(tmp)  # the pid is in the name
+    code, err = cli("convert", big[0], "-o", dst, "--to", "safetensors")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "stale temporary" in err and tmp in err and f"pid {pid}" in err
+    convert(big[0], dst, "safetensors", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert filecmp.cmp(dst / "model.safetensors", os.path.join(big["st"], "model.safetensors"), shallow=False)
+
+
+def test_second_writer_fails_while_the_first_is_alive(big, tmp_path):
+    dst = tmp_path / "out.npz"
+    a = start("convert", big["st"], "-o", dst, "--to", "npz")
+    tmp = stop_midway(a, dst)
+    if tmp is None:
+        finish(a)
+        pytest.skip("the first conversion finished before it could be stopped")
+    try:
+        for extra in ([], ["--overwrite"]):
+            code, err = cli("convert", big["st"], "-o", dst, "--to", "npz", *extra)
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"another writer (pid {a.pid})" in err
+            assert os.path.exists(tmp)  # the live writer's file is never touched, even with --overwrite
+    finally:
+        a.send_signal(signal.SIGCONT)
+    code, err = finish(a)
+    assert code == 0, err
+    convert(big["st"], tmp_path / "ref.npz", "npz")
+    assert filecmp.cmp(dst, tmp_path / "ref.npz", shallow=False)
+    assert sorted(os.listdir(tmp_path)) == ["out.npz", "out.npz.parity.json", "ref.npz", "ref.npz.parity.json"]
+
+
+def test_two_conversions_started_together_one_wins(big, tmp_path):
+    dst = tmp_path / "out"
+    procs = [start("convert", big[0], "-o", dst, "--to", "safetensors") for _ in range(2)]
+    results = sorted(finish(p) for p in procs)
+    assert [c for c, _ in results] == [0, 2], results
+    assert results[1][1].count("\n") == 1 and ("another writer" in results[1][1] or "exists" in results[1][1])
+    assert os.listdir(tmp_path) == ["out"]
+    assert filecmp.cmp(dst / "model.safetensors", os.path.join(big["st"], "model.safetensors"), shallow=False)
+
+
+@pytest.mark.parametrize("stop_at", [1 << 20, 60 << 20])
+def test_sigkill_during_overwrite_keeps_old_or_new(big, tmp_path, stop_at):
+    """The destination name always holds one complete output: the old one until the new one replaces it."""
+    dst = tmp_path / "out"
+    convert(big[1], dst, "safetensors")  # the old output (other values)
+    old = (dst / "model.safetensors").read_bytes()
+    new = open(os.path.join(big["st"], "model.safetensors"), "rb").read()
+    proc = start("convert", big[0], "-o", dst, "--to", "safetensors", "--overwrite")
+    tmp = stop_midway(proc, dst, stop_at)
+    proc.kill()
+    finish(proc)
+    got = (dst / "model.safetensors").read_bytes()
+    assert got in (old, new) and sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
+    if tmp is not None:
+        assert got == old
+    convert(big[0], dst, "safetensors", overwrite=True)  # removes the stale temporary too
+    assert os.listdir(tmp_path) == ["out"] and (dst / "model.safetensors").read_bytes() == new
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("fail", [False, True])
+def test_replace_directory_without_renameat2(tmp_path, monkeypatch, exchange, fail):
+    """The fallback (rename aside, rename in, remove aside) restores the old output when the second rename fails."""
+    dst = tmp_path / "d"
+    dst.mkdir()
+    (dst / "f").write_text("old")
+    if not exchange:
+        monkeypatch.setattr(atomic, "_renameat2", lambda: None)
+    real = os.rename
+    if fail:
+        def rename(a, b):
+            if os.path.basename(str(a)).startswith(".d.") and not str(a).endswith(".old.partial") \
+                    and str(b) == str(dst):
+                raise OSError(5, "Input/output error")
+            return real(a, b)
+        monkeypatch.setattr(os, "rename", rename)
+        if exchange:
+            monkeypatch.setattr(atomic, "_rename2", lambda *a: False)
+    try:
+        with atomic.atomic_output(str(dst), True, overwrite=True) as tmp:
+            with open(os.path.join(tmp, "f"), "w") as f:
+                f.write("new")
+    except Exception as e:
+        assert fail and "Input/output error" in str(e)
+    assert (dst / "f").read_text() == ("old" if fail else "new")
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    src = tmp_path / "t.npz"
+    cfg = TINY_VARIANTS["tiny-pg1-mqa"]
+    np.savez(src, **{spec.NPZ_PREFIX + k: v for k, v in spec.random_params(cfg).items()})
+    old = os.umask(0o027)
+    try:
+        convert(src, tmp_path / "o.npz", "npz")
+        convert(src, tmp_path / "st", "safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "o.npz").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "o.npz.parity.json").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "st").st_mode & 0o777 == 0o750
+    assert os.stat(tmp_path / "st" / "model.safetensors").st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("fail", ["consumer stops", "worker raises"])
+def test_reader_thread_shutdown_cannot_deadlock(fail):
+    """The deadlock of issue 10: the worker blocked putting its end marker into a full queue while the consumer
+    waited in join(). Here the queue is full and the worker done when the consumer stops."""
+    def items():
+        yield from range(3)
+        if fail == "worker raises":
+            raise ValueError("read error")
+
+    done = threading.Event()
+
+    def consume():
+        g = background(items(), depth=1)
+        next(g)
+        time.sleep(0.2)  # the worker fills the queue and reaches its end marker
+        g.close()
+        done.set()
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    assert done.wait(10), "background() shutdown deadlocked"
