@@ -26,6 +26,8 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
     """
     with open_checkpoint(path, config, strict=False) as ck:
         nonfinite = verify_data(ck, progress) if verify else {}
+        verified = verify and nonfinite is not None
+        nonfinite = nonfinite or {}
         cfg = ck.config
         exp = expected_shapes(cfg, ck.format) if cfg is not None else {}
         rows = []
@@ -52,8 +54,9 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
             "tensors": len(rows),
             "parameters": n_params,
             "spec_parameters": spec.param_count(cfg) if cfg is not None else None,
-            "notes": list(ck.notes) + [VERIFIED if verify else NOT_READ],
-            "data_verified": verify,
+            "notes": list(ck.notes) + [VERIFIED if verified else NOT_READ if not verify else
+                                       f"--verify is not available for {ck.format} checkpoints: data not read"],
+            "data_verified": verified,
             "departures": deps,
             "conforms": not deps,
             "tensors_table": rows,
@@ -66,10 +69,10 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
         return report
 
 
-def verify_data(ck, progress: Progress | None = None) -> dict[str, int]:
+def verify_data(ck, progress: Progress | None = None) -> dict[str, int] | None:
     """Read every byte of the checkpoint: npz members through their CRC-32 (CheckpointError on a mismatch),
     safetensors tensors in row blocks (their offsets were checked when the header was read). Returns
-    {native key: count of NaN/inf values} for the tensors that have any."""
+    {native key: count of NaN/inf values} for the tensors that have any; None for a format it cannot read."""
     bad: dict[str, int] = {}
     total = sum(int(np.prod(s)) * ck.native_dtypes[k].itemsize for k, s in ck.shapes.items())
     done = [0]
@@ -94,6 +97,8 @@ def verify_data(ck, progress: Progress | None = None) -> dict[str, int]:
             for a in range(0, rows, step):
                 block = ck._st.read(k, (a, min(rows, a + step))) if t.shape else ck._st.read(k)
                 count(keys.get(k, k), block)
+    else:
+        return None
     return bad
 
 

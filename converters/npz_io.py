@@ -43,6 +43,7 @@ class Member:
     _header: bytes = field(default=b"", repr=False)
     _span: tuple[int, int] = (0, 0)  # [local header, end of data): members may not share bytes
     verified: bool = False  # the CRC-32 of the whole member has been checked
+    _deflated: tuple[int, int, int] | None = None  # (data offset, compressed size, npy header length)
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +56,8 @@ class NpzReader:
     Everything np.load (zipfile) would refuse is refused here too, before any data is read: a local header whose
     name, method, flags, CRC or sizes differ from the central directory's, encryption, compression, unknown zip
     versions, duplicate or overlapping members, npy headers with other keys or non-integer shapes. Weights must be
-    float32/float16/bfloat16; `any_numeric=True` admits any plain numeric dtype (inputs files)."""
+    float32/float16/bfloat16; `any_numeric=True` admits any plain numeric dtype and deflated members
+    (np.savez_compressed inputs files, inflated on read within their declared size)."""
 
     def __init__(self, path: str | os.PathLike, any_numeric: bool = False):
         self.path = os.fspath(path)
@@ -101,23 +103,28 @@ class NpzReader:
                                            "encrypted npz members are not supported"))
         if info.flag_bits & _PATCHED:
             raise CheckpointError(describe(self.path, key, what="corrupt zip: compressed patched data (flag bit 5)"))
-        if info.compress_type != zipfile.ZIP_STORED:
+        deflated = info.compress_type == zipfile.ZIP_DEFLATED and self._any_numeric
+        if info.compress_type != zipfile.ZIP_STORED and not deflated:
             raise CheckpointError(describe(self.path, key, "an uncompressed (np.savez) member",
                                            f"compression method {info.compress_type}",
                                            "compressed members cannot be streamed; re-save with np.savez"))
-        if info.compress_size != info.file_size:
+        if info.compress_size != info.file_size and not deflated:
             raise CheckpointError(describe(self.path, key, f"a stored size equal to the size {info.file_size}",
                                            info.compress_size, "corrupt zip directory"))
         start = self._check_local_header(info, key)
-        if start + info.file_size > min(self._size, start_dir):
+        if start + info.compress_size > min(self._size, start_dir):
             raise CheckpointError(describe(
-                self.path, key, f"{info.file_size} bytes of data at offset {start}",
+                self.path, key, f"{info.compress_size} bytes of data at offset {start}",
                 f"{max(0, min(self._size, start_dir) - start)} before the end of the member area",
                 "truncated or corrupt member"))
-        head = pread_exact(self._fd, min(12 + _MAX_NPY_HEADER, info.file_size), start, self.path, key)
+        if deflated:
+            head = self._inflate(key, start, info.compress_size, min(12 + _MAX_NPY_HEADER, info.file_size))
+        else:
+            head = pread_exact(self._fd, min(12 + _MAX_NPY_HEADER, info.file_size), start, self.path, key)
         dtype, shape, hlen = _parse_npy_header(head, self.path, key, self._any_numeric)
         m = Member(key, dtype, shape, start + hlen, info.CRC, _header=head[:hlen],
-                   _span=(info.header_offset, start + info.file_size))
+                   _span=(info.header_offset, start + info.compress_size),
+                   _deflated=(start, info.compress_size, hlen) if deflated else None)
         if hlen + m.nbytes != info.file_size:
             raise CheckpointError(describe(
                 self.path, key, f"{hlen + m.nbytes} bytes for {dtypes.name(dtype)}{list(shape)}",
@@ -154,9 +161,18 @@ class NpzReader:
             for what, local, central in (("CRC-32", crc, info.CRC), ("size", usize, info.file_size),
                                          ("stored size", csize, info.compress_size)):
                 if local != central:
-                    raise CheckpointError(describe(self.path, key, f"local header {what} {central}", local,
+                    raise CheckpointError(describe(self.path, key, f"the directory's {what} {central}",
+                                                   f"{local} in the local header",
                                                    "corrupt zip: directory and local header differ"))
         return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+    def _inflate(self, key: str, start: int, csize: int, limit: int) -> bytes:
+        """At most `limit` bytes of a deflated member (np.savez_compressed: small inputs files only)."""
+        comp = pread_exact(self._fd, csize, start, self.path, key)
+        try:
+            return zlib.decompressobj(-15).decompress(comp, limit)
+        except zlib.error as e:
+            raise CheckpointError(describe(self.path, key, what=f"corrupt compressed member ({e})")) from None
 
     def _check_overlaps(self) -> None:
         spans = sorted((m._span, k) for k, m in self.members.items())
@@ -186,6 +202,16 @@ class NpzReader:
             sub = (rows[1] - rows[0],) + m.shape[1:]
             count = row * sub[0]
             start = rows[0] * row * m.dtype.itemsize
+        if m._deflated is not None:  # inflated whole, bounded by the declared size, CRC checked
+            at, csize, hlen = m._deflated
+            raw = self._inflate(key, at, csize, hlen + m.nbytes + 1)
+            if len(raw) != hlen + m.nbytes:
+                raise CheckpointError(describe(self.path, key, f"{hlen + m.nbytes} bytes", f"{len(raw)}",
+                                               "corrupt compressed member"))
+            m._crc_pos, m._crc_val = 0, zlib.crc32(m._header)
+            self._crc_update(m, 0, memoryview(raw)[hlen:])
+            n = count * m.dtype.itemsize
+            return np.frombuffer(raw, np.uint8, n, hlen + start).copy().view(m.dtype).reshape(sub)
         buf = np.empty(count * m.dtype.itemsize, np.uint8)
         pread_into(self._fd, buf, m.offset + start, self.path, key)
         self._crc_update(m, start, memoryview(buf))
@@ -206,6 +232,12 @@ class NpzReader:
         """Finish the CRC-32 check of a member: read what front-to-back reads have not covered yet (everything
         when `visit` is given: it sees the member's data in blocks)."""
         m = self.members[key]
+        if m._deflated is not None:
+            if visit is not None or not m.verified:
+                data = self.read(key)
+                if visit is not None:
+                    visit(data.reshape(-1))
+            return
         if visit is not None:
             m._crc_pos, m._crc_val = 0, zlib.crc32(m._header)
         elif m.verified:

@@ -702,3 +702,35 @@ def test_clean_error_in_convert_to_npz_has_no_zipfile_noise(tiny_npz, out):
     r = _cli_subprocess(["convert", src, "-o", out / "x.npz", "--to", "npz"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "CRC-32" in r.stderr, r.stderr
     assert_nothing_left(out, [])
+
+
+def test_compressed_inputs_read_compressed_checkpoints_refused(tmp_path, out):
+    """np.savez_compressed inputs are read (inflated within their declared size, CRC checked); checkpoints must
+    be np.savez (their members are read by byte range)."""
+    from parity.inputs import load_inputs
+    with np.load(GOLD_INPUTS) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(tmp_path / "in.npz", **arrays)
+    got = load_inputs(tmp_path / "in.npz")
+    want = load_inputs(GOLD_INPUTS)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    params = spec.random_params(TINY_VARIANTS["tiny-pg1-mqa"])
+    np.savez_compressed(tmp_path / "c.npz", **{"params/" + k: v for k, v in params.items()})
+    code, err, _ = run("convert", tmp_path / "c.npz", "-o", out / "x", "--to", "safetensors")
+    assert_one_line_error(code, err, "np.savez")
+
+
+def test_verify_counts_non_finite_values(tiny_npz, tmp_path, out):
+    d = _st_dir(tiny_npz, tmp_path)
+    f = d / "model.safetensors"
+    h, body = hf.st_split(f.read_bytes())
+    b = h[Q0]["data_offsets"][0]
+    body = bytearray(body)
+    body[b:b + 8] = np.array([np.nan, np.inf], np.float32).tobytes()
+    f.write_bytes(hf.st_join(h, bytes(body)))
+    code, _, stdout = run("inspect", d, "--json")
+    assert code == 0 and json.loads(stdout)["data_verified"] is False
+    code, _, stdout = run("inspect", d, "--verify", "--json")
+    r = json.loads(stdout)
+    assert code == 1 and r["data_verified"] is True
+    assert [x["key"] for x in r["departures"]] == [Q0] and "2 NaN or infinite" in r["departures"][0]["found"]

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD_CKPT = os.path.join(ROOT, "golden", "tiny-pg1-mqa.npz")
 GOLD_INPUTS = os.path.join(ROOT, "golden", "tiny-inputs.npz")
 CASES = {"npz": 80, "safetensors": 80, "index": 30, "config": 40, "sidecar": 20, "inputs-npz": 30,
-         "inputs-safetensors": 30, "capture": 40}
+         "inputs-npz-compressed": 20, "inputs-safetensors": 30, "capture": 40}
 FIGURES: dict[str, Counter] = {}
 
 
@@ -461,7 +461,7 @@ def _validated_sha(arrays):
         return None
 
 
-@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+@pytest.mark.parametrize("fmt", ["npz", "npz-compressed", "safetensors"])
 def test_fuzz_inputs(work, unraisable, fmt):
     """`capture` with a mutated inputs file: exit 0 only when the reference reader accepts the file and its
     validated arrays are what the manifest records; for unchanged arrays the logits are the unmutated ones."""
@@ -469,21 +469,23 @@ def test_fuzz_inputs(work, unraisable, fmt):
     rng = random.Random(SEED * 1000 + 7 + (fmt == "npz"))
     with np.load(GOLD_INPUTS) as z:
         arrays = {k: z[k] for k in z.files}
-    ref = work / f"inputs.{fmt}"
+    ref = work / ("inputs-compressed.npz" if fmt == "npz-compressed" else f"inputs.{fmt}")
     if fmt == "npz":
         shutil.copy(GOLD_INPUTS, ref)
+    elif fmt == "npz-compressed":
+        np.savez_compressed(ref, **arrays)
     else:
         from safetensors.numpy import save_file
         save_file(arrays, str(ref))
     data = ref.read_bytes()
-    hot = _npz_hot(data) if fmt == "npz" else [(0, 8 + struct.unpack_from("<Q", data)[0])]
+    hot = _npz_hot(data) if fmt.startswith("npz") else [(0, 8 + struct.unpack_from("<Q", data)[0])]
     out = _outdir(work, f"inputs-{fmt}")
     assert run_cli(["capture", GOLD_CKPT, "--inputs", ref, "-o", out / "c.safetensors", "--points", "logits"])[0] == 0
     base_t, base_m = read_capture(str(out / "c.safetensors"))
     os.remove(out / "c.safetensors")
     src = work / f"m-inputs.{fmt}"
     outcomes, t0 = Counter(), time.perf_counter()
-    reader = _reference_npz if fmt == "npz" else _reference_st
+    reader = _reference_npz if fmt.startswith("npz") else _reference_st
     for i in range(n_cases(f"inputs-{fmt}")):
         if fmt == "safetensors" and i % 2:
             header, body = hf.st_split(data)
