@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity import points
+from parity import monitor, points
 from parity.config import TextConfig
 from parity.torch_impl.attention import Attention, _param, softcap
 
@@ -121,6 +121,8 @@ class Gemma(nn.Module):
             mask = masks["local"] if block.local and masks.get("local") is not None else masks["global"]
             x = block(x, positions, mask, attn_softcap=attn_softcap, capture=capture, out=out,
                       cache=None if caches is None else caches[i], write_index=write_index)
+            if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
+                monitor.tick("block")
         x = self.final_norm(x)
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x
