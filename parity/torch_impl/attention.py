@@ -13,8 +13,12 @@ from parity.config import TextConfig
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap), in the op order of every reference."""
-    return torch.tanh(x / cap) * cap
+    """cap * tanh(x / cap), in the op order of every reference. Without autograd the tanh and the product work in
+    place on the quotient: one buffer instead of three (these are the largest activations, [B, S, V] logits)."""
+    y = x / cap
+    if y.requires_grad:
+        return torch.tanh(y) * cap
+    return y.tanh_().mul_(cap)
 
 
 # -- RoPE ----------------------------------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ class FeedForward(nn.Module):
         d, f = self.linear.shape[1], self.linear.shape[0]
         gu = x @ self.gating_einsum.permute(1, 0, 2).reshape(d, 2 * f)  # "BTD,CDF->BTCF" (C = 2), free view
         gate, up = gu[..., :f], gu[..., f:]
-        return (F.gelu(gate, approximate="tanh") * up) @ self.linear  # "BTF,FD->BTD"
+        h = F.gelu(gate, approximate="tanh")
+        h = h * up if h.requires_grad else h.mul_(up)  # without autograd, gelu's buffer takes the product
+        return h @ self.linear  # "BTF,FD->BTD"
 
 
 class Block(nn.Module):
