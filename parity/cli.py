@@ -335,11 +335,11 @@ def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dty
 @click.option("--greedy/--sample", default=None, help="Greedy decoding, or sampling; --temperature, --top-k and "
                                                       "--top-p imply --sample  [default: greedy]")
 @click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
-              show_default="1.0 when sampling", help="Sampling temperature (> 0).")
-@click.option("--top-k", default=None, type=click.IntRange(min=1), show_default="off",
-              help="Sample among the K most likely tokens.")
-@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True), show_default="off",
-              help="Sample among the smallest set of tokens with probability mass >= P.")
+              show_default=False, help="Sampling temperature (> 0)  [default: 1.0 when sampling]")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), show_default=False,
+              help="Sample among the K most likely tokens  [default: off]")
+@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True), show_default=False,
+              help="Sample among the smallest set of tokens with probability mass >= P  [default: off]")
 @click.option("--seed", default=0, type=int, help="Sampling seed.")
 @click.option("--tokenizer", default=None, type=click.Path(), help="SentencePiece model, to print text too.")
 @click.option("-o", "--output", default=None, type=click.Path(),
