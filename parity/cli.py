@@ -340,7 +340,7 @@ def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dty
               help="Sample among the K most likely tokens  [default: off]")
 @click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True), show_default=False,
               help="Sample among the smallest set of tokens with probability mass >= P  [default: off]")
-@click.option("--seed", default=0, type=int, help="Sampling seed.")
+@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), help="Sampling seed.")
 @click.option("--tokenizer", default=None, type=click.Path(), help="SentencePiece model, to print text too.")
 @click.option("-o", "--output", default=None, type=click.Path(),
               help="Also save tokens and step logits with the manifest (.safetensors).")

@@ -91,8 +91,14 @@ def check_dtypes(dtype: str, compute_dtype: str | None) -> str:
     return compute_dtype or dtype
 
 
-def check_sampling(greedy: bool, temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling(greedy: bool, temperature: float | None, top_k: int | None, top_p: float | None,
+                   seed: int = 0) -> None:
     """Refuse values that cannot mean anything, and greedy decoding combined with sampling options."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
     if temperature is not None and not temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {temperature} (for greedy decoding use --greedy)")
     if top_k is not None and top_k < 1:
@@ -279,7 +285,7 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
     t0 = time.perf_counter()
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_sampling(greedy, temperature, top_k, top_p)
+    check_sampling(greedy, temperature, top_k, top_p, seed)
     if output is not None:
         output = check_output(output, overwrite)
     tok = None

@@ -72,6 +72,7 @@ def test_device_resolved_by_the_implementation():
     (("--top-p", "0"), "--top-p"), (("--top-p", "1.5"), "--top-p"), (("--top-p", "-0.1"), "--top-p"),
     (("--temperature", "0"), "--temperature"), (("--temperature", "-1"), "--temperature"),
     (("--max-new-tokens", "0"), "--max-new-tokens"),
+    (("--sample", "--seed", "-1"), "--seed"), (("--sample", "--seed", str(2**64)), "--seed"),
 ])
 def test_sampling_values_refused(args, fragment):
     one_line_error(generate(*args), fragment)
@@ -88,6 +89,8 @@ def test_library_checks_sampling_too():
     for kw in (dict(temperature=0.0), dict(top_k=0), dict(top_p=1.01), dict(top_p=0.0)):
         with pytest.raises(UsageError):
             check_sampling(False, **{"temperature": None, "top_k": None, "top_p": None, **kw})
+    with pytest.raises(UsageError, match="--seed"):
+        check_sampling(False, None, None, None, seed=2**64)
     with pytest.raises(UsageError, match="--greedy contradicts --top-p"):
         check_sampling(True, None, None, 0.5)
     check_sampling(False, 0.5, 3, 1.0)  # valid
