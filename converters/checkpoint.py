@@ -391,8 +391,7 @@ def _config_beside(path: str, fmt: str, st: SafetensorsReader | None) -> tuple[P
 
 
 def load_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | None = None,
-                    dtype: str | None = None, progress: Callable[[int, int, str], None] | None = None
-                    ) -> tuple[PaliGemmaConfig, dict[str, np.ndarray]]:
+                    dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, np.ndarray]]:
     """(config, canonical params) of any supported checkpoint; what both implementations load through."""
     with open_checkpoint(path, config) as ck:
-        return ck.config, ck.load(dtypes.FLOAT_DTYPES[dtype] if dtype else None, progress)
+        return ck.config, ck.load(dtypes.FLOAT_DTYPES[dtype] if dtype else None)
