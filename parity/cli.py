@@ -103,8 +103,8 @@ def progress_bar(enabled: bool, label: str, console=None):
         yield cb
 
 
-_STAGES = {"loading": "loading checkpoint", "building": "building model", "forward": "forward pass",
-           "decoding": "decoding", "writing": "writing output"}
+_STAGES = {"loading": "loading checkpoint", "building": "building model", "hashing": "hashing files",
+           "forward": "forward pass", "decoding": "decoding", "writing": "writing output"}
 _UNITS = {"forward": "blocks", "decoding": "tokens"}
 
 
@@ -120,7 +120,7 @@ def stage_progress(enabled: bool, console=None):
     with Progress(TextColumn("{task.description}", table_column=Column(width=18)), BarColumn(bar_width=20),
                   TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
                   TimeElapsedColumn(), console=console or _console(), transient=True) as p:
-        task = p.add_task("starting", total=None, detail="")
+        task = p.add_task("preparing", total=None, detail="")
 
         def cb(stage, done, total):
             if stage == "loading" and total:

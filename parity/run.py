@@ -35,8 +35,8 @@ LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "flax", "
 DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_SUFFIX = ".safetensors"
 
-# progress(stage, done, total): stage "loading" (bytes), "building", "forward" (blocks), "decoding" (tokens),
-# "writing"; done/total None when unknown.
+# progress(stage, done, total): stage "loading" (bytes), "building", "hashing" (sha256 of the files), "forward"
+# (blocks), "decoding" (tokens), "writing"; done/total None when unknown.
 Progress = Callable[[str, float | None, float | None], None]
 
 
@@ -186,6 +186,8 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
         progress("building", None, None)
     model = api.build_model(cfg, conv, dtype=compute, device=device, params=params)
     del params
+    if progress:
+        progress("hashing", None, None)
     manifest = {
         "config": cfg.to_dict(), "conventions": conv.to_dict(), "impl": impl, "dtype": dtype,
         "compute_dtype": compute, "device": api.device_description(device), "libraries": library_versions(),
