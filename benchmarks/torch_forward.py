@@ -4,15 +4,20 @@
     python benchmarks/torch_forward.py --device cuda   # PaliGemma 2 3B-224 in bf16, random weights made on the GPU
     ... --json                                         # one JSON object instead of the table
 
-Ratios are ours / transformers (time: lower is better; tokens/s: higher is better). On CUDA our decode step runs
-under torch.compile(mode="reduce-overhead") (CUDA graphs), falling back to eager if compiling fails; the path that
-ran is reported.
+Ratios are ours / transformers (time: lower is better; tokens/s: higher is better). The two implementations run
+alternately, pair by pair (the order flipping each pair), so a load that comes and goes on a shared machine hits
+both alike; each ratio is the median of the per-pair ratios with its spread (first and third quartiles), and the
+verdict is "faster" or "slower" only when the whole spread lies on one side of 1.0, "inconclusive" otherwise.
+Decode throughput comes from generate(N) - generate(1) per pair; when noise makes that difference non-positive it is
+reported as unmeasured (null), never as nan. On CUDA our decode step runs under torch.compile(mode="reduce-overhead")
+(CUDA graphs), falling back to eager if compiling fails; the path that ran is reported.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,17 +50,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeat: int) -> float:
-    """Fastest of `repeat` calls after one warm-up call (the minimum resists noise from other processes)."""
+def once(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def paired(ours, theirs, device: str, repeat: int) -> tuple[list[float], list[float]]:
+    """`repeat` timings of each, alternating ours/theirs and flipping the order every pair, after one warm-up."""
+    ours(), theirs()
+    a, b = [], []
+    for i in range(repeat):
+        if i % 2 == 0:
+            a.append(once(ours, device))
+            b.append(once(theirs, device))
+        else:
+            b.append(once(theirs, device))
+            a.append(once(ours, device))
+    return a, b
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Median and quartiles of per-pair ratios; verdict only when the interquartile range excludes 1.0."""
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    verdict = "faster" if q3 < 1.0 else "slower" if q1 > 1.0 else "inconclusive"
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "verdict": verdict, "pairs": len(ratios)}
 
 
 def make_inputs(cfg: PaliGemmaConfig, batch: int, device: str) -> dict[str, torch.Tensor]:
@@ -119,15 +143,17 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
     theirs = build_hf(cfg, dtype, device, params)
     compile_mode = "reduce-overhead" if cuda else None
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "config": cfg.name, "dtype": str(dtype),
-           "prompt_tokens": cfg.num_image_tokens + TEXT_LEN, "new_tokens": new_tokens, "rows": []}
+           "prompt_tokens": cfg.num_image_tokens + TEXT_LEN, "new_tokens": new_tokens, "repeat": repeat,
+           "rows": []}
     with torch.inference_mode():
         for b in batches:
             x = make_inputs(cfg, b, device)
             hx = hf_inputs(cfg, x, dtype)
             row = {"batch": b}
-            row["prefill_ours_s"] = timed(lambda: ours(x["image"], x["text"], x["mask_ar"], x["mask_input"]),
-                                          device, repeat)
-            row["prefill_hf_s"] = timed(lambda: theirs(**hx), device, repeat)
+            fwd = (lambda: ours(x["image"], x["text"], x["mask_ar"], x["mask_input"]), lambda: theirs(**hx))
+            po, ph = paired(*fwd, device, repeat)
+            row["prefill_ours_s"], row["prefill_hf_s"] = statistics.median(po), statistics.median(ph)
+            row["prefill_ratio"] = ratio_summary([a / c for a, c in zip(po, ph)])
             run = lambda n: generate(ours, x["image"], x["text"], x["mask_ar"], x["mask_input"],  # noqa: E731
                                      max_new_tokens=n, eos_id=-1, compile=compile_mode)
             t0 = time.perf_counter()
@@ -137,34 +163,47 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
             row["decode_path"] = first.decode_path
             hf_run = lambda n: theirs.generate(**hx, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                                do_sample=False, pad_token_id=0)
-            times = {}
-            for name, fn in (("ours", run), ("hf", hf_run)):
-                times[name] = {n: timed(lambda: fn(n), device, repeat) for n in (1, new_tokens)}
+            go, gh = paired(lambda: run(new_tokens), lambda: hf_run(new_tokens), device, repeat)
+            o1, h1 = paired(lambda: run(1), lambda: hf_run(1), device, repeat)
             hf_tokens = hf_run(new_tokens)[:, hx["input_ids"].shape[1]:]
             row["tokens_agree"] = bool(torch.equal(first.tokens.cpu(), hf_tokens.cpu())) if not cuda else None
-            row["generate_ours_s"], row["generate_hf_s"] = times["ours"][new_tokens], times["hf"][new_tokens]
-            steps = new_tokens - 1  # decode steps after the prefill token: generate(N) - generate(1)
-            for name in ("ours", "hf"):
-                dt = times[name][new_tokens] - times[name][1]
-                row[f"decode_tok_s_{name}"] = b * steps / dt if dt > 0 else float("nan")  # nan: too noisy
-            row["prefill_ratio"] = row["prefill_ours_s"] / row["prefill_hf_s"]
-            row["generate_ratio"] = row["generate_ours_s"] / row["generate_hf_s"]
-            row["decode_speedup"] = row["decode_tok_s_ours"] / row["decode_tok_s_hf"]
+            row["generate_ours_s"], row["generate_hf_s"] = statistics.median(go), statistics.median(gh)
+            row["generate_ratio"] = ratio_summary([a / c for a, c in zip(go, gh)])
+            steps = b * (new_tokens - 1)  # decoded tokens after the prefill token: generate(N) - generate(1)
+            rates = {}
+            for name, n_runs, one_runs in (("ours", go, o1), ("hf", gh, h1)):
+                dt = statistics.median(n_runs) - statistics.median(one_runs)
+                rates[name] = steps / dt if dt > 0 else None  # None: noise swallowed the decode time
+                row[f"decode_tok_s_{name}"] = rates[name]
+            pair = [(a - a1) / (c - c1) for a, a1, c, c1 in zip(go, o1, gh, h1) if a > a1 and c > c1]
+            row["decode_ratio"] = ratio_summary(pair) if pair else None  # decode time per token, ours / hf
             res["rows"].append(row)
     return res
 
 
+def _ratio(r: dict | None) -> str:
+    if r is None:
+        return "unmeasured"
+    return f"{r['median']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}] {r['verdict']}"
+
+
+def _rate(x: float | None) -> str:
+    return "unmeasured" if x is None else f"{x:.1f}"
+
+
 def table(res: dict) -> str:
     lines = [f"{res['config']} on {res['device']} ({res['dtype']}), prompt {res['prompt_tokens']} tokens, "
-             f"{res['new_tokens']} new tokens",
-             f"{'batch':>5} {'prefill ours':>12} {'prefill hf':>10} {'ratio':>6} {'gen ours':>9} {'gen hf':>8} "
-             f"{'ratio':>6} {'tok/s ours':>10} {'tok/s hf':>9}  decode path"]
+             f"{res['new_tokens']} new tokens; ours / transformers, median [quartiles] of {res['repeat']} "
+             f"alternating pairs"]
     for r in res["rows"]:
-        lines.append(f"{r['batch']:>5} {r['prefill_ours_s'] * 1e3:>10.1f}ms {r['prefill_hf_s'] * 1e3:>8.1f}ms "
-                     f"{r['prefill_ratio']:>6.2f} {r['generate_ours_s']:>8.3f}s {r['generate_hf_s']:>7.3f}s "
-                     f"{r['generate_ratio']:>6.2f} {r['decode_tok_s_ours']:>10.1f} {r['decode_tok_s_hf']:>9.1f}  "
-                     f"{r['decode_path']}" + ("" if r["tokens_agree"] is None else
-                                              f" (tokens agree: {r['tokens_agree']})"))
+        agree = "" if r["tokens_agree"] is None else f"; tokens agree: {r['tokens_agree']}"
+        lines += [f"batch {r['batch']}:",
+                  f"  prefill   {r['prefill_ours_s'] * 1e3:8.1f} ms vs {r['prefill_hf_s'] * 1e3:8.1f} ms  "
+                  f"ratio {_ratio(r['prefill_ratio'])}",
+                  f"  generate  {r['generate_ours_s']:8.3f} s  vs {r['generate_hf_s']:8.3f} s   "
+                  f"ratio {_ratio(r['generate_ratio'])}",
+                  f"  decode    {_rate(r['decode_tok_s_ours'])} vs {_rate(r['decode_tok_s_hf'])} tok/s  "
+                  f"time ratio {_ratio(r['decode_ratio'])}  ({r['decode_path']}{agree})"]
     return "\n".join(lines)
 
 
@@ -172,7 +211,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 on CPU, 64 on CUDA")
-    ap.add_argument("--repeat", type=int, default=None, help="timed repeats, fastest kept (default: 9 on CPU, 5 on CUDA)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="alternating pairs per measurement (default: 9 on CPU, 5 on CUDA)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():

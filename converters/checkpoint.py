@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -196,11 +196,19 @@ class Checkpoint:
             pad = self.pad_rows(e) if mean is None else mean.value(self.dtype(e))
             yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
 
-    def load(self, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
-        """Every canonical tensor in memory (for building a model)."""
+    def load(self, dtype: np.dtype | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> dict[str, np.ndarray]:
+        """Every canonical tensor in memory (for building a model); progress(bytes read, total, key) per chunk."""
         out = {}
+        total = sum(int(np.prod(e.shape)) * self.dtype(e).itemsize for e in self.entries()) if progress else 0
+        done = 0
         for e in self.entries():
-            chunks = [dtypes.cast(c, dtype) for c in self.canonical_chunks(e)]
+            chunks = []
+            for c in self.canonical_chunks(e):
+                chunks.append(dtypes.cast(c, dtype))
+                done += c.nbytes
+                if progress:
+                    progress(done, total, e.key)
             out[e.key] = np.concatenate(chunks).reshape(e.shape) if len(chunks) > 1 else chunks[0].reshape(e.shape)
         self.verify_read()
         return out

@@ -23,7 +23,7 @@ from converters.hf_config import to_hf_config
 from converters.npz_io import NpzWriter
 from parity import spec
 from parity.config import PaliGemmaConfig
-from parity.errors import OutputError, describe
+from parity.errors import OutputError, UsageError, describe
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current key)
 
@@ -143,6 +143,8 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
         max_shard = safetensors_io.parse_size(max_shard_size)
     except ValueError as e:
         raise OutputError(str(e)) from None
+    if max_shard is not None and max_shard <= 0:
+        raise UsageError(f"--max-shard-size must be > 0, got {max_shard_size!r} (omit it for one file)")
     dst = os.path.abspath(dst)
     if os.path.lexists(dst) and not overwrite:  # fail before reading anything
         raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
@@ -191,4 +193,6 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
                             "dtype": dtype if dtype != "keep" else "/".join(src_dtypes)},
             "config": cfg.name, "config_source": ck.config_source,
             "tensors": n, "bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3), "notes": notes,
+            "lossy": any(x.startswith("lossy: ") for x in notes),
+            "lossy_steps": [x[len("lossy: "):] for x in notes if x.startswith("lossy: ")],
         }

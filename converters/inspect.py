@@ -44,6 +44,8 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
             deps.append({"key": None, "expected": "a known variant", "found": "unknown shapes",
                          "what": "config could not be determined; pass --config"})
         n_params = int(sum(np.prod(s) for s in ck.shapes.values()))
+        padding = (cfg.hf_vocab_rows - cfg.text.vocab_size) * cfg.text.width if (
+            cfg is not None and ck.format == "safetensors") else 0
         report = {
             "path": os.path.abspath(path),
             "format": ck.format,
@@ -54,6 +56,8 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
             "tensors": len(rows),
             "parameters": n_params,
             "spec_parameters": spec.param_count(cfg) if cfg is not None else None,
+            # file parameters = spec parameters + HF vocabulary padding rows (safetensors) + departures
+            "vocab_padding_parameters": padding,
             "notes": list(ck.notes) + [VERIFIED if verified else NOT_READ if not verify else
                                        f"--verify is not available for {ck.format} checkpoints: data not read"],
             "data_verified": verified,

@@ -232,6 +232,9 @@ class SafetensorsReader:
         self.close()
 
 
+_WRITE_NAMES = {v: k for k, v in dtypes.ST_ALL_DTYPES.items()}  # checkpoints hold floats; captures also ints
+
+
 def header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
                  ) -> bytes:
     """The header for tensors laid out in the given order, padded to 8 bytes as the reference writer does."""
@@ -239,7 +242,7 @@ def header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: d
     off = 0
     for key, dt, shape in specs:
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        meta[key] = {"dtype": dtypes.ST_NAMES[np.dtype(dt)], "shape": list(shape), "data_offsets": [off, off + n]}
+        meta[key] = {"dtype": _WRITE_NAMES[np.dtype(dt)], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     h = json.dumps(meta, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the shipped tiny PaliGemma 2 checkpoint (bf16 npz, released layout):
 # inspect it, convert it to Hugging Face safetensors and back, and prove the round trip bit-exact.
+# Everything it makes is left in out/demo/ (replaced on each run) for you to open.
 set -euo pipefail
 PARITY=${1:-parity}
 cd "$(dirname "$0")/.."
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+out=out/demo
+rm -rf "$out"
+mkdir -p "$out"
 ckpt=golden/tiny-pg2-gqa.b16.npz
 
 "$PARITY" inspect "$ckpt"
@@ -24,4 +26,6 @@ PY
 # capture every named point, then decode greedily with the KV cache. The tiny weights are random, so the
 # generated text is meaningless: the demo shows the pipeline, the tests prove the numbers.
 "$PARITY" capture "$ckpt" --inputs golden/tiny-inputs.npz --convention big_vision -o "$out/capture.safetensors"
-"$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model
+"$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model \
+  -o "$out/generation.safetensors"
+echo "demo outputs in $out/: hf/ (safetensors), back.b16.npz, capture.safetensors, generation.safetensors"

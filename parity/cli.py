@@ -1,17 +1,23 @@
 """The `parity` command: thin click wrappers over library functions users can import.
 
-Every command takes --json (a machine-readable report on stdout); errors print one line on stderr and exit 2.
+Every command takes --json (a machine-readable report on stdout). Every error is one line on stderr and exit
+status 2 (bad input, bad option, contradicting options); with --json it is also a JSON object on stdout,
+{"error": {"kind", "message", "file", "key"}}. Ctrl-C prints one line and exits with status 130. Long work shows
+progress on stderr when it is a terminal.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import os
 import sys
+import threading
 
 import click
 
 from parity.errors import ParityError
+
+INTERRUPTED = 130
 
 
 def _emit(report: dict, as_json: bool, render) -> None:
@@ -21,36 +27,116 @@ def _emit(report: dict, as_json: bool, render) -> None:
         render(report)
 
 
-def handle_errors(fn):
-    """Map ParityError (bad input, mismatched config, refused output) to one line on stderr and exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
+def _fail(kind: str, message: str, as_json: bool, file=None, key=None) -> None:
+    message = " ".join(str(message).split())  # one line, whatever the message held
+    click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": {"kind": kind, "message": message, "file": file, "key": key}}))
+
+
+class ParityGroup(click.Group):
+    """Maps every failure to one line (and a JSON error object under --json) with a meaningful exit status:
+    2 for bad input and bad options, 130 for Ctrl-C."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
         try:
-            return fn(*a, **k)
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            _fail("UsageError", e.format_message() + hint, as_json)
+            code = 2
+        except click.ClickException as e:
+            _fail(type(e).__name__, e.format_message(), as_json)
+            code = e.exit_code
         except ParityError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-    return wrapper
+            _fail(type(e).__name__, str(e), as_json, e.file, e.key)
+            code = e.exit_code
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            _fail("Interrupted", "interrupted (Ctrl-C); nothing was written", as_json)
+            code = INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def __call__(self, *args, **kwargs):
+        """The console entry point. After Ctrl-C a worker may still sit in one long native operation; leave at
+        once rather than wait for it (its outputs are temporary names, never the destination)."""
+        try:
+            return self.main(*args, **kwargs)
+        except SystemExit as e:
+            if e.code == INTERRUPTED and any(t.name == "parity-run" and t.is_alive() for t in threading.enumerate()):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(INTERRUPTED)
+            raise
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, label: str):
-    """A rich progress bar on stderr (bytes), or nothing; yields a callback (done, total, key)."""
+def progress_bar(enabled: bool, label: str, console=None):
+    """A byte progress bar on stderr that fits the terminal (80 columns and up: the key is cut to fit), or nothing;
+    yields a callback (done, total, key)."""
     if not enabled:
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.console import Console
-    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[key]}"), console=Console(stderr=True), transient=True) as p:
+    from rich.table import Column
+    with Progress(TextColumn(label), BarColumn(bar_width=20), DownloadColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[key]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                        ratio=1)),
+                  console=console or _console(), transient=True) as p:
         task = p.add_task(label, total=None, key="")
 
         def cb(done, total, key):
-            p.update(task, completed=done, total=total, key=key[-60:])
+            p.update(task, completed=done, total=total, key=key)
         yield cb
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_STAGES = {"loading": "loading checkpoint", "building": "building model", "hashing": "hashing files",
+           "forward": "forward pass", "decoding": "decoding", "writing": "writing output"}
+_UNITS = {"forward": "blocks", "decoding": "tokens"}
+
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool, console=None):
+    """Progress of a model run on stderr: loading (bytes), building, forward (blocks), decoding (tokens), writing;
+    yields a parity.run.Progress callback, or None."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+    with Progress(TextColumn("{task.description}", table_column=Column(width=18)), BarColumn(bar_width=20),
+                  TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                  TimeElapsedColumn(), console=console or _console(), transient=True) as p:
+        task = p.add_task("preparing", total=None, detail="")
+
+        def cb(stage, done, total):
+            if stage == "loading" and total:
+                detail = f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB"
+            elif done is not None:
+                detail = f"{done}/{total if total is not None else '?'} {_UNITS.get(stage, '')}".strip()
+            else:
+                detail = ""
+            p.update(task, description=_STAGES.get(stage, stage), completed=done or 0, total=total, detail=detail)
+        yield cb
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+
+
+@click.group(cls=ParityGroup, context_settings=CONTEXT)
 @click.version_option(package_name="paligemma-parity")
 def main():
     """paligemma-parity: prove a PaliGemma checkpoint means the same in every framework, format and device."""
@@ -60,23 +146,25 @@ def main():
 @click.argument("src", type=click.Path())
 @click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Output .npz file or safetensors directory.")
 @click.option("--to", "to", required=True, type=click.Choice(["npz", "safetensors"]))
-@click.option("--config", default=None, help="Variant name or path of a config.json (default: sidecar/config.json, "
-                                             "else detected from the shapes).")
-@click.option("--dtype", default="keep", type=click.Choice(["keep", "float32", "bfloat16", "float16"]))
-@click.option("--max-shard-size", default=None, help="Shard safetensors output, e.g. 2GB.")
+@click.option("--config", default=None, help="Variant name or path of a config.json  [default: the npz sidecar / "
+                                             "the directory's config.json, else detected from the shapes]")
+@click.option("--dtype", default="keep", type=click.Choice(["keep", "float32", "bfloat16", "float16"]),
+              help="Cast while converting (narrowing is reported as lossy).")
+@click.option("--max-shard-size", default=None, help="Shard safetensors output, e.g. 2GB, 500MB, 5GiB (> 0)  "
+                                                     "[default: one file]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-@handle_errors
 def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
     """Convert SRC (npz or safetensors; detected) to --to format at -o, streaming tensor by tensor."""
     from converters.convert import convert as run
-    with progress_bar(not as_json and sys.stderr.isatty(), "converting") as cb:
+    with progress_bar(not as_json and _show_progress(), "converting") as cb:
         report = run(src, dst, to, config=config, dtype=dtype, max_shard_size=max_shard_size,
                      overwrite=overwrite, progress=cb)
 
     def render(r):
         click.echo(f"{r['source']['format']} -> {r['destination']['format']}: {r['tensors']} tensors, "
-                   f"{r['bytes'] / 1e6:.1f} MB, config {r['config']} ({r['config_source']}), {r['seconds']} s")
+                   f"{r['bytes'] / 1e6:.1f} MB, config {r['config']} ({r['config_source']}), {r['seconds']} s, "
+                   f"{'lossy' if r.get('lossy') else 'lossless'}")
         for f in r["destination"]["files"]:
             click.echo(f"  wrote {f}")
         for n in r["notes"]:
@@ -86,11 +174,12 @@ def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
 
 @main.command()
 @click.argument("path", type=click.Path())
-@click.option("--config", default=None, help="Variant name or config.json to check against.")
+@click.option("--config", default=None, help="Variant name or config.json to check against  [default: found "
+                                             "beside the file, else detected]")
 @click.option("--verify", is_flag=True, help="Read every byte: CRC-32 of npz members, every value finite.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def inspect(path, config, verify, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@click.pass_context
+def inspect(ctx, path, config, verify, as_json):
     """Format, config, dtypes, parameter count, tensors, and every departure from the spec (exit 1 if any)."""
     from converters.inspect import inspect as run
     with progress_bar(verify and not as_json and sys.stderr.isatty(), "verifying") as cb:
@@ -101,9 +190,11 @@ def inspect(path, config, verify, as_json):
         from rich.table import Table
         con = Console()
         spec_n = f"{r['spec_parameters']:,}" if r["spec_parameters"] is not None else "unknown"
+        pad = r.get("vocab_padding_parameters") or 0
+        pad_n = f" + {pad:,} vocabulary padding" if pad else ""
         con.print(f"[bold]{r['path']}[/bold]: {r['format']}, config [bold]{r['config']}[/bold] "
                   f"({r['config_source']}), dtypes {', '.join(r['dtypes'])}, {r['tensors']} tensors, "
-                  f"{r['parameters']:,} parameters (spec: {spec_n})")
+                  f"{r['parameters']:,} parameters (spec: {spec_n}{pad_n})")
         t = Table("key", "shape", "dtype", "status")
         for row in r["tensors_table"]:
             t.add_row(row["key"], str(row["shape"]), row["dtype"], row["status"])
@@ -114,7 +205,7 @@ def inspect(path, config, verify, as_json):
             con.print(f"[red]departure[/red]: {d['key']}: {d['what']} (expected {d['expected']}, found {d['found']})")
         con.print("conforms to the spec" if r["conforms"] else f"{len(r['departures'])} departures from the spec")
     _emit(report, as_json, render)
-    sys.exit(0 if report["conforms"] else 1)
+    ctx.exit(0 if report["conforms"] else 1)
 
 
 @main.command("inputs")
@@ -128,9 +219,8 @@ def inspect(path, config, verify, as_json):
 @click.option("--resample", default="bilinear", type=click.Choice(["bilinear", "bicubic"]),
               help="bilinear ~ big_vision; bicubic = transformers' SiglipImageProcessor.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Inputs file (.npz or .safetensors).")
-@click.option("--overwrite", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 def make_inputs(images, prefixes, suffixes, tokenizer, config, resample, output, overwrite, as_json):
     """Build an inputs file from IMAGES and prompts: <bos> prefix \\n [suffix <eos>], right-padded."""
     from converters.checkpoint import resolve_config
@@ -148,74 +238,139 @@ def make_inputs(images, prefixes, suffixes, tokenizer, config, resample, output,
                          tokenizer=Tokenizer(tokenizer), config=resolve_config(config), resample=resample)
     path = save_inputs(output, batch, overwrite=overwrite)
     report = {"output": str(path), **{k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in batch.items()},
-              "text": batch["text"].tolist()}
+              "tokens": batch["text"].tolist()}
     _emit(report, as_json, lambda r: click.echo(f"wrote {r['output']}: " + ", ".join(
         f"{k} {batch[k].dtype}{list(batch[k].shape)}" for k in batch)))
 
 
+@main.command("points")
+@click.argument("ckpt")
+@click.option("--config", default=None, help="Variant name or config.json  [default: found beside CKPT, else "
+                                             "detected]")
+@click.option("--inputs", default=None, type=click.Path(), help="Inputs file: concrete batch and text length "
+                                                                "[default: shapes in letters B, L]")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Cache length of the generation points  [default: the letter N]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+def list_points(ckpt, config, inputs, max_new_tokens, as_json):
+    """Every capture point of CKPT's config (a checkpoint, or a variant name) with its shape."""
+    from parity.run import list_points as run
+    report = run(ckpt, config=config, inputs=inputs, max_new_tokens=max_new_tokens)
+
+    def render(r):
+        click.echo(f"{len(r['points'])} points of {r['config']} (B batch, L text length, N new tokens):")
+        width = max(len(p["name"]) for p in r["points"])
+        for p in r["points"]:
+            shape = "[" + ", ".join(map(str, p["shape"])) + "]"
+            click.echo(f"  {p['name']:<{width}}  {shape:<24} {p['when']}")
+    _emit(report, as_json, render)
+
+
 def _model_options(fn):
     """Options shared by the commands that run a model."""
+    from parity.run import DTYPES, IMPLS
     for opt in reversed([
-        click.option("--impl", default="torch", type=click.Choice(["torch"]), help="Implementation to run."),
+        click.option("--impl", default="torch", type=click.Choice(list(IMPLS)), help="Implementation to run."),
         click.option("--inputs", "inputs", required=True, type=click.Path(),
                      help="Inputs file (.npz/.safetensors): image, text, mask_ar[, mask_input]."),
         click.option("--convention", default="big_vision", type=click.Choice(["big_vision", "transformers"]),
                      help="Conventions preset (recorded in the output)."),
-        click.option("--config", default=None, help="Variant name or config.json (default: detected)."),
-        click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"])),
-        click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+        click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+                     help="Change one convention on top of the preset, e.g. --set position_origin=1 (repeatable; "
+                          "names: position_origin, final_softcap, sliding_window, attn_softcap, normalizer_dtype)."),
+        click.option("--config", default=None, help="Variant name or config.json  [default: found beside CKPT, "
+                                                    "else detected]"),
+        click.option("--dtype", default="float32", type=click.Choice(list(DTYPES)),
+                     help="Parameter dtype (values rounded to it) and, unless --compute-dtype, compute dtype."),
+        click.option("--compute-dtype", default=None, type=click.Choice(list(DTYPES)),
+                     help="Compute in this dtype with the --dtype parameter values (e.g. bf16 weights computed "
+                          "in float32 on a CPU without fast bf16)  [default: --dtype]"),
+        click.option("--device", default="cpu", help="Device of the implementation (torch: cpu, cuda, cuda:N)."),
     ]):
         fn = opt(fn)
     return fn
 
 
+def _warnings(bucket: list[str]):
+    def warn(msg: str) -> None:
+        bucket.append(msg)
+        click.echo(f"warning: {msg}", err=True)
+    return warn
+
+
+def _conventions_line(convention: str, settings) -> str:
+    return f"convention {convention}" + (f" with {', '.join(settings)}" if settings else "")
+
+
 @main.command()
 @click.argument("ckpt", type=click.Path())
 @_model_options
-@click.option("--points", default=None, help="Comma-separated globs of capture points (default: all), e.g. "
-                                             "'img/block0*/*,llm/layer*/out'. `logits` is always captured.")
+@click.option("--points", default=None, help="Comma-separated globs of capture points, e.g. "
+                                             "'img/block0*/*,llm/layer*/out'; each must match (`parity points "
+                                             "CKPT` lists them). `logits` is always captured  [default: all]")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Capture file (.safetensors).")
-@click.option("--overwrite", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def capture(ckpt, impl, inputs, convention, config, dtype, device, points, output, overwrite, as_json):
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (the manifest).")
+def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, points, output,
+            overwrite, as_json):
     """Run a forward pass of CKPT on --inputs and save the named capture points with a manifest."""
-    from parity.run import capture as run
-    m = run(ckpt, inputs, output, impl=impl, convention=convention, dtype=dtype, device=device, points=points,
-            config=config, overwrite=overwrite)
+    from parity.run import capture as run, interruptible
+    warnings: list[str] = []
+    with stage_progress(_show_progress()) as progress:
+        m = interruptible(run, ckpt, inputs, output, impl=impl, convention=convention, dtype=dtype, device=device,
+                          points=points, config=config, overwrite=overwrite, settings=settings,
+                          compute_dtype=compute_dtype, progress=progress, warn=_warnings(warnings))
+    m["warnings"] = warnings
 
     def render(r):
-        click.echo(f"captured {len(r['points'])} points with {r['impl']} ({r['dtype']}, {r['device']}, "
-                   f"convention {convention}) in {r['seconds']} s -> {r['output']}")
+        click.echo(f"captured {len(r['points'])} points with {r['impl']} ({r['dtype']}"
+                   f"{'' if r['compute_dtype'] == r['dtype'] else ', computed in ' + r['compute_dtype']}, "
+                   f"{r['device']}, {_conventions_line(convention, settings)}) -> {r['output']}")
+        click.echo(f"  load {r['load_seconds']} s, forward {r['run_seconds']} s, total {r['seconds']} s")
     _emit(m, as_json, render)
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path())
 @_model_options
-@click.option("--max-new-tokens", required=True, type=int)
-@click.option("--greedy/--sample", default=True, help="Greedy (default) or sampling.")
-@click.option("--temperature", default=1.0, type=float)
-@click.option("--top-k", default=None, type=int)
-@click.option("--top-p", default=None, type=float)
-@click.option("--seed", default=0, type=int)
+@click.option("--max-new-tokens", required=True, type=click.IntRange(min=1), help="Tokens to generate per row.")
+@click.option("--greedy/--sample", default=None, help="Greedy decoding, or sampling; --temperature, --top-k and "
+                                                      "--top-p imply --sample  [default: greedy]")
+@click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
+              show_default=False, help="Sampling temperature (> 0)  [default: 1.0 when sampling]")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), show_default=False,
+              help="Sample among the K most likely tokens  [default: off]")
+@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True), show_default=False,
+              help="Sample among the smallest set of tokens with probability mass >= P  [default: off]")
+@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), help="Sampling seed.")
 @click.option("--tokenizer", default=None, type=click.Path(), help="SentencePiece model, to print text too.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def generate(ckpt, impl, inputs, convention, config, dtype, device, max_new_tokens, greedy, temperature, top_k,
-             top_p, seed, tokenizer, as_json):
+@click.option("-o", "--output", default=None, type=click.Path(),
+              help="Also save tokens and step logits with the manifest (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (rows and manifest).")
+def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, max_new_tokens, greedy,
+             temperature, top_k, top_p, seed, tokenizer, output, overwrite, as_json):
     """Generate up to --max-new-tokens per row (prefill, then KV-cache decoding); stops at <eos>."""
-    from parity.run import generate as run
-    sampled = temperature != 1.0 or top_k is not None or top_p is not None
-    r = run(ckpt, inputs, max_new_tokens, impl=impl, convention=convention, dtype=dtype, device=device,
-            greedy=greedy and not sampled, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            tokenizer=tokenizer, config=config)
+    from parity.run import generate as run, interruptible
+    if greedy is None:
+        greedy = temperature is None and top_k is None and top_p is None
+    warnings: list[str] = []
+    with stage_progress(_show_progress()) as progress:
+        r = interruptible(run, ckpt, inputs, max_new_tokens, impl=impl, convention=convention, dtype=dtype,
+                          device=device, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, tokenizer=tokenizer, config=config, output=output, overwrite=overwrite,
+                          settings=settings, compute_dtype=compute_dtype, progress=progress,
+                          warn=_warnings(warnings))
+    r["manifest"]["warnings"] = warnings
 
     def render(r):
         for row in r["rows"]:
             click.echo(f"row {row['row']}: {row['tokens']}" + (f"  {row['text']!r}" if "text" in row else ""))
         m = r["manifest"]
-        click.echo(f"({m['impl']}, {m['dtype']}, {m['device']}, convention {convention}, {m['seconds']} s)")
+        click.echo(f"({m['impl']}, {m['dtype']}, {m['device']}, {_conventions_line(convention, settings)}; "
+                   f"load {m['load_seconds']} s, generate {m['run_seconds']} s)")
+        if "output" in m:
+            click.echo(f"wrote {m['output']}")
     _emit(r, as_json, render)
 
 

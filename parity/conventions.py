@@ -62,3 +62,28 @@ def get_conventions(name: str) -> Conventions:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown convention preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def with_settings(base: Conventions, settings: list[str] | tuple[str, ...]) -> Conventions:
+    """`base` with each "name=value" applied in order (the CLI's repeatable `--set`); ValueError naming the field,
+    the value and what is allowed when one is unknown or out of range."""
+    fields = {f.name: f for f in dataclasses.fields(Conventions)}
+    changes: dict[str, Any] = {}
+    for item in settings:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            value: Any = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
+                raw.lower(), raw)
+        elif isinstance(default, int):
+            value = int(raw) if raw.lstrip("-").isdigit() else raw
+        else:
+            value = raw
+        changes[name] = value
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None

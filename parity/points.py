@@ -10,9 +10,12 @@ same tensor in PyTorch and in JAX. Shapes (B batch, T image tokens, S = T + text
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import re
 
 from parity.config import PaliGemmaConfig
+from parity.errors import ConfigError
 
 IMG_PATCH_EMBED = "img/patch_embed"
 IMG_POS_EMBED = "img/with_posemb"
@@ -71,11 +74,57 @@ def cache_points(config: PaliGemmaConfig) -> list[str]:
     return [p for i in range(config.text.depth) for p in (llm_k_cache(i), llm_v_cache(i))]
 
 
+def shapes(config: PaliGemmaConfig, batch: int | str = "B", text_len: int | str = "L",
+           new_tokens: int | str = "N") -> dict[str, tuple[int | str, ...]]:
+    """Every point (forward points, then the generation-only cache points) with its shape; an axis is a number, or
+    a letter/sum when not given (B batch, L text length, N new tokens)."""
+    t, v, d = config.num_image_tokens, config.vision.width, config.text.width
+    s = t + text_len if isinstance(text_len, int) else f"{t}+{text_len}"
+    cache = (t + text_len + new_tokens if isinstance(text_len, int) and isinstance(new_tokens, int)
+             else f"{s}+{new_tokens}")
+    out: dict[str, tuple[int | str, ...]] = {}
+    for name in forward_points(config):
+        if name == LOGITS:
+            out[name] = (batch, s, config.text.vocab_size)
+        elif name.startswith("img/") and name != PROJECTOR:
+            out[name] = (batch, t, v)
+        elif name == PROJECTOR:
+            out[name] = (batch, t, d)
+        else:
+            out[name] = (batch, s, d)
+    for name in cache_points(config):
+        out[name] = (batch, cache, config.text.num_kv_heads, config.text.head_dim)
+    return out
+
+
+def _padded(name: str) -> str:
+    """Layer/block numbers written with two digits, as the point names have them (llm/layer1 -> llm/layer01)."""
+    return re.sub(r"(?<=layer|block)(\d)(?!\d)", r"0\1", name)
+
+
+def suggest(pattern: str, points: list[str]) -> list[str]:
+    """Names a pattern that matches nothing probably meant (a near miss: llm/layer1/out -> llm/layer01/out)."""
+    fixed = _padded(pattern)
+    hits = [p for p in points if fnmatch.fnmatchcase(p, fixed)]
+    if hits:
+        return [fixed] if fixed != pattern and any(c in fixed for c in "*?[") else hits[:3]
+    return difflib.get_close_matches(pattern, points, n=3, cutoff=0.75)
+
+
 def select(points: list[str], patterns: str | list[str] | None) -> list[str]:
-    """Points matching any glob (comma-separated string or list); None selects all. `logits` is always kept."""
+    """Points matching any glob (comma-separated string or list), in model order; None selects all. `logits` is
+    always kept. A pattern that matches nothing is an error (ConfigError, with the near misses it resembles)."""
     if patterns is None:
         return list(points)
     pats = [p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip()]
+    if not pats:
+        raise ConfigError(f"--points {patterns!r} names no pattern (e.g. 'llm/layer0*/attn', 'img/*'; "
+                          f"`parity points CKPT` lists them)")
+    for g in pats:
+        if not any(fnmatch.fnmatchcase(p, g) for p in points):
+            near = suggest(g, points)
+            hint = f"did you mean {' or '.join(near)}?" if near else "`parity points CKPT` lists them"
+            raise ConfigError(f"--points pattern {g!r} matches no capture point; {hint}", key=g)
     chosen = [p for p in points if any(fnmatch.fnmatchcase(p, g) for g in pats)]
     if LOGITS in points and LOGITS not in chosen:
         chosen.append(LOGITS)

@@ -43,7 +43,7 @@ def test_capture_refuses_existing_output_and_empty_selection(tmp_path):
     r = invoke("capture", CKPT, "--inputs", INPUTS, "-o", out)
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     r = invoke("capture", CKPT, "--inputs", INPUTS, "-o", tmp_path / "b.safetensors", "--points", "nothing/*")
-    assert r.exit_code == 2 and "selects no capture point" in r.stderr
+    assert r.exit_code == 2 and "matches no capture point" in r.stderr
     assert not os.path.exists(tmp_path / "b.safetensors")
 
 

@@ -5,6 +5,9 @@ inputs: image float32[B, H, W, 3] in [-1, 1]; text int32[B, L]; mask_ar int32[B,
 """
 from __future__ import annotations
 
+import platform
+import re
+import time
 from typing import Any
 
 import numpy as np
@@ -13,12 +16,73 @@ import torch
 from parity import points as pts
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
+from parity.errors import ConfigError
 from parity.inputs import validate_inputs
 from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = "cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str) -> str:
+    """The canonical torch device string ("cpu", "cuda:N") for `device`, or ConfigError saying why it cannot run."""
+    name = device.strip().lower()
+    if name == "cpu":
+        return "cpu"
+    m = re.fullmatch(r"(cuda|gpu)(?::(\d+))?", name)
+    if m is None:
+        raise ConfigError(f"--device {device!r}: unknown device for --impl torch (expected {DEVICES})")
+    if m.group(1) == "gpu":
+        suggestion = "cuda" + (f":{m.group(2)}" if m.group(2) else "")
+        raise ConfigError(f"--device {device!r}: torch calls GPUs cuda; use --device {suggestion}")
+    if not torch.backends.cuda.is_built():
+        raise ConfigError(f"--device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
+                          f"use --device cpu or install a CUDA build of torch")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError(f"--device {device!r}: no CUDA device is visible (torch {torch.__version__}, "
+                          f"CUDA {torch.version.cuda}); use --device cpu")
+    index = int(m.group(2) or 0)
+    if index >= count:
+        raise ConfigError(f"--device {device!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    return f"cuda:{index}"
+
+
+def device_description(device: str) -> str:
+    """For the manifest: "cuda:0 (NVIDIA H200)", "cpu (x86_64)"."""
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def matmul_gflops(dtype: str, device: str = "cpu", n: int = 64, k: int = 256, seconds: float = 0.02) -> float:
+    """Measured GFLOP/s of an [n, k] @ [k, k] matmul in `dtype` on `device` (a few ms; at least two calls)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, k, generator=g).to(device=device, dtype=DTYPES[dtype])
+    b = torch.randn(k, k, generator=g).to(device=device, dtype=DTYPES[dtype])
+    a @ b  # warm-up
+    calls, t0 = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - t0 < seconds:
+        a @ b
+        calls += 1
+    return 2 * n * k * k * calls / (time.perf_counter() - t0) / 1e9
+
+
+def speed_warning(dtype: str, device: str, threshold: float = 4.0) -> str | None:
+    """One line when matmuls in `dtype` on this device are measured `threshold`x slower than float32 (bfloat16 and
+    float16 on CPUs without native units run ~500x slower), naming the alternative; None otherwise."""
+    device = resolve_device(device)
+    if dtype == "float32" or not device.startswith("cpu"):
+        return None
+    slow, fast = matmul_gflops(dtype, device), matmul_gflops("float32", device)
+    if fast < threshold * slow:
+        return None
+    return (f"{dtype} matmuls on this CPU run {fast / slow:.0f}x slower than float32 (measured {slow:.2g} vs "
+            f"{fast:.3g} GFLOP/s); --compute-dtype float32 keeps the {dtype} parameter values and computes in "
+            f"float32")
 
 
 def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
@@ -30,7 +94,7 @@ def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])  # allocate in the target dtype on the target device: no f32 detour
     try:
-        with torch.device(device):
+        with torch.device(resolve_device(device)):
             model = PaliGemma(config, conventions)
     finally:
         torch.set_default_dtype(previous)

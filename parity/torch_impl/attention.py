@@ -13,24 +13,40 @@ from parity.config import TextConfig
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap), in the op order of every reference."""
-    return torch.tanh(x / cap) * cap
+    """cap * tanh(x / cap), in the op order of every reference. Without autograd the tanh and the product work in
+    place on the quotient: one buffer instead of three (these are the largest activations, [B, S, V] logits)."""
+    y = x / cap
+    if y.requires_grad:
+        return torch.tanh(y) * cap
+    return y.tanh_().mul_(cap)
 
 
 # -- RoPE ----------------------------------------------------------------------------------------------------------
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Half-split rotary embedding. x: float[B, T, N, H]; positions: int[B, T].
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]: computed once per forward and shared by
+    every layer (they all rotate by the same angles).
 
     Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula;
     big_vision divides by the timescale instead, which differs in the last ulp of a few angles).
     """
-    h = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, h, 2, device=x.device, dtype=torch.float32) / h))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                               / head_dim))
     freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary embedding of x float[B, T, N, H] by angles from `rope_angles`."""
+    h = x.shape[-1]
     x1, x2 = x[..., : h // 2], x[..., h // 2:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Half-split rotary embedding. x: float[B, T, N, H]; positions: int[B, T]."""
+    return apply_rope(x, *rope_angles(positions, x.shape[-1], base, x.dtype))
 
 
 def positions_from_mask(input_mask: torch.Tensor, origin: int) -> torch.Tensor:
@@ -117,15 +133,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *, attn_softcap: bool,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                write_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S].
+                write_index: torch.Tensor | None = None,
+                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S]; angles: `rope_angles` of
+        the positions when the caller computed them already.
 
         Without a cache S = T. With `cache` (k, v float[B, S_cache, K, H]) the new k, v are written at
         `write_index` (int64[T], shared by the batch) and the query attends to the whole cache."""
         c = self.cfg
         q, k, v = self.project(x)
-        q = rope(q, positions, c.rope_base) * c.query_scale_value
-        k = rope(k, positions, c.rope_base)
+        cos, sin = angles if angles is not None else rope_angles(positions, c.head_dim, c.rope_base, x.dtype)
+        q = apply_rope(q, cos, sin) * c.query_scale_value
+        k = apply_rope(k, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache
             k_cache.index_copy_(1, write_index, k.to(k_cache.dtype))

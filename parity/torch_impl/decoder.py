@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity import points
+from parity import monitor, points
 from parity.config import TextConfig
-from parity.torch_impl.attention import Attention, _param, softcap
+from parity.torch_impl.attention import Attention, _param, rope_angles, softcap
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +64,9 @@ class FeedForward(nn.Module):
         d, f = self.linear.shape[1], self.linear.shape[0]
         gu = x @ self.gating_einsum.permute(1, 0, 2).reshape(d, 2 * f)  # "BTD,CDF->BTCF" (C = 2), free view
         gate, up = gu[..., :f], gu[..., f:]
-        return (F.gelu(gate, approximate="tanh") * up) @ self.linear  # "BTF,FD->BTD"
+        h = F.gelu(gate, approximate="tanh")
+        h = h * up if h.requires_grad else h.mul_(up)  # without autograd, gelu's buffer takes the product
+        return h @ self.linear  # "BTF,FD->BTD"
 
 
 class Block(nn.Module):
@@ -83,11 +85,12 @@ class Block(nn.Module):
             self.post_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.gemma2 = cfg.gemma2
 
-    def forward(self, x, positions, mask, *, attn_softcap, capture, out, cache=None, write_index=None):
-        """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers)."""
+    def forward(self, x, positions, mask, *, attn_softcap, capture, out, cache=None, write_index=None, angles=None):
+        """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers); angles: RoPE (cos, sin) of
+        `positions` if already computed."""
         # Attention.
         a = self.attn(self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache,
-                      write_index=write_index)
+                      write_index=write_index, angles=angles)
         if self.gemma2:
             a = self.post_attention_norm(a)
         if (name := points.llm_block_attn(self.index)) in capture:
@@ -117,10 +120,13 @@ class Gemma(nn.Module):
 
     def forward(self, x, positions, masks, *, attn_softcap, capture, out, caches=None, write_index=None):
         """x float[B, T, D] -> final-normed float[B, T, D]. masks: {"global": bool[B,T,S], "local": ... or None}."""
+        angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)  # shared by all layers
         for i, block in enumerate(self.layers):
             mask = masks["local"] if block.local and masks.get("local") is not None else masks["global"]
             x = block(x, positions, mask, attn_softcap=attn_softcap, capture=capture, out=out,
-                      cache=None if caches is None else caches[i], write_index=write_index)
+                      cache=None if caches is None else caches[i], write_index=write_index, angles=angles)
+            if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
+                monitor.tick("block")
         x = self.final_norm(x)
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x

@@ -14,7 +14,7 @@ from typing import Callable, Collection
 import torch
 from torch import nn
 
-from parity import points
+from parity import monitor, points
 from parity.torch_impl.attention import sliding_window_mask
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
         nxt = sample(logits, greedy, temperature, top_k, top_p, gen)
         tokens[:, t] = torch.where(done, 0, nxt)
         done |= nxt == eos_id
+        monitor.tick("token")
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         args = (model, nxt[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity import points
+from parity import monitor, points
 from parity.config import VisionConfig
 from parity.torch_impl.attention import _param
 
@@ -97,6 +97,7 @@ class Transformer(nn.Module):
     def forward(self, x, capture, out):
         for block in self.encoderblock:
             x = block(x, capture, out)
+            monitor.tick("block")
         return self.encoder_norm(x)
 
 
