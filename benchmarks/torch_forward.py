@@ -15,7 +15,6 @@ reported as unmeasured (null), never as nan. On CUDA our decode step runs under 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys

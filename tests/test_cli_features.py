@@ -91,7 +91,7 @@ def test_set_changes_the_numbers(tmp_path):
 @pytest.mark.parametrize("cmd, defaults", [
     ("capture", ["[default: torch]", "[default: big_vision]", "[default: float32]", "[default: cpu]",
                  "[default: all]", "[default: --dtype]"]),
-    ("generate", ["[default: 1.0 when sampling]", "[default: 0]", "[default: greedy]", "[default: cpu]",
+    ("generate", ["[default: 1.0 when sampling]", "[default: 0;", "[default: greedy]", "[default: cpu]",
                   "[default: off]"]),
     ("convert", ["[default: keep]", "[default: one file]"]),
 ])
