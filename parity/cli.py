@@ -154,14 +154,18 @@ def make_inputs(images, prefixes, suffixes, tokenizer, config, resample, output,
 def _model_options(fn):
     """Options shared by the commands that run a model."""
     for opt in reversed([
-        click.option("--impl", default="torch", type=click.Choice(["torch"]), help="Implementation to run."),
+        click.option("--impl", default="torch", type=click.Choice(["torch", "jax"]), help="Implementation to run."),
         click.option("--inputs", "inputs", required=True, type=click.Path(),
                      help="Inputs file (.npz/.safetensors): image, text, mask_ar[, mask_input]."),
         click.option("--convention", default="big_vision", type=click.Choice(["big_vision", "transformers"]),
                      help="Conventions preset (recorded in the output)."),
         click.option("--config", default=None, help="Variant name or config.json (default: detected)."),
         click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"])),
-        click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+        click.option("--device", default="cpu", help="cpu, cuda or cuda:N (torch); cpu, gpu or tpu[:N] (jax)."),
+        click.option("--precision", default="highest", type=click.Choice(["highest", "high", "default"]),
+                     help="float32 matmul precision (recorded in the manifest)."),
+        click.option("--mesh", default=None, help="jax: shard over a device mesh, e.g. data=2,model=4 (params "
+                                                  "fsdp/tensor-parallel, activations along data)."),
     ]):
         fn = opt(fn)
     return fn
@@ -176,11 +180,12 @@ def _model_options(fn):
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def capture(ckpt, impl, inputs, convention, config, dtype, device, points, output, overwrite, as_json):
+def capture(ckpt, impl, inputs, convention, config, dtype, device, precision, mesh, points, output, overwrite,
+            as_json):
     """Run a forward pass of CKPT on --inputs and save the named capture points with a manifest."""
     from parity.run import capture as run
     m = run(ckpt, inputs, output, impl=impl, convention=convention, dtype=dtype, device=device, points=points,
-            config=config, overwrite=overwrite)
+            config=config, overwrite=overwrite, precision=precision, mesh=mesh)
 
     def render(r):
         click.echo(f"captured {len(r['points'])} points with {r['impl']} ({r['dtype']}, {r['device']}, "
@@ -198,16 +203,17 @@ def capture(ckpt, impl, inputs, convention, config, dtype, device, points, outpu
 @click.option("--top-p", default=None, type=float)
 @click.option("--seed", default=0, type=int)
 @click.option("--tokenizer", default=None, type=click.Path(), help="SentencePiece model, to print text too.")
+@click.option("--ignore-eos", is_flag=True, help="Decode exactly --max-new-tokens per row, through <eos>.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def generate(ckpt, impl, inputs, convention, config, dtype, device, max_new_tokens, greedy, temperature, top_k,
-             top_p, seed, tokenizer, as_json):
+def generate(ckpt, impl, inputs, convention, config, dtype, device, precision, mesh, max_new_tokens, greedy,
+             temperature, top_k, top_p, seed, tokenizer, ignore_eos, as_json):
     """Generate up to --max-new-tokens per row (prefill, then KV-cache decoding); stops at <eos>."""
     from parity.run import generate as run
     sampled = temperature != 1.0 or top_k is not None or top_p is not None
     r = run(ckpt, inputs, max_new_tokens, impl=impl, convention=convention, dtype=dtype, device=device,
             greedy=greedy and not sampled, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            tokenizer=tokenizer, config=config)
+            tokenizer=tokenizer, config=config, precision=precision, mesh=mesh, ignore_eos=ignore_eos)
 
     def render(r):
         for row in r["rows"]:

@@ -25,8 +25,8 @@ from parity.conventions import Conventions, get_conventions
 from parity.errors import ConfigError, OutputError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
-IMPLS = {"torch": "parity.torch_impl.api"}
-LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "flax", "transformers", "safetensors")
+IMPLS = {"torch": "parity.torch_impl.api", "jax": "parity.jax_impl.api"}
+LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers", "safetensors")
 
 
 def file_sha256(path: str) -> str:
@@ -75,18 +75,27 @@ def _device_name(device: str) -> str:
     return f"{device} ({platform.processor() or platform.machine()})"
 
 
+def _jax_manifest(model) -> dict[str, Any]:
+    """What a jax run adds to the manifest: backend, device kind, mesh."""
+    return {"backend": model.backend, "device_kind": model.device_kind, "mesh": model.mesh_spec}
+
+
 def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Conventions, dtype: str, device: str,
-            config: PaliGemmaConfig | str | None = None):
+            config: PaliGemmaConfig | str | None = None, precision: str = "highest", mesh: str | None = None):
     """Load checkpoint and inputs (validated against the config) and build the model."""
     conv = _conventions(convention)
     api = _impl(impl)
     ckpt = hub.resolve(ckpt)
     cfg, params = load_checkpoint(ckpt, config)
     inputs = load_inputs(inputs_path, cfg)
-    model = api.build_model(cfg, conv, dtype=dtype, device=device, params=params)
+    if mesh and impl != "jax":
+        raise ConfigError(f"--mesh is an option of --impl jax (got --impl {impl})")
+    model = api.build_model(cfg, conv, dtype=dtype, device=device, params=params, precision=precision,
+                            **({"mesh": mesh} if mesh else {}))
     manifest = {
         "config": cfg.to_dict(), "conventions": conv.to_dict(), "impl": impl, "dtype": dtype,
-        "device": _device_name(device), "libraries": library_versions(),
+        "device": api.device_description(device) if impl == "jax" else _device_name(device),
+        "precision": precision, **(_jax_manifest(model) if impl == "jax" else {}), "libraries": library_versions(),
         "checkpoint": {"path": os.path.abspath(ckpt), "sha256": file_sha256(ckpt)},
         "inputs": {"path": os.path.abspath(inputs_path), "sha256": inputs_sha256(inputs),
                    "file_sha256": file_sha256(inputs_path),
@@ -98,13 +107,15 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
 
 def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention: str | Conventions = "big_vision",
             dtype: str = "float32", device: str = "cpu", points: str | list[str] | None = None,
-            config: PaliGemmaConfig | str | None = None, overwrite: bool = False) -> dict[str, Any]:
+            config: PaliGemmaConfig | str | None = None, overwrite: bool = False, precision: str = "highest",
+            mesh: str | None = None) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
     metadata holds the manifest under "parity_manifest". Returns the manifest."""
     output = os.path.abspath(output)
     if os.path.lexists(output) and not overwrite:
         raise OutputError(describe(output, what="output exists; pass --overwrite to replace it"))
-    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config)
+    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config, precision,
+                                               mesh)
     wanted = pts.select(pts.forward_points(cfg), points)
     if not wanted or (wanted == [pts.LOGITS] and points not in (None, "logits")):
         raise ConfigError(f"--points {points!r} selects no capture point except logits "
@@ -135,14 +146,16 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
              convention: str | Conventions = "big_vision", dtype: str = "float32", device: str = "cpu",
              greedy: bool = True, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, tokenizer: str | None = None, config: PaliGemmaConfig | str | None = None,
-             compile: str | None = None) -> dict[str, Any]:
+             compile: str | None = None, precision: str = "highest", mesh: str | None = None,
+             ignore_eos: bool = False) -> dict[str, Any]:
     """Generated token ids per row (and text when a SentencePiece tokenizer file is given), with the manifest."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config)
+    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config, precision,
+                                               mesh)
     t0 = time.perf_counter()
     g = api.generate(model, batch, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed, compile=compile)
+                     top_p=top_p, seed=seed, compile=compile, ignore_eos=ignore_eos)
     seconds = time.perf_counter() - t0
     rows = []
     tok = None
@@ -150,12 +163,12 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
         from parity.processor import Tokenizer, decode_tokens
         tok = Tokenizer(tokenizer)
     for b, ids in enumerate(g["tokens"].tolist()):
-        n = ids.index(1) + 1 if 1 in ids else len(ids)
+        n = ids.index(1) + 1 if 1 in ids and not ignore_eos else len(ids)
         row = {"row": b, "tokens": ids[:n]}
         if tok is not None:
             row["text"] = decode_tokens(tok, ids)
         rows.append(row)
     manifest.update(sampling={"greedy": greedy, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                              "seed": seed, "max_new_tokens": max_new_tokens},
+                              "seed": seed, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos},
                     decode_path=g.get("decode_path"), seconds=round(seconds, 3))
     return {"rows": rows, "manifest": manifest}
