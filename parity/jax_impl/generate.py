@@ -108,7 +108,6 @@ class Sampling:
     greedy: bool = True
     top_k: int | None = None
     top_p: float | None = None
-    ignore_eos: bool = False
     return_logits: bool = False
 
 
@@ -121,14 +120,15 @@ def _prefill(graphdef, state, image, text, mask_ar, mask_input, size: int, captu
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, temperature, eos_id, prompt_len):
+def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, temperature, eos_id, ignore_eos,
+            prompt_len):
     """The whole decode as one while_loop: step t feeds token t-1 at slot prompt_len + t - 1 (stops when every row
-    has emitted eos_id, unless ignore_eos). Returns (tokens int32[B, N], logits float32[B, N, V] or None, cache)."""
+    has emitted eos_id, unless ignore_eos; eos_id, ignore_eos and temperature are traced: no recompilation). Returns (tokens int32[B, N], logits float32[B, N, V] or None, cache)."""
     b, n = logits.shape[0], s.max_new_tokens
 
     def pick(logits, key, done):
         nxt = sample(logits, key, s.greedy, temperature, s.top_k, s.top_p)
-        return nxt, (nxt if s.ignore_eos else jnp.where(done, 0, nxt)), done | (nxt == eos_id)
+        return nxt, jnp.where(done & ~ignore_eos, 0, nxt), done | (nxt == eos_id)
 
     key, sub = jax.random.split(key)
     nxt, first, done = pick(logits, sub, jnp.zeros(b, bool))
@@ -138,7 +138,7 @@ def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, 
 
     def cond(c):
         t, _, _, done, _, _, _ = c
-        return (t < n) & (s.ignore_eos | ~jnp.all(done))
+        return (t < n) & (ignore_eos | ~jnp.all(done))
 
     def body(c):
         t, nxt, tokens, done, cache, key, all_logits = c
@@ -178,9 +178,9 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
     forward = tuple(sorted(capture & set(points.forward_points(model.config))))
     logits, seq_len, cache, out = _prefill(graphdef, state, image, text, mask_ar, mask_input, p + max_new_tokens,
                                            forward)
-    s = Sampling(max_new_tokens, greedy, top_k, top_p, ignore_eos, return_logits)
+    s = Sampling(max_new_tokens, greedy, top_k, top_p, return_logits)
     tokens, all_logits, steps, cache = _decode(graphdef, s, state, logits, seq_len, cache, jax.random.key(seed),
-                                        jnp.float32(temperature), jnp.int32(eos_id), jnp.int32(p))
+                                        jnp.float32(temperature), jnp.int32(eos_id), jnp.bool_(ignore_eos), jnp.int32(p))
     for i in range(model.config.text.depth):
         for name, buf in ((points.llm_k_cache(i), cache.k), (points.llm_v_cache(i), cache.v)):
             if name in capture:
