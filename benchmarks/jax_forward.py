@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Two runtimes in one process: torch's OpenMP threads would otherwise spin after each op and starve XLA's.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -74,7 +77,7 @@ def random_on_device(model: api.Model, seed: int = 0, scale: float = 0.02) -> ap
 
 def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: PaliGemmaConfig | None = None
           ) -> dict:
-    gpu = device != "cpu"
+    gpu = not device.startswith("cpu")
     from torch_forward import CPU_CONFIG, TEXT_LEN  # the torch benchmark's CPU shape, for comparable figures
     cfg = cfg or (GPU_CONFIG if gpu else CPU_CONFIG)
     dtype = "bfloat16" if gpu else "float32"

@@ -8,6 +8,7 @@ Mirrors parity/torch_impl/attention.py function for function; layers are stacked
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -95,6 +96,20 @@ def scan(layers: nnx.Module, body: Callable, carry, xs):
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
+def grouped_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x float[B, T, D] times an einsum kernel w [*G, D, H] -> float[B, T, *G, H] ("BTD,GDH->BTGH").
+
+    Written as a batched matmul over the flattened G axes with x broadcast to each group, so every operand is used
+    in its stored (canonical) layout: a plain einsum contracts the middle axis D and makes XLA transpose (copy) the
+    weight on every call, every decode step included."""
+    *groups, d, h = w.shape
+    b, t, _ = x.shape
+    g = math.prod(groups)
+    xg = jnp.broadcast_to(x.reshape(1, b * t, d), (g, b * t, d))
+    y = jax.lax.dot_general(xg, w.reshape(g, d, h), (((2,), (1,)), ((0,), (0,))))  # [G, BT, H]
+    return jnp.moveaxis(y, 0, 1).reshape(b, t, *groups, h)
+
+
 class Einsum(nnx.Module):
     """One einsum kernel `w` (big_vision `Einsum`)."""
 
@@ -120,11 +135,11 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: float[B, T, D] -> q float[B, T, N, H], k, v float[B, T, K, H]."""
         if self.cfg.fused_qkv:
-            qkv = jnp.einsum("BTD,SNDH->SBTNH", x, self.qkv_einsum.w[...])
-            return qkv[0], qkv[1], qkv[2]
-        q = jnp.einsum("BTD,NDH->BTNH", x, self.q_einsum.w[...])
-        kv = jnp.einsum("BTD,CKDH->CBTKH", x, self.kv_einsum.w[...])
-        return q, kv[0], kv[1]
+            qkv = grouped_matmul(x, self.qkv_einsum.w[...])  # "BTD,SNDH->BTSNH" (S = 3)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = grouped_matmul(x, self.q_einsum.w[...])  # "BTD,NDH->BTNH"
+        kv = grouped_matmul(x, self.kv_einsum.w[...])  # "BTD,CKDH->BTCKH" (C = 2)
+        return q, kv[:, :, 0], kv[:, :, 1]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, attn_softcap: bool,
                  cache: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | int = 0
@@ -145,7 +160,9 @@ class Attention(nnx.Module):
             v = v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
             cache = (k_cache, v_cache)
         o = attend(q, k, v, mask, c.attn_softcap if attn_softcap else None)
-        return jnp.einsum("BTNH,NHD->BTD", o, self.attn_vec_einsum.w[...]), cache
+        b, t = x.shape[:2]
+        w = self.attn_vec_einsum.w[...]
+        return o.reshape(b, t, -1) @ w.reshape(-1, w.shape[-1]), cache  # "BTNH,NHD->BTD" (free reshapes)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float | None) -> jax.Array:

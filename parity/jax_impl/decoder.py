@@ -15,7 +15,7 @@ from flax import nnx
 
 from parity import points
 from parity.config import TextConfig
-from parity.jax_impl.attention import Attention, _param, scan, softcap, stack
+from parity.jax_impl.attention import Attention, _param, grouped_matmul, scan, softcap, stack
 
 
 class RMSNorm(nnx.Module):
@@ -60,8 +60,8 @@ class FeedForward(nnx.Module):
         self.linear = _param(cfg.mlp_dim, cfg.width)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gu = jnp.einsum("BTD,CDF->CBTF", x, self.gating_einsum[...])
-        return (jax.nn.gelu(gu[0], approximate=True) * gu[1]) @ self.linear[...]  # "BTF,FD->BTD"
+        gu = grouped_matmul(x, self.gating_einsum[...])  # "BTD,CDF->BTCF" (C = 2)
+        return (jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]) @ self.linear[...]  # "BTF,FD->BTD"
 
 
 class Block(nnx.Module):

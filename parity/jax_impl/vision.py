@@ -51,12 +51,13 @@ class MultiHeadDotProductAttention(nnx.Module):
         self.scale = h**-0.5
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = (jnp.einsum("BTD,DNH->BTNH", x, p.kernel[...]) + p.bias[...]
-                   for p in (self.query, self.key, self.value))
+        b, t, d = x.shape
+        q, k, v = ((x @ p.kernel[...].reshape(d, -1)).reshape(b, t, *p.bias[...].shape) + p.bias[...]
+                   for p in (self.query, self.key, self.value))  # "BTD,DNH->BTNH" (free reshapes)
         s = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(self.scale, q.dtype)
         p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
-        o = jnp.einsum("BNTS,BSNH->BTNH", p, v)
-        return jnp.einsum("BTNH,NHD->BTD", o, self.out.kernel[...]) + self.out.bias[...]
+        o = jnp.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
+        return o @ self.out.kernel[...].reshape(-1, d) + self.out.bias[...]  # "BTNH,NHD->BTD"
 
 
 class MlpBlock(nnx.Module):
