@@ -142,23 +142,25 @@ class Attention(nnx.Module):
         return q, kv[:, :, 0], kv[:, :, 1]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, attn_softcap: bool,
-                 cache: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | int = 0
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, write_index: jax.Array | int = 0
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
         """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S].
 
-        Without a cache S = T. With `cache` (k, v float[B, S_cache, K, H]) the new k, v are written at slots
-        write_index .. write_index + T - 1 (shared by the batch) and the query attends to the whole cache.
-        Returns (float[B, T, D], the updated cache or None)."""
+        Without a cache S = T. With `cache` = (k, v float[L, B, S_cache, K, H] of the whole stack, this layer's
+        index) the new k, v are written in place at slots write_index .. write_index + T - 1 (shared by the batch)
+        of this layer, and the query attends to this layer's whole cache. Returns (float[B, T, D], the cache)."""
         c = self.cfg
         q, k, v = self.project(x)
         q = rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale_value, q.dtype)
         k = rope(k, positions, c.rope_base)
         if cache is not None:
-            k_cache, v_cache = cache
-            at = (0, write_index, 0, 0)
-            k = k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-            v = v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-            cache = (k_cache, v_cache)
+            k_all, v_all, layer = cache
+            at = (layer, 0, write_index, 0, 0)  # only the new slots are written: no copy of the cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            cache = (k_all, v_all, layer)
         o = attend(q, k, v, mask, c.attn_softcap if attn_softcap else None)
         b, t = x.shape[:2]
         w = self.attn_vec_einsum.w[...]

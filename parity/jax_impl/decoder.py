@@ -123,14 +123,16 @@ class Gemma(nnx.Module):
         depth = self.cfg.depth
         kinds = [k for k, name in BLOCK_POINTS.items() if any(name(i) in capture for i in range(depth))]
 
-        def body(block, x, xs):
-            local, cache = xs
+        def body(block, carry, xs):
+            x, kv = carry
+            local, i = xs
+            cache = None if kv is None else (*kv, i)
             x, aux, cache = block(x, positions, block_mask(masks, local), attn_softcap=attn_softcap,
                                   cache=cache, write_index=write_index)
-            return x, ({k: aux[k] for k in kinds}, cache)  # only what is captured leaves the scan
+            return (x, None if cache is None else cache[:2]), {k: aux[k] for k in kinds}  # only what is captured
 
-        kv = None if caches is None else (caches["k"], caches["v"])
-        x, (ys, kv) = scan(self.layers, body, x, (self.local_layers(), kv))
+        kv = None if caches is None else (caches["k"], caches["v"])  # carried whole, updated in place per layer
+        (x, kv), ys = scan(self.layers, body, (x, kv), (self.local_layers(), jnp.arange(depth)))
         for k in kinds:  # stacked [L, ...] -> one point per layer
             out.update({BLOCK_POINTS[k](i): ys[k][i] for i in range(depth) if BLOCK_POINTS[k](i) in capture})
         x = self.final_norm(x)
