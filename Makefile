@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[torch,hub,test]'
+	$(PY) -m pip install -q -e '.[torch,jax,hub,test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -285,7 +285,12 @@ def _model_options(fn):
         click.option("--compute-dtype", default=None, type=click.Choice(list(DTYPES)),
                      help="Compute in this dtype with the --dtype parameter values (e.g. bf16 weights computed "
                           "in float32 on a CPU without fast bf16)  [default: --dtype]"),
-        click.option("--device", default="cpu", help="Device of the implementation (torch: cpu, cuda, cuda:N)."),
+        click.option("--device", default="cpu", help="Device of the implementation (torch: cpu, cuda, cuda:N; jax: "
+                                                    "cpu, gpu, tpu[:N])."),
+        click.option("--precision", default="highest", type=click.Choice(["highest", "high", "default"]),
+                     help="float32 matmul precision (recorded in the manifest)."),
+        click.option("--mesh", default=None, help="jax: shard over a device mesh, e.g. data=2,model=4 (params "
+                                                  "fsdp/tensor-parallel, activations along data)  [default: none]"),
     ]):
         fn = opt(fn)
     return fn
@@ -311,15 +316,16 @@ def _conventions_line(convention: str, settings) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Capture file (.safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (the manifest).")
-def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, points, output,
-            overwrite, as_json):
+def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, precision, mesh,
+            points, output, overwrite, as_json):
     """Run a forward pass of CKPT on --inputs and save the named capture points with a manifest."""
     from parity.run import capture as run, interruptible
     warnings: list[str] = []
     with stage_progress(_show_progress()) as progress:
         m = interruptible(run, ckpt, inputs, output, impl=impl, convention=convention, dtype=dtype, device=device,
                           points=points, config=config, overwrite=overwrite, settings=settings,
-                          compute_dtype=compute_dtype, progress=progress, warn=_warnings(warnings))
+                          compute_dtype=compute_dtype, progress=progress, warn=_warnings(warnings),
+                          precision=precision, mesh=mesh)
     m["warnings"] = warnings
 
     def render(r):
@@ -347,9 +353,11 @@ def capture(ckpt, impl, inputs, convention, settings, config, dtype, compute_dty
 @click.option("-o", "--output", default=None, type=click.Path(),
               help="Also save tokens and step logits with the manifest (.safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--ignore-eos", is_flag=True, help="Decode exactly --max-new-tokens per row, through <eos>.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (rows and manifest).")
-def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, max_new_tokens, greedy,
-             temperature, top_k, top_p, seed, tokenizer, output, overwrite, as_json):
+def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dtype, device, precision, mesh,
+             max_new_tokens, greedy, temperature, top_k, top_p, seed, tokenizer, output, overwrite, ignore_eos,
+             as_json):
     """Generate up to --max-new-tokens per row (prefill, then KV-cache decoding); stops at <eos>."""
     from parity.run import generate as run, interruptible
     if greedy is None:
@@ -360,7 +368,7 @@ def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dt
                           device=device, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, tokenizer=tokenizer, config=config, output=output, overwrite=overwrite,
                           settings=settings, compute_dtype=compute_dtype, progress=progress,
-                          warn=_warnings(warnings))
+                          warn=_warnings(warnings), precision=precision, mesh=mesh, ignore_eos=ignore_eos)
     r["manifest"]["warnings"] = warnings
 
     def render(r):

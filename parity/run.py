@@ -31,8 +31,9 @@ from parity.conventions import Conventions, get_conventions, with_settings
 from parity.errors import CheckpointError, ConfigError, OutputError, UsageError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
-IMPLS = {"torch": "parity.torch_impl.api"}
-LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "flax", "transformers", "safetensors")
+IMPLS = {"torch": "parity.torch_impl.api", "jax": "parity.jax_impl.api"}
+LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers",
+             "safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_SUFFIX = ".safetensors"
 
@@ -154,10 +155,16 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
     return box["value"]
 
 
+def _jax_manifest(model) -> dict[str, Any]:
+    """What a jax run adds to the manifest: backend, device kind, mesh."""
+    return {"backend": model.backend, "device_kind": model.device_kind, "mesh": model.mesh_spec}
+
+
 def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Conventions, dtype: str, device: str,
             config: PaliGemmaConfig | str | None = None, *, settings: list[str] | tuple[str, ...] = (),
             compute_dtype: str | None = None, progress: Progress | None = None,
-            warn: Callable[[str], None] | None = None, check: Callable[[PaliGemmaConfig], Any] | None = None):
+            warn: Callable[[str], None] | None = None, check: Callable[[PaliGemmaConfig], Any] | None = None,
+            precision: str = "highest", mesh: str | None = None):
     """Check the options, load checkpoint and inputs (validated against the config) and build the model.
     `check(config)` runs before any tensor is read (e.g. to validate capture points).
     Returns (api, model, config, inputs, manifest)."""
@@ -165,6 +172,8 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
     conv = conventions(convention, settings)
     compute = check_dtypes(dtype, compute_dtype)
     api = impl_api(impl)
+    if mesh and impl != "jax":
+        raise UsageError(f"--mesh is an option of --impl jax (got --impl {impl})")
     device = api.resolve_device(device)
     speed_warning = getattr(api, "speed_warning", None)
     if warn is not None and speed_warning is not None and (msg := speed_warning(compute, device)):
@@ -185,13 +194,15 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
         params = ck.load(FLOAT_DTYPES[dtype] if compute != dtype else None, on_chunk)
     if progress:
         progress("building", None, None)
-    model = api.build_model(cfg, conv, dtype=compute, device=device, params=params)
+    model = api.build_model(cfg, conv, dtype=compute, device=device, params=params, precision=precision,
+                            **({"mesh": mesh} if mesh else {}))
     del params
     if progress:
         progress("hashing", None, None)
     manifest = {
         "config": cfg.to_dict(), "conventions": conv.to_dict(), "impl": impl, "dtype": dtype,
-        "compute_dtype": compute, "device": api.device_description(device), "libraries": library_versions(),
+        "compute_dtype": compute, "device": api.device_description(device), "precision": precision,
+        **(_jax_manifest(model) if impl == "jax" else {}), "libraries": library_versions(),
         "checkpoint": {"path": os.path.abspath(ckpt), "sha256": file_sha256(ckpt)},
         "inputs": {"path": os.path.abspath(inputs_path), "sha256": inputs_sha256(inputs),
                    "file_sha256": file_sha256(inputs_path),
@@ -238,14 +249,16 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
             dtype: str = "float32", device: str = "cpu", points: str | list[str] | None = None,
             config: PaliGemmaConfig | str | None = None, overwrite: bool = False, *,
             settings: list[str] | tuple[str, ...] = (), compute_dtype: str | None = None,
-            progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: Progress | None = None, warn: Callable[[str], None] | None = None,
+            precision: str = "highest", mesh: str | None = None) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
     metadata holds the manifest under "parity_manifest". Returns the manifest (with "output")."""
     t0 = time.perf_counter()
     output = check_output(output, overwrite)
     api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config,
                                                settings=settings, compute_dtype=compute_dtype, progress=progress,
-                                               warn=warn, check=lambda c: pts.select(pts.forward_points(c), points))
+                                               warn=warn, check=lambda c: pts.select(pts.forward_points(c), points),
+                                               precision=precision, mesh=mesh)
     wanted = pts.select(pts.forward_points(cfg), points)
     t1 = time.perf_counter()
     with monitor.reporting(_counting(cfg, progress)):
@@ -290,7 +303,8 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
              config: PaliGemmaConfig | str | None = None, compile: str | None = None, *,
              output: str | None = None, overwrite: bool = False, settings: list[str] | tuple[str, ...] = (),
              compute_dtype: str | None = None, progress: Progress | None = None,
-             warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+             warn: Callable[[str], None] | None = None, precision: str = "highest", mesh: str | None = None,
+             ignore_eos: bool = False) -> dict[str, Any]:
     """Generated token ids per row (and text when a SentencePiece tokenizer file is given), with the manifest.
 
     greedy=False samples with temperature (default 1.0), top_k, top_p, seed; passing any of those with greedy=True
@@ -308,22 +322,24 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
         tok = Tokenizer(tokenizer)
     api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config,
                                                settings=settings, compute_dtype=compute_dtype, progress=progress,
-                                               warn=warn)
+                                               warn=warn, precision=precision, mesh=mesh)
     temperature = 1.0 if temperature is None else temperature
     t1 = time.perf_counter()
     with monitor.reporting(_counting(cfg, progress, max_new_tokens)):
         g = api.generate(model, batch, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, compile=compile, return_logits=output is not None)
+                         top_p=top_p, seed=seed, compile=compile, return_logits=output is not None,
+                         ignore_eos=ignore_eos)
     run_seconds = time.perf_counter() - t1
     rows = []
     for b, ids in enumerate(g["tokens"].tolist()):
-        n = ids.index(1) + 1 if 1 in ids else len(ids)
+        n = ids.index(1) + 1 if 1 in ids and not ignore_eos else len(ids)
         row = {"row": b, "tokens": ids[:n]}
         if tok is not None:
             row["text"] = decode_tokens(tok, ids)
         rows.append(row)
     manifest.update(sampling={"greedy": greedy, "temperature": None if greedy else temperature,
-                              "top_k": top_k, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens},
+                              "top_k": top_k, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
+                              "ignore_eos": ignore_eos},
                     decode_path=g.get("decode_path"), run_seconds=round(run_seconds, 3))
     if output is not None:
         arrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32),

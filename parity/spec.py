@@ -340,3 +340,21 @@ def random_params(config: PaliGemmaConfig, seed: int = 0, dtype=np.float32, scal
     rng = np.random.default_rng(seed)
     return {e.key: (rng.standard_normal(e.shape, dtype=np.float32) * scale).astype(dtype)
             for e in entries(config)}
+
+
+def check_params(config: PaliGemmaConfig, params, source: str = "params") -> None:
+    """Raise CheckpointError naming the first missing, unexpected or wrong-shape key (both implementations' loaders
+    call this before touching a model)."""
+    from parity.errors import CheckpointError, describe
+
+    expected = canonical_shapes(config)
+    for key, shape in expected.items():
+        if key not in params:
+            raise CheckpointError(describe(source, key, shape, "nothing", f"missing parameter for {config.name}"))
+        found = tuple(np.shape(params[key]))
+        if found != shape:
+            raise CheckpointError(describe(source, key, shape, found, f"wrong shape for {config.name}"))
+    for key in params:
+        if key not in expected:
+            raise CheckpointError(describe(source, key, "no such key", tuple(np.shape(params[key])),
+                                           f"unexpected parameter for {config.name}"))

@@ -86,13 +86,15 @@ def hf_forward(model, cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray]) -> di
 
 
 @torch.no_grad()
-def hf_generate_row(model, cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], row: int, max_new: int):
-    """Greedy generation for one row (its real tokens only: no padding). Returns (tokens [n], logits [n, V])."""
+def hf_generate_row(model, cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], row: int, max_new: int,
+                    eos_token_id: int | None = 1):
+    """Greedy generation for one row (its real tokens only: no padding). Returns (tokens [n], logits [n, V]).
+    eos_token_id=None: exactly `max_new` tokens, through any <eos>."""
     n = int(inputs.get("mask_input", np.ones_like(inputs["text"]))[row].sum())
     one = {k: (v[row: row + 1] if k == "image" else v[row: row + 1, :n]) for k, v in inputs.items()}
     batch = hf_batch(cfg, one)
     res = model.generate(**batch, max_new_tokens=max_new, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, eos_token_id=1, pad_token_id=0)
+                         return_dict_in_generate=True, eos_token_id=eos_token_id, pad_token_id=0)
     tokens = res.sequences[0, batch["input_ids"].shape[1]:].numpy()
     logits = torch.stack(res.logits, dim=1)[0, :, : cfg.text.vocab_size].float().numpy()
     return tokens, logits

@@ -1,11 +1,56 @@
-"""Hypothesis property tests of the mask, sliding-window, RoPE and softcap math, each against a formula written
-out independently here (loops over the definitions, float64 numpy, complex rotations)."""
+"""Hypothesis property tests of the mask, sliding-window, RoPE and softcap math of both implementations, each
+against a formula written out independently here (loops over the definitions, float64 numpy, complex rotations).
+
+Each test runs once per implementation (`IMPLS`: numpy in, numpy out); jax runs under `jax.enable_x64` so that the
+float64 checks mean the same for both (RoPE angles stay float32 by design in both)."""
+import contextlib
+import functools
+import types
+
 import numpy as np
-import torch
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from parity.torch_impl.attention import (positions_from_mask, prefix_lm_mask, rope, same_block, sliding_window_mask,
-                                         softcap)
+
+def _torch_impl():
+    import torch
+
+    from parity.torch_impl import attention as a
+    t = torch.as_tensor
+    return types.SimpleNamespace(
+        context=contextlib.nullcontext,
+        positions_from_mask=lambda m, o: a.positions_from_mask(t(m), o).numpy(),
+        prefix_lm_mask=lambda inp, ar: a.prefix_lm_mask(t(inp), t(ar)).numpy(),
+        same_block=lambda ar: a.same_block(t(ar)).numpy(),
+        sliding_window_mask=lambda m, q, k, w, bi: a.sliding_window_mask(t(m), t(q), t(k), w, t(bi)).numpy(),
+        rope=lambda x, pos, base: a.rope(t(x), t(pos), base).numpy(),
+        softcap=lambda x, cap: a.softcap(t(x), cap).numpy())
+
+
+def _jax_impl():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from parity.jax_impl import attention as a
+    jit = functools.partial(jax.jit, static_argnums=(1,))  # one compilation per shape, not one per op
+    pos, sw = jit(a.positions_from_mask), jax.jit(a.sliding_window_mask, static_argnums=(3,))
+    rope, cap = jax.jit(a.rope, static_argnums=(2,)), jit(a.softcap)
+    mask, block = jax.jit(a.prefix_lm_mask), jax.jit(a.same_block)
+    j = jnp.asarray
+    return types.SimpleNamespace(
+        context=lambda: jax.enable_x64(True),
+        positions_from_mask=lambda m, o: np.asarray(pos(j(m), o)),
+        prefix_lm_mask=lambda inp, ar: np.asarray(mask(j(inp), j(ar))),
+        same_block=lambda ar: np.asarray(block(j(ar))),
+        sliding_window_mask=lambda m, q, k, w, bi: np.asarray(sw(j(m), j(q), j(k), w, j(bi))),
+        rope=lambda x, p, base: np.asarray(rope(j(x), j(p), base)),
+        softcap=lambda x, c: np.asarray(cap(j(x), c)))
+
+
+IMPLS = {"torch": functools.lru_cache(_torch_impl), "jax": functools.lru_cache(_jax_impl)}
+each_impl = pytest.mark.parametrize("impl", list(IMPLS))
 
 
 @st.composite
@@ -20,14 +65,17 @@ def rows(draw, max_len=12):
         pad = n - prefix - suffix
         ar.append([0] * prefix + [1] * suffix + [1] * pad)
         inp.append([1] * (prefix + suffix) + [0] * pad)
-    return torch.tensor(ar), torch.tensor(inp)
+    return np.array(ar), np.array(inp)
 
 
+@each_impl
 @settings(max_examples=80, deadline=None)
-@given(rows())
-def test_prefix_lm_mask_is_the_definition(batch):
+@given(batch=rows())
+def test_prefix_lm_mask_is_the_definition(impl, batch):
+    f = IMPLS[impl]()
     ar, inp = batch
-    got = prefix_lm_mask(inp, ar).numpy()
+    with f.context():
+        got = f.prefix_lm_mask(inp, ar)
     b, n = ar.shape
     for r in range(b):
         prefix = int((ar[r] == 0).sum())
@@ -39,13 +87,16 @@ def test_prefix_lm_mask_is_the_definition(batch):
                 assert got[r, i, j] == want, (r, i, j)
 
 
+@each_impl
 @settings(max_examples=60, deadline=None)
-@given(rows(max_len=14), st.integers(1, 6))
-def test_sliding_window_is_the_transformers_rule(batch, window):
+@given(batch=rows(max_len=14), window=st.integers(1, 6))
+def test_sliding_window_is_the_transformers_rule(impl, batch, window):
+    f = IMPLS[impl]()
     ar, inp = batch
-    mask = prefix_lm_mask(inp, ar)
-    pos = positions_from_mask(inp, 0)
-    got = sliding_window_mask(mask, pos, pos, window, same_block(ar) & mask).numpy()
+    with f.context():
+        mask = f.prefix_lm_mask(inp, ar)
+        pos = f.positions_from_mask(inp, 0)
+        got = f.sliding_window_mask(mask, pos, pos, window, f.same_block(ar) & mask)
     b, n = ar.shape
     for r in range(b):
         prefix = int((ar[r] == 0).sum())
@@ -56,9 +107,12 @@ def test_sliding_window_is_the_transformers_rule(batch, window):
                 assert got[r, i, j] == want, (r, i, j, window)
 
 
+@each_impl
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 3000), st.integers(0, 3000), st.sampled_from([4, 8, 16, 64]), st.integers(0, 2**31 - 1))
-def test_rope_is_a_complex_rotation_and_relative(p, s, h, seed):
+@given(p=st.integers(0, 3000), s=st.integers(0, 3000), h=st.sampled_from([4, 8, 16, 64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_rope_is_a_complex_rotation_and_relative(impl, p, s, h, seed):
+    f = IMPLS[impl]()
     rng = np.random.default_rng(seed)
     q = rng.standard_normal(h)
     k = rng.standard_normal(h)
@@ -69,8 +123,8 @@ def test_rope_is_a_complex_rotation_and_relative(p, s, h, seed):
         return np.concatenate([z.real, z.imag])
 
     def ours(x, pos):
-        t = torch.tensor(x, dtype=torch.float64).view(1, 1, 1, h)
-        return rope(t, torch.tensor([[pos]]), 10000.0).view(h).numpy()
+        with f.context():
+            return f.rope(x.reshape(1, 1, 1, h), np.array([[pos]]), 10000.0).reshape(h)
 
     # Angles are float32 by design (transformers' formula), so they carry ~6e-8 relative error: tolerances scale
     # with the position; the float64 rotation itself is exact.
@@ -81,13 +135,18 @@ def test_rope_is_a_complex_rotation_and_relative(p, s, h, seed):
                                atol=4e-7 * max(1, p, s) * np.linalg.norm(q) * np.linalg.norm(k))
 
 
+@each_impl
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=50), st.sampled_from([30.0, 50.0]))
-def test_softcap_bounds_monotone_and_identity_near_zero(xs, cap):
-    x = torch.tensor(sorted(xs), dtype=torch.float64)
-    y = softcap(x, cap)
-    np.testing.assert_allclose(y.numpy(), cap * np.tanh(np.array(sorted(xs)) / cap), rtol=1e-12, atol=1e-12)
-    assert (y.abs() <= cap).all()
+@given(xs=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=50), cap=st.sampled_from([30.0, 50.0]))
+def test_softcap_bounds_monotone_and_identity_near_zero(impl, xs, cap):
+    f = IMPLS[impl]()
+    x = np.array(sorted(xs), dtype=np.float64)
+    with f.context():
+        y = f.softcap(x, cap)
+        small = x[np.abs(x) < 1e-3]
+        y_small = f.softcap(small, cap)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, cap * np.tanh(x / cap), rtol=1e-12, atol=1e-12)
+    assert (np.abs(y) <= cap).all()
     assert (y[1:] >= y[:-1]).all()
-    small = x[x.abs() < 1e-3]
-    np.testing.assert_allclose(softcap(small, cap).numpy(), small.numpy(), rtol=1e-6, atol=1e-300)
+    np.testing.assert_allclose(y_small, small, rtol=1e-6, atol=1e-300)

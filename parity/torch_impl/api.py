@@ -83,14 +83,21 @@ def speed_warning(dtype: str, device: str, threshold: float = 4.0) -> str | None
     return (f"{dtype} matmuls on this CPU run {fast / slow:.0f}x slower than float32 (measured {slow:.2g} vs "
             f"{fast:.3g} GFLOP/s); --compute-dtype float32 keeps the {dtype} parameter values and computes in "
             f"float32")
+PRECISIONS = ("highest", "high", "default")
 
 
 def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
-                params: dict[str, np.ndarray] | None = None) -> PaliGemma:
+                params: dict[str, np.ndarray] | None = None, precision: str = "highest") -> PaliGemma:
     """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical numpy `params` if given
-    (zeros otherwise)."""
+    (zeros otherwise). precision: float32 matmul precision, "highest" / "high" set with
+    torch.set_float32_matmul_precision (process-wide), "default" leaves torch's setting alone."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        from parity.errors import ConfigError
+        raise ConfigError(f"--precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision != "default":
+        torch.set_float32_matmul_precision(precision)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])  # allocate in the target dtype on the target device: no f32 detour
     try:
@@ -100,6 +107,7 @@ def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = 
         torch.set_default_dtype(previous)
     if params is not None:
         load_canonical(model, params)
+    model.precision = precision
     return model.eval()
 
 
@@ -132,13 +140,14 @@ def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] |
 def generate(model: PaliGemma, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None) -> dict[str, Any]:
-    """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS), "logits": float32[B, steps, V] if asked,
+             compile: str | None = None, ignore_eos: bool = False) -> dict[str, Any]:
+    """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V] if asked,
     captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}."""
     t = _tensors(model, inputs)
     g = _generate(model, t["image"], t["text"], t["mask_ar"], t["mask_input"], max_new_tokens=max_new_tokens,
                      greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
-                     return_logits=return_logits, capture=capture or (), compile=compile)
+                     return_logits=return_logits, capture=capture or (), compile=compile,
+                  ignore_eos=ignore_eos)
     result: dict[str, Any] = {"tokens": g.tokens.cpu().numpy().astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = _numpy(g.logits)

@@ -129,7 +129,7 @@ def compiled_decode_step(mode: str = "reduce-overhead") -> Callable:
 
 @dataclasses.dataclass
 class Generation:
-    tokens: torch.Tensor  # int64[B, max_new], 0 after EOS
+    tokens: torch.Tensor  # int64[B, max_new], 0 after EOS unless ignore_eos
     logits: torch.Tensor | None  # float[B, steps, V] when asked
     captured: dict[str, torch.Tensor]
     decode_path: str  # "eager" or "compiled:<mode>"
@@ -139,8 +139,10 @@ class Generation:
 def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: Collection[str] = (),
-             compile: str | None = None) -> Generation:
-    """Prefill, then decode until every row emitted `eos_id` or `max_new_tokens` were generated.
+             compile: str | None = None, ignore_eos: bool = False) -> Generation:
+    """Prefill, then decode until every row emitted `eos_id` or `max_new_tokens` were generated. ignore_eos: every
+    row decodes exactly `max_new_tokens` steps and keeps its tokens after `eos_id` (big_vision's decode,
+    transformers with eos_token_id=None).
 
     compile: None (eager) or a torch.compile mode for the decode step ("reduce-overhead" = CUDA graphs on CUDA);
     a compile failure falls back to eager, reported in `decode_path`."""
@@ -163,10 +165,10 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
         if return_logits:
             all_logits.append(logits.float().clone())
         nxt = sample(logits, greedy, temperature, top_k, top_p, gen)
-        tokens[:, t] = torch.where(done, 0, nxt)
+        tokens[:, t] = nxt if ignore_eos else torch.where(done, 0, nxt)
         done |= nxt == eos_id
         monitor.tick("token")
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or (not ignore_eos and bool(done.all())):
             break
         args = (model, nxt[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
         try:

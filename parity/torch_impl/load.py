@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from parity import spec
-from parity.errors import CheckpointError, describe
+from parity.spec import check_params  # noqa: F401 (shared with jax_impl; re-exported)
+from parity.errors import CheckpointError
 
 _STACKS = {"llm/layers/": "llm.layers.{i}.", "img/Transformer/encoderblock/": "img.Transformer.encoderblock.{i}."}
 
@@ -25,21 +26,6 @@ def torch_names(key: str, layers: int | None) -> list[str]:
             rest = key[len(prefix):].replace("/", ".")
             return [template.format(i=i) + rest for i in range(layers)]
     return [key.replace("/", ".")]
-
-
-def check_params(config, params: dict[str, np.ndarray], source: str = "params") -> None:
-    """Raise CheckpointError naming the first missing, unexpected or wrong-shape key."""
-    expected = {e.key: e.shape for e in spec.entries(config)}
-    for key, shape in expected.items():
-        if key not in params:
-            raise CheckpointError(describe(source, key, shape, "nothing", f"missing parameter for {config.name}"))
-        found = tuple(np.shape(params[key]))
-        if found != shape:
-            raise CheckpointError(describe(source, key, shape, found, f"wrong shape for {config.name}"))
-    for key in params:
-        if key not in expected:
-            raise CheckpointError(describe(source, key, "no such key", tuple(np.shape(params[key])),
-                                           f"unexpected parameter for {config.name}"))
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:

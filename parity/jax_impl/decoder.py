@@ -1,0 +1,148 @@
+"""Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoder: embedder, blocks, final norm, tied logits (JAX).
+
+Axis letters (parity.config): B batch, T length, D width, F mlp width, V vocabulary rows, L depth.
+Attribute names follow the canonical keys: `llm/layers/mlp/gating_einsum` -> `llm.layers.mlp.gating_einsum`, one
+parameter stacked [L, 2, D, F] run by a scan (torch_impl unrolls the same axis into `llm.layers.{i}`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Collection
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parity import points
+from parity.config import TextConfig
+from parity.jax_impl.attention import Attention, _param, grouped_matmul, scan, softcap, stack
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        self.eps = eps
+        self.scale = _param(dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Tied embedding table input_embedding [V, D]: encode (x sqrt(D)) and decode (x @ E^T)."""
+
+    def __init__(self, cfg: TextConfig):
+        self.input_embedding = _param(cfg.vocab_size, cfg.width)
+
+    def encode(self, tokens: jax.Array, normalizer_dtype: str) -> jax.Array:
+        """tokens int[B, T] -> float[B, T, D] scaled by sqrt(D).
+
+        "param": sqrt(D) rounded to the table dtype (via float32) and multiplied in it; "float32": multiplied in
+        float32, then cast to the table dtype."""
+        e = jnp.take(self.input_embedding[...], tokens, axis=0)
+        root = jnp.asarray(math.sqrt(e.shape[-1]), jnp.float32)
+        if normalizer_dtype == "param":
+            return e * root.astype(e.dtype)
+        return (e.astype(jnp.float32) * root).astype(e.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("BTD,VD->BTV", x, self.input_embedding[...])
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: (gelu_tanh(x W_gate) * (x W_up)) W_down. gating_einsum [2, D, F] ([0] gate, [1] up); linear [F, D]."""
+
+    def __init__(self, cfg: TextConfig):
+        self.gating_einsum = _param(2, cfg.width, cfg.mlp_dim)
+        self.linear = _param(cfg.mlp_dim, cfg.width)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gu = grouped_matmul(x, self.gating_einsum[...])  # "BTD,CDF->BTCF" (C = 2)
+        return (jax.nn.gelu(gu[:, :, 0], approximate=True) * gu[:, :, 1]) @ self.linear[...]  # "BTF,FD->BTD"
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; Gemma 2 adds post-attention and post-ffw norms on the branch outputs."""
+
+    def __init__(self, cfg: TextConfig):
+        self.gemma2 = cfg.gemma2
+        self.pre_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.pre_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+        if cfg.gemma2:
+            self.post_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
+            self.post_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
+
+    def __call__(self, x, positions, mask, *, attn_softcap, cache=None, write_index=0):
+        """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers).
+        Returns (x, {"attn", "mlp", "out"}, the updated cache or None)."""
+        a, cache = self.attn(self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache,
+                             write_index=write_index)
+        if self.gemma2:
+            a = self.post_attention_norm(a)
+        x = x + a
+        m = self.mlp(self.pre_ffw_norm(x))
+        if self.gemma2:
+            m = self.post_ffw_norm(m)
+        x = x + m
+        return x, {"attn": a, "mlp": m, "out": x}, cache
+
+
+# Per-layer capture points of an LLM block, by the name Block returns them under.
+BLOCK_POINTS = {"attn": points.llm_block_attn, "mlp": points.llm_block_mlp, "out": points.llm_block_out}
+
+
+def block_mask(masks: dict, local: jax.Array | bool) -> jax.Array:
+    """The mask of one layer: masks["local"] in local layers when a window applies, else masks["global"]."""
+    if masks.get("local") is None:
+        return masks["global"]
+    return jnp.where(local, masks["local"], masks["global"])
+
+
+class Gemma(nnx.Module):
+    """The decoder stack. Parameters: embedder.input_embedding, layers.* (stacked [L, ...]), final_norm.scale."""
+
+    def __init__(self, cfg: TextConfig):
+        self.cfg = cfg
+        self.embedder = Embedder(cfg)
+        self.layers = stack(lambda: Block(cfg), cfg.depth)
+        self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
+
+    def local_layers(self) -> jax.Array:
+        """bool[L]: Gemma 2's local (sliding-window) layers."""
+        return jnp.array([self.cfg.is_local_layer(i) for i in range(self.cfg.depth)])
+
+    def __call__(self, x, positions, masks, *, attn_softcap, capture: Collection[str], out: dict, caches=None,
+                 write_index=0):
+        """x float[B, T, D] -> (final-normed float[B, T, D], updated caches or None).
+        masks: {"global": bool[B,T,S], "local": ... or None}; caches: {"k", "v": float[L, B, S, K, H]} or None."""
+        depth = self.cfg.depth
+        kinds = [k for k, name in BLOCK_POINTS.items() if any(name(i) in capture for i in range(depth))]
+
+        def body(block, carry, xs):
+            x, kv = carry
+            local, i = xs
+            cache = None if kv is None else (*kv, i)
+            x, aux, cache = block(x, positions, block_mask(masks, local), attn_softcap=attn_softcap,
+                                  cache=cache, write_index=write_index)
+            return (x, None if cache is None else cache[:2]), {k: aux[k] for k in kinds}  # only what is captured
+
+        kv = None if caches is None else (caches["k"], caches["v"])  # carried whole, updated in place per layer
+        (x, kv), ys = scan(self.layers, body, (x, kv), (self.local_layers(), jnp.arange(depth)))
+        for k in kinds:  # stacked [L, ...] -> one point per layer
+            out.update({BLOCK_POINTS[k](i): ys[k][i] for i in range(depth) if BLOCK_POINTS[k](i) in capture})
+        x = self.final_norm(x)
+        if points.LLM_FINAL_NORM in capture:
+            out[points.LLM_FINAL_NORM] = x
+        return x, None if kv is None else {"k": kv[0], "v": kv[1]}
+
+    def logits(self, x: jax.Array, capped: bool) -> jax.Array:
+        """float[B, T, D] (final-normed) -> float[B, T, V]; the final softcap when `capped` and configured."""
+        y = self.embedder.decode(x)
+        if capped and self.cfg.final_softcap:
+            y = softcap(y, self.cfg.final_softcap)
+        return y
