@@ -118,13 +118,17 @@ class Gemma(nn.Module):
     def forward(self, x, positions, masks, *, attn_softcap, capture, out, caches=None, write_index=None):
         """x float[B, T, D] -> final-normed float[B, T, D]. masks: {"global": bool[B,T,S], "local": ... or None}."""
         for i, block in enumerate(self.layers):
-            mask = masks["local"] if block.local and masks.get("local") is not None else masks["global"]
-            x = block(x, positions, mask, attn_softcap=attn_softcap, capture=capture, out=out,
+            x = block(x, positions, self.block_mask(i, masks), attn_softcap=attn_softcap, capture=capture, out=out,
                       cache=None if caches is None else caches[i], write_index=write_index)
         x = self.final_norm(x)
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x
         return x
+
+    def block_mask(self, i: int, masks: dict) -> torch.Tensor:
+        """The mask block i attends with: the local (sliding-window) one in local layers when built, else global."""
+        local = masks.get("local")
+        return local if self.layers[i].local and local is not None else masks["global"]
 
     def logits(self, x: torch.Tensor, capped: bool) -> torch.Tensor:
         """float[B, T, D] (final-normed) -> float[B, T, V]; the final softcap when `capped` and configured."""
