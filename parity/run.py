@@ -25,7 +25,7 @@ from parity.conventions import Conventions, get_conventions
 from parity.errors import ConfigError, OutputError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
-IMPLS = {"torch": "parity.torch_impl.api"}
+IMPLS = {"torch": "parity.torch_impl.api", "transformers": "parity.hf_side"}  # transformers: optional side
 LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "flax", "transformers", "safetensors")
 
 
