@@ -1,0 +1,198 @@
+"""Statistics of one capture point: side A (the reference) against side B, accumulated in float64.
+
+With d = b - a over the compared elements (finite on both sides; padding positions left out):
+  max_abs  = max |d|                     mean_abs = mean |d|
+  max_rel  = max |d| / max |a|           rms_rel  = sqrt(sum d^2 / sum a^2)
+  cosine   = sum a b / (|a| |b|)         sqnr_db  = 10 log10(sum a^2 / sum d^2)   (inf when d = 0)
+  ulp      = max distance in units in the last place of the compared dtype, both values rounded to it
+             (float32, bfloat16 or float16): the number of representable values between them
+  worst    = index (in the point's full shape) and both values of the element with the largest |d|
+  nan/inf  = counts on each side
+Logits (one row of V scores per position) add, over positions:
+  kl_max / kl_mean  KL(softmax(a) || softmax(b)) in nats, its position
+  top1              fraction of positions whose argmax agrees
+  top5              mean overlap |top5(a) & top5(b)| / 5
+Rows are processed in chunks, so a point never needs more than a few float64 copies of one chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+ULP_DTYPES = {"float32": (np.float32, np.uint32, 0x7FFFFFFF), "bfloat16": (ml_dtypes.bfloat16, np.uint16, 0x7FFF),
+              "float16": (np.float16, np.uint16, 0x7FFF)}
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class PointStats:
+    shape: tuple[int, ...]
+    compared: int  # elements compared (finite on both sides, outside padding)
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    rms_rel: float
+    cosine: float
+    sqnr_db: float
+    ulp: int
+    ulp_dtype: str
+    worst_index: tuple[int, ...] | None
+    worst_a: float | None
+    worst_b: float | None
+    nan_a: int = 0
+    inf_a: int = 0
+    nan_b: int = 0
+    inf_b: int = 0
+    kl_max: float | None = None
+    kl_mean: float | None = None
+    kl_worst_position: tuple[int, ...] | None = None
+    top1: float | None = None
+    top5: float | None = None
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan_a + self.inf_a + self.nan_b + self.inf_b
+
+    def get(self, stat: str) -> float | None:
+        return getattr(self, stat)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else _json_float(v)) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PointStats":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else _from_json_float(v))
+                      for k, v in d.items() if k in fields})
+
+
+def _json_float(v):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _from_json_float(v):
+    return float(v) if v in ("inf", "-inf", "nan") else v
+
+
+def _ordered(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round to `dtype` and map to integers in the order of the values (+0 and -0 both 0)."""
+    ftype, utype, mag = ULP_DTYPES[dtype]
+    bits = x.astype(ftype).view(utype).astype(np.int64)
+    m = bits & mag
+    return np.where(bits > mag, -m, m)
+
+
+class _Accumulator:
+    def __init__(self, row_shape: tuple[int, ...], ulp_dtype: str, logits: bool):
+        self.row_shape, self.ulp_dtype, self.logits = row_shape, ulp_dtype, logits
+        self.n = 0
+        self.sum_abs = self.sum_d2 = self.sum_a2 = self.sum_b2 = self.sum_ab = 0.0
+        self.max_abs, self.max_a, self.ulp = -1.0, 0.0, 0
+        self.worst: tuple[int, int, float, float] | None = None  # (row, offset in row, a, b)
+        self.nan_a = self.inf_a = self.nan_b = self.inf_b = 0
+        self.kl_sum, self.kl_max, self.kl_worst, self.top1, self.top5, self.positions = 0.0, -1.0, None, 0, 0.0, 0
+
+    def add(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """rows int[R]: indices (into the list of compared rows) of a, b float[R, *row_shape]."""
+        a64, b64 = a.astype(np.float64).reshape(len(rows), -1), b.astype(np.float64).reshape(len(rows), -1)
+        fa, fb = np.isfinite(a64), np.isfinite(b64)
+        self.nan_a += int(np.isnan(a64).sum()); self.inf_a += int(np.isinf(a64).sum())
+        self.nan_b += int(np.isnan(b64).sum()); self.inf_b += int(np.isinf(b64).sum())
+        both = fa & fb
+        a64, b64 = np.where(both, a64, 0.0), np.where(both, b64, 0.0)
+        d = b64 - a64
+        ad = np.abs(d)
+        self.n += int(both.sum())
+        self.sum_abs += float(ad.sum()); self.sum_d2 += float((d * d).sum())
+        self.sum_a2 += float((a64 * a64).sum()); self.sum_b2 += float((b64 * b64).sum())
+        self.sum_ab += float((a64 * b64).sum())
+        self.max_a = max(self.max_a, float(np.abs(a64).max(initial=0.0)))
+        if ad.size:
+            k = int(ad.argmax())
+            if ad.flat[k] > self.max_abs:
+                r, o = divmod(k, ad.shape[1])
+                self.max_abs, self.worst = float(ad.flat[k]), (int(rows[r]), o, float(a64.flat[k]), float(b64.flat[k]))
+            ua, ub = (_ordered(x.reshape(a64.shape), self.ulp_dtype) for x in (a, b))
+            self.ulp = max(self.ulp, int(np.where(both, np.abs(ua - ub), 0).max()))
+        if self.logits:
+            self._add_logits(rows, a64, b64)
+
+    def _add_logits(self, rows, a64, b64) -> None:
+        la = a64 - a64.max(-1, keepdims=True)
+        lb = b64 - b64.max(-1, keepdims=True)
+        la -= np.log(np.exp(la).sum(-1, keepdims=True))
+        lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+        kl = (np.exp(la) * (la - lb)).sum(-1)
+        self.kl_sum += float(kl.sum()); self.positions += len(kl)
+        k = int(kl.argmax())
+        if kl[k] > self.kl_max:
+            self.kl_max, self.kl_worst = float(kl[k]), int(rows[k])
+        self.top1 += int((a64.argmax(-1) == b64.argmax(-1)).sum())
+        n = min(5, a64.shape[1])
+        ta, tb = np.argpartition(-a64, n - 1, -1)[:, :n], np.argpartition(-b64, n - 1, -1)[:, :n]
+        self.top5 += float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / n)
+
+
+def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid: np.ndarray | None = None,
+                logits: bool = False) -> PointStats:
+    """Statistics of b against a (same shape). `valid` bool[B, S] keeps the real positions of a point whose first
+    two axes are [B, S] (padding positions are never compared); `logits` adds the per-position distribution
+    statistics (last axis = vocabulary)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    shape = a.shape
+    if a.ndim == 0:
+        a, b = a.reshape(1), b.reshape(1)
+    if valid is not None and a.ndim >= 2 and a.shape[:2] == valid.shape:
+        keep = np.asarray(valid, bool)
+    else:
+        keep = np.ones(a.shape[:a.ndim - 1 if logits else 1], bool)
+    row_shape = a.shape[keep.ndim:]
+    flat_a, flat_b = a.reshape(-1, *row_shape), b.reshape(-1, *row_shape)
+    index, lin = np.argwhere(keep), np.flatnonzero(keep)
+    acc = _Accumulator(row_shape, ulp_dtype, logits)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(row_shape)))
+    for start in range(0, len(lin), per_chunk):
+        sel = lin[start:start + per_chunk]
+        acc.add(np.arange(start, start + len(sel)), flat_a[sel], flat_b[sel])
+    return _finish(acc, shape, index, row_shape)
+
+
+def _finish(acc: _Accumulator, shape, index, row_shape) -> PointStats:
+    worst_index = worst_a = worst_b = None
+    if acc.worst is not None:
+        r, o, worst_a, worst_b = acc.worst
+        worst_index = tuple(int(i) for i in index[r]) + tuple(int(i) for i in np.unravel_index(o, row_shape))
+    na, nb = math.sqrt(acc.sum_a2), math.sqrt(acc.sum_b2)
+    if acc.sum_d2 == 0:
+        sqnr = math.inf
+    elif acc.sum_a2 == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10 * math.log10(acc.sum_a2 / acc.sum_d2)
+    max_abs = max(acc.max_abs, 0.0)
+    extra = {}
+    if acc.logits and acc.positions:
+        extra = dict(kl_max=acc.kl_max, kl_mean=acc.kl_sum / acc.positions,
+                     kl_worst_position=tuple(int(i) for i in index[acc.kl_worst]),
+                     top1=acc.top1 / acc.positions, top5=acc.top5 / acc.positions)
+    return PointStats(
+        shape=tuple(shape), compared=acc.n, max_abs=max_abs, mean_abs=acc.sum_abs / max(acc.n, 1),
+        max_rel=_ratio(max_abs, acc.max_a), rms_rel=_ratio(math.sqrt(acc.sum_d2), na),
+        cosine=(acc.sum_ab / (na * nb)) if na and nb else (1.0 if na == nb else 0.0), sqnr_db=sqnr,
+        ulp=acc.ulp, ulp_dtype=acc.ulp_dtype, worst_index=worst_index, worst_a=worst_a, worst_b=worst_b,
+        nan_a=acc.nan_a, inf_a=acc.inf_a, nan_b=acc.nan_b, inf_b=acc.inf_b, **extra)
+
+
+def _ratio(x: float, ref: float) -> float:
+    if x == 0:
+        return 0.0
+    return x / ref if ref else math.inf
