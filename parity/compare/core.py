@@ -44,7 +44,7 @@ class PointRecord:
     def to_dict(self) -> dict[str, Any]:
         d = {"point": self.point, "status": self.status,
              "stats": self.stats.to_dict() if self.stats else None,
-             "judgement": self.judgement.to_dict() if self.judgement else None, "local": None}
+             "judgement": self.judgement.to_dict() if self.judgement is not None else None, "local": None}
         if self.local is not None:
             d["local"] = {"stats": self.local.to_dict(), "judgement": self.local_judgement.to_dict()}
         return d
@@ -186,13 +186,13 @@ def compare(a: str | None = None, b: str | None = None, ckpt: str | None = None,
     """Compare side B against side A (see the module docstring). Sides: `IMPL[:DEVICE][:DTYPE][:PRECISION]` run on
     `ckpt` (B on `against` when given) with `inputs`, or capture files. Without `layer_by_layer` only logits."""
     side_a, side_b = resolve_sides(a, b, ckpt, against, impl)
-    layer_by_layer = layer_by_layer or teacher_forced
+    running = [s for s in (side_a, side_b) if s.runs]
+    layer_by_layer = layer_by_layer or teacher_forced or not running  # two capture files: all their points
     if teacher_forced and not side_b.runs:
         raise ConfigError("--teacher-forced runs side B's blocks on side A's inputs: side B must be an "
                           "implementation, not a capture file")
     if teacher_forced and not supports_teacher_forcing(side_b.impl):
         raise ConfigError(f"--teacher-forced: implementation {side_b.impl!r} has no vit_block/llm_block")
-    running = [s for s in (side_a, side_b) if s.runs]
     if running and inputs is None:
         raise ConfigError("--inputs is required to run a side")
     if convention is None:

@@ -97,9 +97,7 @@ class Capture:
     def __init__(self, path: str):
         try:
             self.reader = safetensors_io.SafetensorsReader.open(path)
-        except ParityError:
-            raise
-        except (OSError, ValueError) as e:
+        except (ParityError, OSError, ValueError) as e:
             raise InputsError(describe(path, what=f"not a capture file: {e}")) from None
         self.path = path
         raw = self.reader.metadata.get("parity_manifest")

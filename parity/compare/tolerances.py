@@ -163,7 +163,8 @@ def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...]]:
     except OSError as e:
         raise ConfigError(describe(path, what=f"cannot read the policy file ({e.strerror})")) from None
     try:
-        doc = json.loads(raw) if raw.lstrip()[:1] in (b"{", b"[") else tomllib.loads(raw.decode())
+        doc = (json.loads(raw) if path.endswith(".json") or raw.lstrip()[:1] == b"{"
+               else tomllib.loads(raw.decode()))
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(describe(path, what=f"not a TOML or JSON policy: {e}")) from None
     if not isinstance(doc, dict):
