@@ -25,3 +25,10 @@ PY
 # generated text is meaningless: the demo shows the pipeline, the tests prove the numbers.
 "$PARITY" capture "$ckpt" --inputs golden/tiny-inputs.npz --convention big_vision -o "$out/capture.safetensors"
 "$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model
+
+# Layer by layer: the same checkpoint in float32 and in bfloat16, each side in its own process; every capture point
+# compared (profile bf16, chosen from the two manifests), each block also teacher-forced on side A's inputs.
+# The table goes to the terminal, the self-contained HTML report (error curves per tower) to parity-report.html.
+"$PARITY" compare "$ckpt" --a torch:cpu:float32 --b torch:cpu:bfloat16 --inputs golden/tiny-inputs.npz \
+    --layer-by-layer --teacher-forced --html parity-report.html
+echo "HTML report: $(pwd)/parity-report.html"

@@ -162,3 +162,18 @@ def forward(model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[s
 def side_notes(model: HFModel) -> dict:
     """What the last forward noticed beyond the capture points (recorded in the side's manifest)."""
     return dict(model.notes)
+
+
+def resolve_device(device: str) -> str:
+    """transformers runs on torch: torch's device rules (parity.torch_impl.api.resolve_device where present)."""
+    from parity.torch_impl import api as torch_api
+    return torch_api.resolve_device(device) if hasattr(torch_api, "resolve_device") else device
+
+
+def device_description(device: str) -> str:
+    import platform
+
+    from parity.torch_impl import api as torch_api
+    if hasattr(torch_api, "device_description"):
+        return torch_api.device_description(device)
+    return f"{device} ({platform.processor() or platform.machine()})"

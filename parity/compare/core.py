@@ -195,6 +195,7 @@ def compare(a: str | None = None, b: str | None = None, ckpt: str | None = None,
         raise ConfigError(f"--teacher-forced: implementation {side_b.impl!r} has no vit_block/llm_block")
     if running and inputs is None:
         raise ConfigError("--inputs is required to run a side")
+    inputs = os.path.abspath(inputs) if inputs else None
     if convention is None:
         convention = "transformers" if any(s.impl == "transformers" for s in running) else "big_vision"
     selection = (points or None) if layer_by_layer else [pts.LOGITS]

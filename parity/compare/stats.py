@@ -23,9 +23,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-ULP_DTYPES = {"float32": (np.float32, np.uint32, 0x7FFFFFFF), "bfloat16": (ml_dtypes.bfloat16, np.uint16, 0x7FFF),
-              "float16": (np.float16, np.uint16, 0x7FFF)}
-CHUNK_ELEMENTS = 1 << 22
+ULP_DTYPES = {"float32": (np.float32, np.int32, 0x7FFFFFFF), "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
+              "float16": (np.float16, np.int16, 0x7FFF)}
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +83,20 @@ def _from_json_float(v):
 
 
 def _ordered(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Round to `dtype` and map to integers in the order of the values (+0 and -0 both 0)."""
-    ftype, utype, mag = ULP_DTYPES[dtype]
-    bits = x.astype(ftype).view(utype).astype(np.int64)
-    m = bits & mag
-    return np.where(bits > mag, -m, m)
+    """Round to `dtype` and map to integers in the order of the values (+0 and -0 both 0): sign-magnitude bits to
+    two's complement, in the signed integer type of the same width."""
+    ftype, itype, mag = ULP_DTYPES[dtype]
+    bits = (x if x.dtype == ftype else x.astype(ftype)).view(itype)
+    sign = bits >> (8 * bits.itemsize - 1)  # 0 or -1
+    key = bits & itype(mag)
+    np.bitwise_xor(key, sign, out=key)
+    np.subtract(key, sign, out=key)  # -magnitude where the sign bit is set
+    return key
+
+
+def _max_distance(ka: np.ndarray, kb: np.ndarray) -> int:
+    wide = np.int64 if ka.dtype == np.int32 else np.int32
+    return int(np.abs(np.subtract(ka, kb, dtype=wide)).max())
 
 
 class _Accumulator:
@@ -102,43 +111,58 @@ class _Accumulator:
 
     def add(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         """rows int[R]: indices (into the list of compared rows) of a, b float[R, *row_shape]."""
-        a64, b64 = a.astype(np.float64).reshape(len(rows), -1), b.astype(np.float64).reshape(len(rows), -1)
-        fa, fb = np.isfinite(a64), np.isfinite(b64)
-        self.nan_a += int(np.isnan(a64).sum()); self.inf_a += int(np.isinf(a64).sum())
-        self.nan_b += int(np.isnan(b64).sum()); self.inf_b += int(np.isinf(b64).sum())
-        both = fa & fb
-        a64, b64 = np.where(both, a64, 0.0), np.where(both, b64, 0.0)
+        a, b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
+        both = None
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):  # rare: count, then compare the finite pairs
+            self.nan_a += int(np.isnan(a).sum()); self.inf_a += int(np.isinf(a).sum())
+            self.nan_b += int(np.isnan(b).sum()); self.inf_b += int(np.isinf(b).sum())
+            both = np.isfinite(a) & np.isfinite(b)
+            a, b = np.where(both, a, 0), np.where(both, b, 0)
+        self.n += a.size if both is None else int(both.sum())
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
         d = b64 - a64
-        ad = np.abs(d)
-        self.n += int(both.sum())
-        self.sum_abs += float(ad.sum()); self.sum_d2 += float((d * d).sum())
-        self.sum_a2 += float((a64 * a64).sum()); self.sum_b2 += float((b64 * b64).sum())
-        self.sum_ab += float((a64 * b64).sum())
-        self.max_a = max(self.max_a, float(np.abs(a64).max(initial=0.0)))
+        af, bf, df = a64.ravel(), b64.ravel(), d.ravel()
+        self.sum_d2 += float(df @ df); self.sum_a2 += float(af @ af)
+        self.sum_b2 += float(bf @ bf); self.sum_ab += float(af @ bf)
+        ad = np.abs(d, out=d)
+        self.sum_abs += float(ad.sum())
+        self.max_a = max(self.max_a, float(np.abs(a).max(initial=0.0)))
         if ad.size:
             k = int(ad.argmax())
             if ad.flat[k] > self.max_abs:
                 r, o = divmod(k, ad.shape[1])
-                self.max_abs, self.worst = float(ad.flat[k]), (int(rows[r]), o, float(a64.flat[k]), float(b64.flat[k]))
-            ua, ub = (_ordered(x.reshape(a64.shape), self.ulp_dtype) for x in (a, b))
-            self.ulp = max(self.ulp, int(np.where(both, np.abs(ua - ub), 0).max()))
+                self.max_abs, self.worst = float(ad.flat[k]), (int(rows[r]), o, float(af[k]), float(bf[k]))
+            self.ulp = max(self.ulp, _max_distance(_ordered(a, self.ulp_dtype), _ordered(b, self.ulp_dtype)))
         if self.logits:
-            self._add_logits(rows, a64, b64)
+            self._add_logits(rows, a, b, a64, b64)
 
-    def _add_logits(self, rows, a64, b64) -> None:
+    def _add_logits(self, rows, a, b, a64, b64) -> None:
+        """KL(softmax(a) || softmax(b)) per row = sum p (la - lb) - log sa + log sb with la = a - max a,
+        sa = sum exp(la), p = exp(la) / sa; top-1 / top-5 from the float32 rows."""
         la = a64 - a64.max(-1, keepdims=True)
         lb = b64 - b64.max(-1, keepdims=True)
-        la -= np.log(np.exp(la).sum(-1, keepdims=True))
-        lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
-        kl = (np.exp(la) * (la - lb)).sum(-1)
+        ea = np.exp(la)
+        sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
+        kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
         self.kl_sum += float(kl.sum()); self.positions += len(kl)
         k = int(kl.argmax())
         if kl[k] > self.kl_max:
             self.kl_max, self.kl_worst = float(kl[k]), int(rows[k])
-        self.top1 += int((a64.argmax(-1) == b64.argmax(-1)).sum())
-        n = min(5, a64.shape[1])
-        ta, tb = np.argpartition(-a64, n - 1, -1)[:, :n], np.argpartition(-b64, n - 1, -1)[:, :n]
-        self.top5 += float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / n)
+        self.top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
+        ta, tb = _top(a, 5), _top(b, 5)
+        self.top5 += float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / ta.shape[1])
+
+
+def _top(x: np.ndarray, k: int) -> np.ndarray:
+    """int[R, k]: indices of each row's k largest values (k argmax passes: cheaper than a partition of V)."""
+    x = x.copy()
+    r = np.arange(len(x))
+    out = []
+    for _ in range(min(k, x.shape[1])):
+        i = x.argmax(-1)
+        out.append(i)
+        x[r, i] = -np.inf
+    return np.stack(out, -1)
 
 
 def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid: np.ndarray | None = None,
