@@ -33,14 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg2_shapes import batch, random_weights, reduced_pg2_3b  # noqa: E402
 
+from converters.checkpoint import sidecar_path  # noqa: E402
 from parity import spec  # noqa: E402
 from parity.inputs import save_inputs  # noqa: E402
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], ok=(0,)) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode not in ok:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed ({p.returncode}): {p.stderr[-1000:]}")
     return time.perf_counter() - t0
 
 
@@ -70,9 +73,11 @@ def in_process(cfg, params, inputs) -> dict[str, float]:
         caps[name] = got
         del model
     valid = np.concatenate([np.ones((2, cfg.num_image_tokens), bool), inputs["mask_input"].astype(bool)], 1)
+    text = valid.copy()
+    text[:, :cfg.num_image_tokens] = False
     t0 = time.perf_counter()
     for p in points.forward_points(cfg):
-        point_stats(caps["transformers"][p], caps["torch"][p], "float32", valid, logits=p == points.LOGITS)
+        point_stats(caps["transformers"][p], caps["torch"][p], "float32", valid, p == points.LOGITS, text)
     out["statistics_s"] = time.perf_counter() - t0
     plain = out["transformers_plain_s"] + out["torch_plain_s"]
     out["in_process_ratio"] = (out["transformers_capture_s"] + out["torch_capture_s"] + out["statistics_s"]) / plain
@@ -91,6 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as d:
         ckpt, inp = os.path.join(d, "ckpt.npz"), os.path.join(d, "in.npz")
         np.savez(ckpt, **{spec.NPZ_PREFIX + k: v for k, v in params.items()})
+        Path(sidecar_path(ckpt)).write_text(cfg.to_json())  # a reduced depth is no released variant
         save_inputs(inp, inputs)
         report = {"config": cfg.name, "device": "cpu", "dtype": "float32", "sides": "transformers vs torch",
                   **in_process(cfg, params, inputs)}
@@ -98,7 +104,7 @@ def main() -> None:
         out = os.path.join(d, "plain.safetensors")
         report["plain_s"] = sum(wall(plain_cmd(ckpt, inp, impl, out)) for impl in ("transformers", "torch"))
         report["compare_s"] = wall([sys.executable, "-m", "parity.cli", "compare", ckpt, "--a", "transformers",
-                                    "--b", "torch", "--inputs", inp, "--layer-by-layer", "--json"])
+                                    "--b", "torch", "--inputs", inp, "--layer-by-layer", "--json"], ok=(0, 1))
     report["ratio"] = report["compare_s"] / report["plain_s"]
     report = {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}
     if args.json:

@@ -210,6 +210,7 @@ def test_usage_errors_exit_2(files):
         (["--a", "torch"], "give both sides"),
         (["--a", "torch", "--b", __file__, "--teacher-forced", "--inputs", inp], "not a capture file"),
         ([ck, "--a", "torch", "--b", "torch:bfloat16"], "--inputs is required"),
+        (["--a", "torch", "--b", "transformers", "--teacher-forced", "--inputs", inp], "has no vit_block"),
     ]:
         r = runner.invoke(main, ["compare", *([] if args[0] != "--a" else [ck]), *args])
         assert r.exit_code == 2 and needle in r.output, (args, r.output)

@@ -93,6 +93,8 @@ def test_logit_statistics():
     assert s.top1 == 0.5
     # top-5 at position 1: a's are {2, 0, 1, 3, 4} (ties broken by index), b's exclude 5 too -> full overlap.
     assert s.top5 == 1.0
+    only_first = point_stats(a, b, logits=True, dist_valid=np.array([[True, False]]))
+    assert only_first.kl_max == 0.0 and only_first.top1 == 1.0 and only_first.max_abs == s.max_abs
 
 
 def test_non_finite_values_are_counted_and_fail():

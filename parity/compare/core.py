@@ -231,6 +231,12 @@ def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides
         tols = tol.tolerances(profile, policy, ma, mb)
         ulp_dtype = tol.compared_dtype(ma, mb)
         valid, valid_what = valid_mask(cfg, ma, inputs)
+        b_s = ma.get("inputs", {}).get("shapes", {}).get("text")  # [B, L]
+        text = None
+        if b_s:  # KL / top-k of the logits at the real text positions
+            text = np.zeros((b_s[0], cfg.num_image_tokens + b_s[1]), bool)
+            text[:, cfg.num_image_tokens:] = True
+            text &= valid if valid is not None else True
         order = pts.forward_points(cfg) if layer_by_layer else [pts.LOGITS]
         order = pts.select(order, points) if points else order
         records = []
@@ -242,10 +248,10 @@ def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides
                 records.append(PointRecord(name, MISSING_B if have_a else MISSING_A))
                 continue
             a, is_logits = caps["A"].read(name), name == pts.LOGITS
-            s = _stats(name, a, caps["B"].read(name), ulp_dtype, valid, is_logits)
+            s = _stats(name, a, caps["B"].read(name), ulp_dtype, valid, is_logits, text)
             ls = None
             if local is not None and name in local.points:
-                ls = _stats(name, a, local.read(name), ulp_dtype, valid, is_logits)
+                ls = _stats(name, a, local.read(name), ulp_dtype, valid, is_logits, text)
             records.append(PointRecord(name, COMPARED, s, None, ls, None))
         sides_d = {k: {"spec": sides[k].spec if sides else caps[k].path,
                        "kind": "run" if sides and sides[k].runs else "capture", "manifest": caps[k].manifest}
@@ -258,10 +264,10 @@ def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides
                 c.close()
 
 
-def _stats(name, a, b, ulp_dtype, valid, logits) -> PointStats:
+def _stats(name, a, b, ulp_dtype, valid, logits, text) -> PointStats:
     if a.shape != b.shape:
         raise InputsError(f"point {name}: side A has shape {a.shape}, side B {b.shape}")
-    return point_stats(a, b, ulp_dtype, valid, logits)
+    return point_stats(a, b, ulp_dtype, valid, logits, text)
 
 
 def _notes(ma: dict, mb: dict) -> tuple[str, ...]:

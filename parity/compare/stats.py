@@ -8,16 +8,21 @@ With d = b - a over the compared elements (finite on both sides; padding positio
              (float32, bfloat16 or float16): the number of representable values between them
   worst    = index (in the point's full shape) and both values of the element with the largest |d|
   nan/inf  = counts on each side
-Logits (one row of V scores per position) add, over positions:
+Logits (one row of V scores per position) add, over the positions asked for (parity compare: the text positions; the
+next-token distribution at image positions is never trained, as MaxText's checker also reasons):
   kl_max / kl_mean  KL(softmax(a) || softmax(b)) in nats, its position
   top1              fraction of positions whose argmax agrees
   top5              mean overlap |top5(a) & top5(b)| / 5
-Rows are processed in chunks, so a point never needs more than a few float64 copies of one chunk.
+Rows are processed in chunks, spread over threads (numpy releases the GIL), so a point never needs more than a few
+float64 copies of a chunk per thread.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 from typing import Any
 
 import ml_dtypes
@@ -26,6 +31,7 @@ import numpy as np
 ULP_DTYPES = {"float32": (np.float32, np.int32, 0x7FFFFFFF), "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
               "float16": (np.float16, np.int16, 0x7FFF)}
 CHUNK_ELEMENTS = 1 << 20
+THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +101,9 @@ def _ordered(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _max_distance(ka: np.ndarray, kb: np.ndarray) -> int:
-    wide = np.int64 if ka.dtype == np.int32 else np.int32
-    return int(np.abs(np.subtract(ka, kb, dtype=wide)).max())
+    x = ka.astype(np.int64 if ka.dtype == np.int32 else np.int32)
+    x -= kb
+    return int(np.abs(x, out=x).max())
 
 
 class _Accumulator:
@@ -109,8 +116,21 @@ class _Accumulator:
         self.nan_a = self.inf_a = self.nan_b = self.inf_b = 0
         self.kl_sum, self.kl_max, self.kl_worst, self.top1, self.top5, self.positions = 0.0, -1.0, None, 0, 0.0, 0
 
-    def add(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-        """rows int[R]: indices (into the list of compared rows) of a, b float[R, *row_shape]."""
+    def merge(self, other: "_Accumulator") -> "_Accumulator":
+        """Both accumulators' rows together (the earlier row wins ties, as in one pass)."""
+        for f in ("n", "sum_abs", "sum_d2", "sum_a2", "sum_b2", "sum_ab", "nan_a", "inf_a", "nan_b", "inf_b",
+                  "kl_sum", "top1", "top5", "positions"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.max_a, self.ulp = max(self.max_a, other.max_a), max(self.ulp, other.ulp)
+        if other.worst is not None and (other.max_abs, -other.worst[0]) > (self.max_abs, -(self.worst or (0,))[0]):
+            self.max_abs, self.worst = other.max_abs, other.worst
+        if other.kl_worst is not None and (other.kl_max, -other.kl_worst) > (self.kl_max, -(self.kl_worst or 0)):
+            self.kl_max, self.kl_worst = other.kl_max, other.kl_worst
+        return self
+
+    def add(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, dist: np.ndarray | None = None) -> None:
+        """rows int[R]: indices (into the list of compared rows) of a, b float[R, *row_shape]; dist bool[R]: the
+        rows whose distribution statistics (logits) are wanted."""
         a, b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
         both = None
         if not (np.isfinite(a).all() and np.isfinite(b).all()):  # rare: count, then compare the finite pairs
@@ -122,8 +142,8 @@ class _Accumulator:
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         d = b64 - a64
         af, bf, df = a64.ravel(), b64.ravel(), d.ravel()
-        self.sum_d2 += float(df @ df); self.sum_a2 += float(af @ af)
-        self.sum_b2 += float(bf @ bf); self.sum_ab += float(af @ bf)
+        self.sum_d2 += float(np.vdot(df, df)); self.sum_a2 += float(np.vdot(af, af))  # vdot: no BLAS threads
+        self.sum_b2 += float(np.vdot(bf, bf)); self.sum_ab += float(np.vdot(af, bf))
         ad = np.abs(d, out=d)
         self.sum_abs += float(ad.sum())
         self.max_a = max(self.max_a, float(np.abs(a).max(initial=0.0)))
@@ -133,7 +153,9 @@ class _Accumulator:
                 r, o = divmod(k, ad.shape[1])
                 self.max_abs, self.worst = float(ad.flat[k]), (int(rows[r]), o, float(af[k]), float(bf[k]))
             self.ulp = max(self.ulp, _max_distance(_ordered(a, self.ulp_dtype), _ordered(b, self.ulp_dtype)))
-        if self.logits:
+        if self.logits and (dist is None or dist.any()):
+            if dist is not None and not dist.all():
+                rows, a, b, a64, b64 = rows[dist], a[dist], b[dist], a64[dist], b64[dist]
             self._add_logits(rows, a, b, a64, b64)
 
     def _add_logits(self, rows, a, b, a64, b64) -> None:
@@ -166,10 +188,10 @@ def _top(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid: np.ndarray | None = None,
-                logits: bool = False) -> PointStats:
+                logits: bool = False, dist_valid: np.ndarray | None = None) -> PointStats:
     """Statistics of b against a (same shape). `valid` bool[B, S] keeps the real positions of a point whose first
     two axes are [B, S] (padding positions are never compared); `logits` adds the per-position distribution
-    statistics (last axis = vocabulary)."""
+    statistics (last axis = vocabulary), over the positions of `dist_valid` (bool[B, S]; default every kept one)."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     shape = a.shape
@@ -182,11 +204,28 @@ def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid:
     row_shape = a.shape[keep.ndim:]
     flat_a, flat_b = a.reshape(-1, *row_shape), b.reshape(-1, *row_shape)
     index, lin = np.argwhere(keep), np.flatnonzero(keep)
-    acc = _Accumulator(row_shape, ulp_dtype, logits)
+    dist = None
+    if logits and dist_valid is not None and keep.shape == np.shape(dist_valid):
+        dist = np.asarray(dist_valid, bool)[keep]
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(row_shape)))
-    for start in range(0, len(lin), per_chunk):
-        sel = lin[start:start + per_chunk]
-        acc.add(np.arange(start, start + len(sel)), flat_a[sel], flat_b[sel])
+    starts = list(range(0, len(lin), per_chunk))
+    workers = max(1, min(THREADS, len(starts)))
+
+    def run(group: list[int]) -> _Accumulator:
+        acc = _Accumulator(row_shape, ulp_dtype, logits)
+        for start in group:
+            sel = lin[start:start + per_chunk]
+            acc.add(np.arange(start, start + len(sel)), flat_a[sel], flat_b[sel],
+                    None if dist is None else dist[start:start + per_chunk])
+        return acc
+
+    groups = [starts[i::workers] for i in range(workers)]  # numpy releases the GIL: chunks run in parallel
+    if workers == 1:
+        parts = [run(groups[0])]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(run, groups))
+    acc = functools.reduce(_Accumulator.merge, parts)
     return _finish(acc, shape, index, row_shape)
 
 
