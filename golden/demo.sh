@@ -28,4 +28,10 @@ PY
 "$PARITY" capture "$ckpt" --inputs golden/tiny-inputs.npz --convention big_vision -o "$out/capture.safetensors"
 "$PARITY" generate "$ckpt" --inputs golden/tiny-inputs.npz --max-new-tokens 8 --tokenizer golden/tokenizer.model \
   -o "$out/generation.safetensors"
-echo "demo outputs in $out/: hf/ (safetensors), back.b16.npz, capture.safetensors, generation.safetensors"
+
+# Layer by layer: the PyTorch and the JAX implementation on the same checkpoint, each side in its own process;
+# every capture point compared (profile fp32, chosen from the two manifests), each block also teacher-forced on side
+# A's inputs. The table goes to the terminal, the self-contained HTML report (error curves per tower) to the folder.
+"$PARITY" compare "$ckpt" --a torch --b jax --inputs golden/tiny-inputs.npz \
+    --layer-by-layer --teacher-forced --html "$out/report.html"
+echo "demo outputs in $out/: hf/ (safetensors), back.b16.npz, capture.safetensors, generation.safetensors, report.html"

@@ -382,5 +382,65 @@ def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dt
     _emit(r, as_json, render)
 
 
+# -- parity compare (issue 7): a thin wrapper over parity.compare -------------------------------------------------
+@main.command("compare")
+@click.argument("ckpt", required=False, type=click.Path())
+@click.option("--a", "side_a", default=None, help="Side A (the reference): IMPL[:DEVICE][:DTYPE][:PRECISION] run "
+                                                  "on CKPT (e.g. torch, torch:cuda:bfloat16, transformers) or a "
+                                                  "capture file.")
+@click.option("--b", "side_b", default=None, help="Side B: same forms as --a.")
+@click.option("--against", default=None, type=click.Path(), help="CKPT_B: compare CKPT (side A) against it, both "
+                                                                 "run with --impl (e.g. before / after a conversion).")
+@click.option("--impl", default="torch", help="Implementation of the --against sides (default torch).")
+@click.option("--inputs", default=None, type=click.Path(), help="Inputs file the run sides use (also locates the "
+                                                                "padding positions of capture-file sides).")
+@click.option("--convention", default=None, type=click.Choice(["big_vision", "transformers"]),
+              help="Conventions preset of the run sides (default: transformers if a side is, else big_vision).")
+@click.option("--config", default=None, help="Variant name or config.json (default: detected).")
+@click.option("--layer-by-layer", is_flag=True, help="Compare every capture point, not only the logits.")
+@click.option("--teacher-forced", is_flag=True, help="Also run each block of side B on side A's input to it "
+                                                     "(local error beside propagated error).")
+@click.option("--points", default=None, help="Comma-separated globs of the points to compare.")
+@click.option("--profile", default=None, type=click.Choice(["fp32", "tf32", "f16", "bf16"]),
+              help="Tolerance profile (default: chosen from the two manifests).")
+@click.option("--policy", default=None, type=click.Path(), help="Policy file (TOML or JSON): per-point rules.")
+@click.option("--allow-convention-mismatch", is_flag=True, help="Compare sides run under different conventions.")
+@click.option("--save", default=None, type=click.Path(), help="Save the comparison (JSON) for --rejudge.")
+@click.option("--rejudge", default=None, type=click.Path(), help="Judge a saved comparison again (no sides run).")
+@click.option("--html", "html_path", default=None, type=click.Path(), help="Write a self-contained HTML report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON (schema parity.compare/1).")
+def compare_cmd(ckpt, side_a, side_b, against, impl, inputs, convention, config, layer_by_layer, teacher_forced,
+                points, profile, policy, allow_convention_mismatch, save, rejudge, html_path, as_json):
+    """Compare two runs point by point: exit 0 when every point passes, 1 on a mismatch, 2 on bad input."""
+    from parity import compare as cmp
+    from parity.compare.html import write_html
+    from parity.compare.report import render
+    if rejudge:
+        c = cmp.rejudge(rejudge, profile=profile, policy=policy)
+    else:
+        with _status(not as_json and sys.stderr.isatty()) as say:
+            c = cmp.compare(side_a, side_b, ckpt=ckpt, against=against, inputs=inputs, impl=impl,
+                            convention=convention, config=config, layer_by_layer=layer_by_layer,
+                            teacher_forced=teacher_forced, points=points, profile=profile, policy=policy,
+                            allow_convention_mismatch=allow_convention_mismatch, progress=say)
+    if save:
+        cmp.save(c, save)
+    if html_path:
+        write_html(c, html_path)
+    _emit(c.to_dict(), as_json, lambda _: render(c))
+    sys.exit(c.exit_code)
+
+
+@contextlib.contextmanager
+def _status(enabled: bool):
+    """A rich status line on stderr naming what runs now, or nothing."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    with Console(stderr=True).status("starting") as st:
+        yield lambda msg: st.update(f"running {msg}")
+
+
 if __name__ == "__main__":
     main()

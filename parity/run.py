@@ -31,7 +31,8 @@ from parity.conventions import Conventions, get_conventions, with_settings
 from parity.errors import CheckpointError, ConfigError, OutputError, UsageError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
-IMPLS = {"torch": "parity.torch_impl.api", "jax": "parity.jax_impl.api"}
+IMPLS = {"torch": "parity.torch_impl.api", "jax": "parity.jax_impl.api",
+         "transformers": "parity.hf_side"}  # transformers: an optional outside side
 LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers",
              "safetensors")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -153,3 +153,33 @@ def generate(model: PaliGemma, inputs: dict[str, np.ndarray], max_new_tokens: in
         result["logits"] = _numpy(g.logits)
     result.update({name: _numpy(x) for name, x in g.captured.items()})
     return result
+
+
+# -- single blocks (teacher-forced comparison: a block of this model run on another run's input to it) ------------
+def _block_input(model: PaliGemma, x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, np.float32), device=model.llm.final_norm.scale.device).to(
+        model.llm.final_norm.scale.dtype)
+
+
+@torch.inference_mode()
+def vit_block(model: PaliGemma, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
+    """ViT block i on x float32[B, T, Dv] (the input of block i: IMG_POS_EMBED for i = 0, else img_block_out(i-1)),
+    cast to the model dtype. Returns {img_block_attn(i), img_block_out(i)} as float32."""
+    wanted = (pts.img_block_attn(i), pts.img_block_out(i))
+    out: dict[str, torch.Tensor] = {}
+    model.img.Transformer.encoderblock[i](_block_input(model, x), wanted, out)
+    return {name: _numpy(out[name]) for name in wanted}
+
+
+@torch.inference_mode()
+def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LLM block i on x float32[B, S, D] (the input of block i: LLM_INPUT for i = 0, else llm_block_out(i-1)), with
+    the masks, positions and local/global choice the forward pass builds from `inputs`. Returns
+    {llm_block_attn(i), llm_block_mlp(i), llm_block_out(i)} as float32."""
+    t = _tensors(model, inputs)
+    _, _, positions, masks = model.full_masks(t["mask_ar"], t["mask_input"])
+    wanted = (pts.llm_block_attn(i), pts.llm_block_mlp(i), pts.llm_block_out(i))
+    out: dict[str, torch.Tensor] = {}
+    model.llm.layers[i](_block_input(model, x), positions, model.llm.block_mask(i, masks),
+                        attn_softcap=model.attn_softcap, capture=wanted, out=out)
+    return {name: _numpy(out[name]) for name in wanted}

@@ -122,8 +122,7 @@ class Gemma(nn.Module):
         """x float[B, T, D] -> final-normed float[B, T, D]. masks: {"global": bool[B,T,S], "local": ... or None}."""
         angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)  # shared by all layers
         for i, block in enumerate(self.layers):
-            mask = masks["local"] if block.local and masks.get("local") is not None else masks["global"]
-            x = block(x, positions, mask, attn_softcap=attn_softcap, capture=capture, out=out,
+            x = block(x, positions, self.block_mask(i, masks), attn_softcap=attn_softcap, capture=capture, out=out,
                       cache=None if caches is None else caches[i], write_index=write_index, angles=angles)
             if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
                 monitor.tick("block")
@@ -131,6 +130,11 @@ class Gemma(nn.Module):
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x
         return x
+
+    def block_mask(self, i: int, masks: dict) -> torch.Tensor:
+        """The mask block i attends with: the local (sliding-window) one in local layers when built, else global."""
+        local = masks.get("local")
+        return local if self.layers[i].local and local is not None else masks["global"]
 
     def logits(self, x: torch.Tensor, capped: bool) -> torch.Tensor:
         """float[B, T, D] (final-normed) -> float[B, T, V]; the final softcap when `capped` and configured."""

@@ -1,0 +1,319 @@
+"""`compare`: run (or open) two sides, check they saw the same inputs under the same convention, then compare
+every capture point in forward order, one point in memory at a time; `rejudge`: the same judgement on a saved
+comparison under another profile or policy, without running anything.
+
+Side A is the reference: relative statistics are relative to A, and teacher-forced blocks of B run on A's inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+
+from parity import points as pts
+from parity.compare import tolerances as tol
+from parity.compare.sides import Capture, Side, job, parse_side, run_side, supports_teacher_forcing
+from parity.compare.stats import PointStats, point_stats
+from parity.config import PaliGemmaConfig
+from parity.errors import ConfigError, InputsError, describe
+
+SCHEMA = "parity.compare/1"
+COMPARED, MISSING_A, MISSING_B = "compared", "not captured in A", "not captured in B"
+# Manifest fields that always differ between two runs and say nothing about them.
+_IGNORED = {"created", "seconds", "load_seconds", "run_seconds", "points", "tensors", "output", "warnings",
+            "teacher_forced_from"}  # what differs between any two runs, not what they mean
+
+
+@dataclasses.dataclass(frozen=True)
+class PointRecord:
+    point: str
+    status: str  # COMPARED or "not captured in A/B"
+    stats: PointStats | None = None
+    judgement: tol.Judgement | None = None
+    local: PointStats | None = None  # teacher-forced: B's block on A's input, against A
+    local_judgement: tol.Judgement | None = None
+
+    @property
+    def passed(self) -> bool:
+        return (self.judgement is None or bool(self.judgement)) and (
+            self.local_judgement is None or bool(self.local_judgement))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"point": self.point, "status": self.status,
+             "stats": self.stats.to_dict() if self.stats else None,
+             "judgement": self.judgement.to_dict() if self.judgement is not None else None, "local": None}
+        if self.local is not None:
+            d["local"] = {"stats": self.local.to_dict(), "judgement": self.local_judgement.to_dict()}
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Truthy when every compared point passes (and, with teacher forcing, every block's local error)."""
+
+    sides: dict[str, dict[str, Any]]  # label -> {"spec", "kind", "manifest"}
+    differences: list[dict[str, Any]]  # manifest fields that differ
+    tolerances: tol.Tolerances
+    records: tuple[PointRecord, ...]
+    ulp_dtype: str
+    teacher_forced: bool
+    valid_positions: str
+    notes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return all(r.passed for r in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self else 1
+
+    @property
+    def first_divergence(self) -> str | None:
+        return next((r.point for r in self.records if r.judgement is not None and not r.judgement), None)
+
+    @property
+    def first_local_divergence(self) -> str | None:
+        return next((r.point for r in self.records if r.local_judgement is not None and not r.local_judgement),
+                    None)
+
+    def amplification(self) -> dict[str, list[dict[str, Any]]]:
+        """Per tower, each block's residual-stream error (max_rel; local beside it when teacher-forced) and its
+        ratio to the previous block's (to the tower's input for block 0): > 1 where a block amplifies error."""
+        by = {r.point: r for r in self.records}
+        towers = {"img": (pts.IMG_POS_EMBED, pts.img_block_out), "llm": (pts.LLM_INPUT, pts.llm_block_out)}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for tower, (first, block_out) in towers.items():
+            rows, prev, i = [], by.get(first), 0
+            while (r := by.get(block_out(i))) is not None:
+                err = r.stats.max_rel if r.stats else None
+                before = prev.stats.max_rel if prev is not None and prev.stats else None
+                rows.append({"block": i, "point": r.point, "max_rel": err,
+                             "ratio": (err / before) if err is not None and before else None,
+                             "local_max_rel": r.local.max_rel if r.local else None, "passed": r.passed})
+                prev, i = r, i + 1
+            out[tower] = rows
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "passed": bool(self), "first_divergence": self.first_divergence,
+                "first_local_divergence": self.first_local_divergence, "teacher_forced": self.teacher_forced,
+                "profile": self.tolerances.profile, "tolerances": self.tolerances.to_dict(),
+                "ulp_dtype": self.ulp_dtype, "valid_positions": self.valid_positions, "sides": self.sides,
+                "manifest_differences": self.differences, "notes": list(self.notes),
+                "amplification": _finite(self.amplification()), "points": [r.to_dict() for r in self.records]}
+
+
+def _finite(x):
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+# -- manifests ----------------------------------------------------------------------------------------------------
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def manifest_differences(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    fa = _flat({k: v for k, v in a.items() if k not in _IGNORED})
+    fb = _flat({k: v for k, v in b.items() if k not in _IGNORED})
+    fa.setdefault("precision", "highest"), fb.setdefault("precision", "highest")
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def check_manifests(a: dict, b: dict, allow_convention_mismatch: bool) -> None:
+    ia, ib = a.get("inputs", {}).get("sha256"), b.get("inputs", {}).get("sha256")
+    if ia is None or ia != ib:
+        raise InputsError(f"the two sides ran on different inputs: side A inputs sha256 {ia}, side B {ib}")
+    if a.get("config") != b.get("config"):
+        diff = [d["key"] for d in manifest_differences({"config": a.get("config")}, {"config": b.get("config")})]
+        raise ConfigError(f"the two sides are different models: config fields {', '.join(diff[:6])} differ")
+    if a.get("conventions") != b.get("conventions") and not allow_convention_mismatch:
+        diff = [d for d in manifest_differences({"c": a.get("conventions")}, {"c": b.get("conventions")})]
+        raise ConfigError("the two sides ran under different conventions (" + ", ".join(
+            f"{d['key'][2:]}: {d['a']} vs {d['b']}" for d in diff) + "); pass --allow-convention-mismatch")
+
+
+def valid_mask(cfg: PaliGemmaConfig, manifest: dict, inputs: str | None) -> tuple[np.ndarray | None, str]:
+    """bool[B, S] of the real (non-padding) positions, from the inputs file (given, or recorded in the manifest when
+    it is still there with the same digest); None (every position compared) when there is none."""
+    from parity.inputs import inputs_sha256, load_inputs
+
+    path = inputs or manifest.get("inputs", {}).get("path")
+    if not path or not os.path.isfile(path):
+        return None, "all positions (inputs file not available: padding positions are compared too)"
+    batch = load_inputs(path, cfg)
+    if inputs_sha256(batch) != manifest["inputs"]["sha256"]:
+        if inputs:
+            raise InputsError(describe(path, "sha256", manifest["inputs"]["sha256"], inputs_sha256(batch),
+                                       "--inputs is not the inputs the sides ran on"))
+        return None, "all positions (the recorded inputs file has changed: padding positions are compared too)"
+    b = batch["text"].shape[0]
+    mask = np.concatenate([np.ones((b, cfg.num_image_tokens), bool), batch["mask_input"].astype(bool)], axis=1)
+    return mask, f"real positions of {path}"
+
+
+# -- the comparison -----------------------------------------------------------------------------------------------
+def resolve_sides(a: str | None, b: str | None, ckpt: str | None, against: str | None, impl: str
+                  ) -> tuple[Side, Side]:
+    if against is not None:
+        if ckpt is None:
+            raise ConfigError("--against CKPT_B compares against CKPT: give CKPT too")
+        return parse_side("A", a or impl, ckpt), parse_side("B", b or impl, against)
+    if a is None or b is None:
+        raise ConfigError("give both sides (--a and --b), or CKPT --against CKPT_B")
+    return parse_side("A", a, ckpt), parse_side("B", b, ckpt)
+
+
+def compare(a: str | None = None, b: str | None = None, ckpt: str | None = None, against: str | None = None,
+            inputs: str | None = None, impl: str = "torch", convention: str | None = None,
+            config: str | None = None, layer_by_layer: bool = False, teacher_forced: bool = False,
+            points: str | list[str] | None = None, profile: str | None = None, policy: str | None = None,
+            allow_convention_mismatch: bool = False, isolate: bool = True,
+            progress: Callable[[str], None] | None = None) -> Comparison:
+    """Compare side B against side A (see the module docstring). Sides: `IMPL[:DEVICE][:DTYPE][:PRECISION]` run on
+    `ckpt` (B on `against` when given) with `inputs`, or capture files. Without `layer_by_layer` only logits."""
+    side_a, side_b = resolve_sides(a, b, ckpt, against, impl)
+    running = [s for s in (side_a, side_b) if s.runs]
+    layer_by_layer = layer_by_layer or teacher_forced or not running  # two capture files: all their points
+    if teacher_forced and not side_b.runs:
+        raise ConfigError("--teacher-forced runs side B's blocks on side A's inputs: side B must be an "
+                          "implementation, not a capture file")
+    if teacher_forced and not supports_teacher_forcing(side_b.impl):
+        raise ConfigError(f"--teacher-forced: implementation {side_b.impl!r} has no vit_block/llm_block")
+    if running and inputs is None:
+        raise ConfigError("--inputs is required to run a side")
+    inputs = os.path.abspath(inputs) if inputs else None
+    if convention is None:
+        convention = "transformers" if any(s.impl == "transformers" for s in running) else "big_vision"
+    selection = (points or None) if layer_by_layer else [pts.LOGITS]
+    say = progress or (lambda msg: None)
+    with tempfile.TemporaryDirectory(prefix="parity-compare-") as tmp:
+        paths = {}
+        for side in (side_a, side_b):
+            if not side.runs:
+                paths[side.label] = (side.capture, None)
+                continue
+            say(f"side {side.label}: {side.describe()}")
+            teacher_from = paths["A"][0] if teacher_forced and side.label == "B" else None
+            r = run_side(job(side, inputs, os.path.join(tmp, f"{side.label}.safetensors"), convention, config,
+                             selection, teacher_from), isolate)
+            paths[side.label] = (r["capture"], r["teacher"])
+        say("comparing")
+        return compare_captures(paths["A"][0], paths["B"][0], paths["B"][1], {"A": side_a, "B": side_b},
+                                inputs=inputs, layer_by_layer=layer_by_layer, points=points, profile=profile,
+                                policy=policy, allow_convention_mismatch=allow_convention_mismatch)
+
+
+def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides: dict[str, Side] | None = None,
+                     inputs: str | None = None, layer_by_layer: bool = True, points: str | list[str] | None = None,
+                     profile: str | None = None, policy: str | None = None,
+                     allow_convention_mismatch: bool = False) -> Comparison:
+    """Compare two capture files point by point (and B's teacher-forced block outputs when given)."""
+    caps = {"A": Capture(path_a), "B": Capture(path_b)}
+    local = Capture(teacher) if teacher else None
+    try:
+        ma, mb = caps["A"].manifest, caps["B"].manifest
+        check_manifests(ma, mb, allow_convention_mismatch)
+        cfg = PaliGemmaConfig.from_dict(ma["config"])
+        tols = tol.tolerances(profile, policy, ma, mb)
+        ulp_dtype = tol.compared_dtype(ma, mb)
+        valid, valid_what = valid_mask(cfg, ma, inputs)
+        b_s = ma.get("inputs", {}).get("shapes", {}).get("text")  # [B, L]
+        text = None
+        if b_s:  # KL / top-k of the logits at the real text positions
+            text = np.zeros((b_s[0], cfg.num_image_tokens + b_s[1]), bool)
+            text[:, cfg.num_image_tokens:] = True
+            text &= valid if valid is not None else True
+        order = pts.forward_points(cfg) if layer_by_layer else [pts.LOGITS]
+        order = pts.select(order, points) if points else order
+        records = []
+        for name in order:
+            have_a, have_b = name in caps["A"].points, name in caps["B"].points
+            if not (have_a or have_b):
+                continue
+            if not (have_a and have_b):
+                records.append(PointRecord(name, MISSING_B if have_a else MISSING_A))
+                continue
+            a, is_logits = caps["A"].read(name), name == pts.LOGITS
+            s = _stats(name, a, caps["B"].read(name), ulp_dtype, valid, is_logits, text)
+            ls = None
+            if local is not None and name in local.points:
+                ls = _stats(name, a, local.read(name), ulp_dtype, valid, is_logits, text)
+            records.append(PointRecord(name, COMPARED, s, None, ls, None))
+        sides_d = {k: {"spec": sides[k].spec if sides else caps[k].path,
+                       "kind": "run" if sides and sides[k].runs else "capture", "manifest": caps[k].manifest}
+                   for k in caps}
+        return judge(Comparison(sides_d, manifest_differences(ma, mb), tols, tuple(records), ulp_dtype,
+                                local is not None, valid_what, _notes(ma, mb)), tols)
+    finally:
+        for c in (*caps.values(), local):
+            if c is not None:
+                c.close()
+
+
+def _stats(name, a, b, ulp_dtype, valid, logits, text) -> PointStats:
+    if a.shape != b.shape:
+        raise InputsError(f"point {name}: side A has shape {a.shape}, side B {b.shape}")
+    return point_stats(a, b, ulp_dtype, valid, logits, text)
+
+
+def _notes(ma: dict, mb: dict) -> tuple[str, ...]:
+    notes = []
+    for label, m in (("A", ma), ("B", mb)):
+        pad = m.get("notes", {}).get("vocab_padding")
+        if pad:
+            notes.append(f"side {label} ({m.get('impl')}) scores {pad['rows']} vocabulary padding rows; real rows "
+                         f"compared; argmax in the padding rows at {pad['argmax_in_padding']} of "
+                         f"{pad['positions']} positions")
+    return tuple(notes)
+
+
+def judge(c: Comparison, tols: tol.Tolerances) -> Comparison:
+    """The comparison with every record (and local record) judged under `tols`."""
+    records = tuple(dataclasses.replace(
+        r, judgement=tols.judge(r.point, r.stats) if r.stats else None,
+        local_judgement=tols.judge(r.point, r.local) if r.local else None) for r in c.records)
+    return dataclasses.replace(c, tolerances=tols, records=records)
+
+
+# -- saved comparisons --------------------------------------------------------------------------------------------
+def save(c: Comparison, path: str) -> None:
+    from converters.convert import atomic_output
+    with atomic_output(path, False, True) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(c.to_dict(), f, indent=1)
+
+
+def load(path: str) -> Comparison:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputsError(describe(path, what=f"not a saved comparison: {e}")) from None
+    if d.get("schema") != SCHEMA:
+        raise InputsError(describe(path, "schema", SCHEMA, d.get("schema")))
+    records = tuple(PointRecord(
+        r["point"], r["status"], PointStats.from_dict(r["stats"]) if r["stats"] else None, None,
+        PointStats.from_dict(r["local"]["stats"]) if r.get("local") else None, None) for r in d["points"])
+    return Comparison(d["sides"], d["manifest_differences"], tol.Tolerances(d["profile"], ()), records,
+                      d["ulp_dtype"], d["teacher_forced"], d["valid_positions"], tuple(d.get("notes", ())))
+
+
+def rejudge(path: str, profile: str | None = None, policy: str | None = None) -> Comparison:
+    """A saved comparison (`--save`) judged again under `profile` / `policy` (default: chosen from its manifests)."""
+    c = load(path)
+    return judge(c, tol.tolerances(profile, policy, c.sides["A"]["manifest"], c.sides["B"]["manifest"]))

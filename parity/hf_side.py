@@ -1,0 +1,179 @@
+"""transformers' PaliGemmaForConditionalGeneration as a third implementation (`--impl transformers`, a compare side).
+
+It offers the implementation API of parity.torch_impl.api (build_model, forward) so parity.run and parity.compare
+drive it like the others: eager attention, weights mapped by `parity.spec.to_hf` (with the vocabulary padding rows),
+`token_type_ids` from `mask_ar`, `<image>` placeholder ids and NCHW pixels built from the inputs file, and forward
+hooks that record our capture points from transformers' modules. It runs under the `transformers` convention only.
+transformers is imported inside the functions: nothing here is loaded unless this side is asked for.
+
+Logits: transformers scores the padded vocabulary (config.hf_vocab_rows). `forward` returns the real rows, and
+`side_notes` says whether the argmax at any real position ever fell in the padding rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from converters.hf_config import to_hf_config
+from parity import points, spec
+from parity.config import PaliGemmaConfig
+from parity.conventions import PRESETS, Conventions
+from parity.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# On-disk (spec) names -> transformers 5.x in-memory module names.
+_RENAMES = (("vision_tower.vision_model.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+            ("language_model.model.", "model.language_model."))
+
+
+@dataclasses.dataclass
+class HFModel:
+    """The transformers module with the config it was built from and what the last forward noticed."""
+
+    module: Any
+    config: PaliGemmaConfig
+    notes: dict = dataclasses.field(default_factory=dict)
+
+
+def hf_module(cfg: PaliGemmaConfig, params: dict[str, np.ndarray]):
+    """PaliGemmaForConditionalGeneration (eager, float32, CPU) from `to_hf_config`, loaded from `spec.to_hf`, with
+    no missing key but the tied lm_head and no unexpected key."""
+    import torch
+    import transformers
+
+    from parity.torch_impl.load import to_torch
+
+    d = to_hf_config(cfg)
+    d.pop("parity_config")
+    hc = transformers.PaliGemmaConfig(**d)
+    for c in (hc, hc.text_config, hc.vision_config):
+        c._attn_implementation = "eager"
+    model = transformers.PaliGemmaForConditionalGeneration(hc).eval()
+    state = {}
+    for key, x in spec.to_hf(cfg, params).items():
+        for old, new in _RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        state[key] = to_torch(x).to(torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not set(missing) <= {"lm_head.weight"}:
+        raise AssertionError(f"spec.to_hf does not cover transformers' PaliGemma: missing {missing}, "
+                             f"unexpected {unexpected}")
+    model.tie_weights()
+    return model
+
+
+def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
+                params: dict[str, np.ndarray] | None = None, precision: str = "highest", **impl_kw) -> HFModel:
+    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes."""
+    import torch
+
+    if conventions != PRESETS["transformers"]:
+        raise ConfigError(f"the transformers side runs under the 'transformers' convention only, got "
+                          f"{conventions.to_dict()}; pass --convention transformers")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if impl_kw:
+        raise ConfigError(f"the transformers side takes no options {sorted(impl_kw)}")
+    if precision not in ("highest", "high", "default"):
+        raise ConfigError(f"precision {precision!r}; allowed: highest, high, default")
+    if precision == "high":  # TF32 matmuls on GPUs that have them ("default" leaves torch's own setting)
+        torch.set_float32_matmul_precision("high")
+    params = params if params is not None else spec.random_params(config, scale=0.0)
+    module = hf_module(config, params).to(device=device, dtype=getattr(torch, dtype))
+    return HFModel(module, config)
+
+
+def hf_batch(cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
+    """Our right-padded [image ; text] batch in transformers' terms (image placeholder ids, token_type_ids)."""
+    import torch
+
+    b, t = inputs["text"].shape[0], cfg.num_image_tokens
+    ids = np.concatenate([np.full((b, t), cfg.image_token_id), inputs["text"]], axis=1)
+    mask = np.concatenate([np.ones((b, t)), inputs.get("mask_input", np.ones_like(inputs["text"]))], axis=1)
+    ttype = np.concatenate([np.zeros((b, t)), inputs["mask_ar"]], axis=1)
+    return dict(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+                pixel_values=torch.as_tensor(inputs["image"], device=device).permute(0, 3, 1, 2).contiguous(),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
+                token_type_ids=torch.as_tensor(ttype, dtype=torch.long, device=device))
+
+
+def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
+    """Forward hooks recording each capture point from the transformers module that computes it."""
+    hooks = []
+
+    def record(mod, name, fn=lambda o: o):
+        def hook(_m, _args, output):
+            out[name] = fn(output[0] if isinstance(output, tuple) else output)
+        hooks.append(mod.register_forward_hook(hook))
+
+    vt, lm = module.model.vision_tower, module.model.language_model
+    record(vt.embeddings.patch_embedding, points.IMG_PATCH_EMBED, lambda o: o.flatten(2).transpose(1, 2))
+    record(vt.embeddings, points.IMG_POS_EMBED)
+    for i, layer in enumerate(vt.encoder.layers):
+        record(layer.self_attn, points.img_block_attn(i))
+        record(layer, points.img_block_out(i))
+    record(vt.post_layernorm, points.IMG_FINAL_NORM)
+    record(module.model.multi_modal_projector, points.PROJECTOR)
+    hooks.append(lm.register_forward_pre_hook(
+        lambda _m, _a, kw: out.__setitem__(points.LLM_INPUT, kw["inputs_embeds"]), with_kwargs=True))
+    for i, layer in enumerate(lm.layers):
+        record(layer.post_attention_layernorm if cfg.text.gemma2 else layer.self_attn, points.llm_block_attn(i))
+        record(layer.post_feedforward_layernorm if cfg.text.gemma2 else layer.mlp, points.llm_block_mlp(i))
+        record(layer, points.llm_block_out(i))
+    record(lm.norm, points.LLM_FINAL_NORM)
+    return hooks
+
+
+def forward(model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[str] | None = None
+            ) -> dict[str, np.ndarray]:
+    """The wanted points (None = logits only) that have a counterpart in transformers, as float32 numpy; logits
+    restricted to the real vocabulary rows. Notes the padding-row argmax check in `model.notes`."""
+    import torch
+
+    from parity.inputs import validate_inputs
+
+    cfg = model.config
+    wanted = [points.LOGITS] if points_wanted is None else list(points_wanted)
+    inputs = validate_inputs(inputs, cfg, "inputs")
+    device = next(model.module.parameters()).device
+    out: dict[str, Any] = {}
+    hooks = _hooks(model.module, cfg, out)
+    try:
+        with torch.no_grad():
+            padded = model.module(**hf_batch(cfg, inputs, device)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    out[points.LOGITS] = padded[..., : cfg.text.vocab_size]
+    valid = np.concatenate([np.ones((padded.shape[0], cfg.num_image_tokens), bool),
+                            inputs["mask_input"].astype(bool)], axis=1)
+    in_padding = (padded.argmax(-1).cpu().numpy() >= cfg.text.vocab_size) & valid
+    model.notes["vocab_padding"] = {
+        "rows": int(padded.shape[-1] - cfg.text.vocab_size), "positions": int(valid.sum()),
+        "argmax_in_padding": int(in_padding.sum())}
+    return {k: out[k].detach().float().cpu().numpy() for k in wanted if k in out}
+
+
+def side_notes(model: HFModel) -> dict:
+    """What the last forward noticed beyond the capture points (recorded in the side's manifest)."""
+    return dict(model.notes)
+
+
+def resolve_device(device: str) -> str:
+    """transformers runs on torch: torch's device rules (parity.torch_impl.api.resolve_device where present)."""
+    from parity.torch_impl import api as torch_api
+    return torch_api.resolve_device(device) if hasattr(torch_api, "resolve_device") else device
+
+
+def device_description(device: str) -> str:
+    import platform
+
+    from parity.torch_impl import api as torch_api
+    if hasattr(torch_api, "device_description"):
+        return torch_api.device_description(device)
+    return f"{device} ({platform.processor() or platform.machine()})"
