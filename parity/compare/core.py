@@ -296,6 +296,14 @@ def save(c: Comparison, path: str) -> None:
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w") as f:
             json.dump(c.to_dict(), f, indent=1)
+        readable(tmp)
+
+
+def readable(path: str) -> None:
+    """A report's permissions as for any new file (the temporary name is created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load(path: str) -> Comparison:

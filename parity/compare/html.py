@@ -7,7 +7,7 @@ import html
 import json
 import math
 
-from parity.compare.core import COMPARED, Comparison
+from parity.compare.core import COMPARED, Comparison, readable
 
 W, H, PAD = 640, 240, 48
 COLORS = {"propagated": "#d62728", "teacher-forced": "#1f77b4", "tolerance": "#7f7f7f"}
@@ -129,3 +129,4 @@ def write_html(c: Comparison, path: str) -> None:
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(render_html(c))
+        readable(tmp)

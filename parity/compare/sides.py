@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -194,5 +194,3 @@ def run_side(j: dict[str, Any], isolate: bool = True) -> dict[str, Any]:
 class SideFailed(ParityError):
     """A side's process died (out of memory, a crash): nothing to compare."""
 
-
-ProgressFn = Callable[[str], None]
