@@ -232,7 +232,7 @@ def _counting(cfg: PaliGemmaConfig, progress: Progress | None, decode_total: int
     return report
 
 
-def _write(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool) -> None:
+def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool = False) -> None:
     """One safetensors file (the manifest in the header), written atomically; a Ctrl-C before it writes nothing."""
     monitor.check()
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in arrays.items()]
@@ -269,7 +269,7 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
     manifest.update(points=wanted, tensors=_tensor_fields(arrays), run_seconds=round(run_seconds, 3))
     if progress:
         progress("writing", None, None)
-    _write(output, arrays, manifest, overwrite)
+    write_capture(output, arrays, manifest, overwrite)
     manifest.update(seconds=round(time.perf_counter() - t0, 3), output=output)
     return manifest
 
@@ -278,18 +278,23 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
 CAPTURE_DTYPES = {k: v for k, v in ST_ALL_DTYPES.items() if not k.startswith("F8")}
 
 
+def capture_manifest(path: str, raw: str) -> dict[str, Any]:
+    """The manifest of a capture file from its header text; CheckpointError (one line) if malformed."""
+    try:
+        manifest = loads_strict(raw)
+    except JSONProblem as e:
+        raise CheckpointError(describe(path, "parity_manifest", what=f"unreadable capture manifest: {e}")) from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(describe(path, "parity_manifest", "a JSON object", type(manifest).__name__,
+                                       "unreadable capture manifest"))
+    return manifest
+
+
 def read_capture(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, manifest) of a capture or generation file (tensors in the manifest's point order, then file
     order); CheckpointError (one line) for anything malformed."""
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        try:
-            manifest = loads_strict(r.metadata.get("parity_manifest", "{}"))
-        except JSONProblem as e:
-            raise CheckpointError(describe(path, "parity_manifest", what=f"unreadable capture manifest: {e}")) \
-                from None
-        if not isinstance(manifest, dict):
-            raise CheckpointError(describe(path, "parity_manifest", "a JSON object", type(manifest).__name__,
-                                           "unreadable capture manifest"))
+        manifest = capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
         keys = list(r.keys())
         listed = manifest.get("points", [])
         listed = [k for k in listed if isinstance(k, str) and k in keys] if isinstance(listed, list) else []
@@ -348,7 +353,7 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
         manifest["tensors"] = _tensor_fields(arrays)
         if progress:
             progress("writing", None, None)
-        _write(output, arrays, manifest, overwrite)
+        write_capture(output, arrays, manifest, overwrite)
         manifest["output"] = output
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     return {"rows": rows, "manifest": manifest}

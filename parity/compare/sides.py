@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from converters import safetensors_io
-from converters.convert import atomic_output
 from parity import errors
 from parity import points as pts
 from parity.errors import ConfigError, InputsError, ParityError, describe
@@ -83,12 +81,9 @@ def supports_teacher_forcing(impl: str) -> bool:
 # -- capture files ------------------------------------------------------------------------------------------------
 def write_capture(path: str, tensors: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
     """A capture file (float32 tensors named by point, manifest in the header), written under a temporary name."""
-    names = list(tensors)
-    specs = [(k, np.dtype(np.float32), tuple(tensors[k].shape)) for k in names]
-    with atomic_output(path, False, True) as tmp:
-        with open(tmp, "wb") as f:
-            safetensors_io.write_file(f, specs, ([np.ascontiguousarray(tensors[k], np.float32)] for k in names),
-                                      metadata={"format": "np", "parity_manifest": json.dumps(manifest)})
+    from parity import run
+    run.write_capture(path, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, manifest,
+                      overwrite=True)
 
 
 class Capture:
@@ -104,7 +99,12 @@ class Capture:
         if raw is None:
             self.reader.close()
             raise InputsError(describe(path, "parity_manifest", "a capture manifest in the header", "none"))
-        self.manifest = json.loads(raw)
+        try:
+            from parity.run import capture_manifest
+            self.manifest = capture_manifest(path, raw)
+        except ParityError as e:
+            self.reader.close()
+            raise InputsError(str(e)) from None
         self.points = set(self.reader.keys())
 
     def read(self, point: str) -> np.ndarray:
@@ -127,18 +127,12 @@ def run_job(j: dict[str, Any]) -> dict[str, Any]:
     """Capture the points of one side (and, with `teacher_from`, its blocks on that capture's block inputs)."""
     from parity import run
 
-    kw = {}
-    if "precision" in inspect.signature(run.prepare).parameters:
-        kw["precision"] = j["precision"]
-    elif j["precision"] != "highest":
-        raise ConfigError(f"precision {j['precision']!r}: this build's parity.run has no precision option")
     api, model, cfg, batch, manifest = run.prepare(j["ckpt"], j["inputs"], j["impl"], j["convention"], j["dtype"],
-                                                   j["device"], j["config"], **kw)
+                                                   j["device"], j["config"], precision=j["precision"])
     wanted = pts.select(pts.forward_points(cfg), j["points"])
     t0 = time.perf_counter()
     out = api.forward(model, batch, wanted)
-    manifest.update(points=list(out), seconds=round(time.perf_counter() - t0, 3),
-                    precision=manifest.get("precision", j["precision"]))
+    manifest.update(points=list(out), seconds=round(time.perf_counter() - t0, 3))
     if hasattr(api, "side_notes"):
         manifest["notes"] = api.side_notes(model)
     write_capture(j["output"], out, manifest)
