@@ -92,8 +92,8 @@ class NpzReader:
         return list(self.members)
 
     def read(self, key: str, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The member, its sub-array `array[index]` for leading integer indices, or rows [a, b) of its first
-        axis, read from disk."""
+        """The member, its sub-array `array[index]` for leading integer indices, or rows [a, b) of the first
+        axis after them, read from disk."""
         m = self.members[key]
         sub = m.shape[len(index):]
         count = int(np.prod(sub, dtype=np.int64))
@@ -103,12 +103,11 @@ class NpzReader:
                 raise IndexError(f"{key}: index {index} out of range for shape {m.shape}")
             flat = flat * n + i
         start = flat * count * m.dtype.itemsize
-        if rows is not None:
-            assert not index
-            row = count // m.shape[0] if m.shape[0] else 0
-            sub = (rows[1] - rows[0],) + m.shape[1:]
+        if rows is not None:  # rows of the first axis after `index`
+            row = count // sub[0] if sub and sub[0] else 0
+            start += rows[0] * row * m.dtype.itemsize
+            sub = (rows[1] - rows[0],) + sub[1:]
             count = row * sub[0]
-            start = rows[0] * row * m.dtype.itemsize
         buf = np.empty(count * m.dtype.itemsize, np.uint8)
         pread_into(self._fd, buf, m.offset + start, self.path, key)
         self._crc_update(m, start, memoryview(buf))
