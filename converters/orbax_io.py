@@ -3,7 +3,8 @@
 Layout we write (what `ocp.StandardCheckpointer().save(path, params)` writes for a tree of numpy arrays, so
 `ocp.StandardCheckpointer().restore(path)` returns big_vision's params):
     path/_METADATA             the tree: {"('img', 'embedding', 'kernel')": {key_metadata, value_metadata}, ...}
-    path/_CHECKPOINT_METADATA  StandardCheckpointHandler, custom_metadata {"paligemma_parity": {"config": ...}}
+    path/_CHECKPOINT_METADATA  StandardCheckpointHandler, custom_metadata {"paligemma_parity": {"config": ...,
+                               "crc32": {key: CRC-32 of the array's C-order bytes}}}
     path/manifest.ocdbt, d/    one OCDBT key-value store; each array a zarr v2 array under `img.embedding.kernel`
     path/commit_success.txt
 The nested keys are the spec's canonical keys split at `/` (stacked layers, the 257152-row embedding). Arrays are
@@ -13,7 +14,8 @@ is read without decoding anything else.
 Read: StandardCheckpointer / PyTreeCheckpointer output, OCDBT or per-array zarr directories, zarr v2 or v3, with or
 without a top-level `params` key, float32 / float16 / bfloat16. Arrays whose chunks are larger than what is asked
 (orbax's default: one chunk per array) are decoded once per chunk and served from a one-slot cache, so memory is
-bounded by the largest chunk, never by the model.
+bounded by the largest chunk, never by the model. zarr and orbax keep no checksums, so ours carry a CRC-32 per
+array, verified whenever an array is read front to back (as the converters do), like the npz members' CRC.
 
 tensorstore is imported only here, and only when an orbax path is touched; orbax itself is never needed to read or
 write (tests restore our output with orbax, and read orbax's output with this module).
@@ -24,6 +26,7 @@ import ast
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -116,6 +119,9 @@ class OrbaxReader:
         self.arrays: dict[str, ArrayInfo] = {k: self._open(k) for k in self.names}
         self._cache: tuple[str, tuple, np.ndarray] | None = None
         self.custom_metadata = self._custom_metadata()
+        ours = self.custom_metadata.get(CUSTOM_KEY)
+        crcs = ours.get("crc32") if isinstance(ours, dict) else None
+        self._crc = {k: [int(crcs[k]), 0, 0] for k in self.arrays if isinstance(crcs, dict) and k in crcs}
 
     def _json(self, name: str):
         p = os.path.join(self.path, name)
@@ -199,7 +205,25 @@ class OrbaxReader:
                 self._cache = (key, outer, self._read_box(key, outer))
             sl = tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(box, outer))
             out = np.array(self._cache[2][sl])
-        return out.reshape(tuple(hi - lo for lo, hi in box[len(index):]) + a.shape[len(box):])
+        out = out.reshape(tuple(hi - lo for lo, hi in box[len(index):]) + a.shape[len(box):])
+        if key in self._crc:
+            self._crc_update(key, a, box, out)
+        return out
+
+    def _crc_update(self, key: str, a: ArrayInfo, box, out: np.ndarray) -> None:
+        """Verify the stored CRC-32 when the array has been read front to back (out-of-order reads skip)."""
+        state = self._crc[key]  # [expected, bytes verified so far, running crc]
+        start = 0
+        for (lo, _), n in zip(box, a.shape):
+            start = start * n + lo
+        start *= int(np.prod(a.shape[len(box):], dtype=np.int64)) * a.dtype.itemsize
+        if start != state[1]:
+            return
+        state[2] = zlib.crc32(memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8)), state[2])
+        state[1] += out.nbytes
+        if state[1] == int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize and state[2] != state[0]:
+            raise CheckpointError(describe(self.path, key, f"CRC-32 {state[0]:08x}", f"{state[2]:08x}",
+                                           "corrupt array data"))
 
     def _read_box(self, key: str, box) -> np.ndarray:
         try:
@@ -240,6 +264,7 @@ class OrbaxWriter:
         self._compressor = {"id": "zstd", "level": 1} if compression == "zstd" else None
         self._in_flight = in_flight
         self._keys: list[tuple[str, ...]] = []
+        self.crc32: dict[str, int] = {}
         self._t0 = time.time_ns()
 
     def write(self, key: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> int:
@@ -252,15 +277,16 @@ class OrbaxWriter:
         t = self._ts.open({"driver": "zarr", "kvstore": dict(self._kv, path=name + "/"), "metadata": meta},
                           create=True, context=self._ctx).result()
         total = int(np.prod(shape, dtype=np.int64))
-        done, pending = 0, []
+        done, pending, crc = 0, [], 0
         for c in chunks:
             if c.dtype != dtype:
                 raise TypeError(f"{key}: chunk dtype {c.dtype}, expected {dtype}")
             box = _box(tuple(shape), done, c.size)
             if box is None:
                 raise ValueError(f"{key}: a chunk of {c.size} elements at {done} is not a block of {list(shape)}")
-            pending.append(t[box].write(np.ascontiguousarray(c).reshape(tuple(s.stop - s.start for s in box)
-                                                                       + tuple(shape[len(box):]))))
+            c = np.ascontiguousarray(c)
+            crc = zlib.crc32(memoryview(c.reshape(-1).view(np.uint8)), crc)
+            pending.append(t[box].write(c.reshape(tuple(s.stop - s.start for s in box) + tuple(shape[len(box):]))))
             done += c.size
             while len(pending) > self._in_flight:
                 pending.pop(0).result()
@@ -269,9 +295,13 @@ class OrbaxWriter:
         if done != total:
             raise ValueError(f"{key}: wrote {done} elements, expected {total} for {list(shape)}")
         self._keys.append(tree_path)
+        self.crc32[key] = crc
         return total * dtype.itemsize
 
     def close(self, custom_metadata: dict | None = None) -> None:
+        """`custom_metadata` goes into _CHECKPOINT_METADATA, with the arrays' CRC-32s under CUSTOM_KEY."""
+        custom_metadata = dict(custom_metadata or {})
+        custom_metadata[CUSTOM_KEY] = dict(custom_metadata.get(CUSTOM_KEY, {}), crc32=self.crc32)
         tree = {str(p): {"key_metadata": [{"key": k, "key_type": 2} for k in p],
                          "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
                 for p in self._keys}
