@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from parity import spec
 
 BLOCK_BYTES = 64 << 20
 BAND_BYTES = 8 << 20
@@ -53,7 +52,14 @@ def transposed_columns(read_rows: Callable[[int, int], np.ndarray], n_rows: int,
     step = max(1, band_bytes // max(1, n_cols * np.dtype(dtype).itemsize))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        band = read_rows(r0, r1)
-        part = band if (a, b) == (0, n_cols) else np.ascontiguousarray(band[:, a:b])
-        out[:, r0:r1] = spec.transpose_copy(part, (1, 0))
+        transpose_into(out[:, r0:r1], read_rows(r0, r1)[:, a:b])
     return out
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
+    """dst[...] = src.T for 2-D arrays, copied in cache-sized tiles (as parity.spec.transpose_copy), with no
+    temporary."""
+    t = src.T
+    for i in range(0, dst.shape[0], tile):
+        for j in range(0, dst.shape[1], tile):
+            dst[i:i + tile, j:j + tile] = t[i:i + tile, j:j + tile]

@@ -174,18 +174,26 @@ class Checkpoint:
             if self._is_rows(e):
                 return self._read_st(next(k for k, _ in e.hf_keys()), rows)
             return self.canonical(e)[index][a:b]
+        depth = 2 if multi else 1  # leading indices that name one HF tensor (one piece)
+        if len(index) < depth and b - a == 1:  # one piece: one HF tensor, no stacking copy
+            return self._st_piece(e, index + (a,), (0, e.piece_shape[0]))[None]
         if not index:  # whole layers
             return np.stack([self.canonical(e, (i,)) for i in range(a, b)])
-        if len(index) == 1 and multi:  # whole pieces of layer i
+        if len(index) < depth:  # whole pieces of layer i
             return np.stack([self.canonical(e, (index[0], j)) for j in range(a, b)])
-        depth = 2 if multi else 1  # leading indices that name one HF tensor
-        if self._is_transpose(e) and len(index) == depth:
-            # rows [a, b) of the piece = columns [a, b) of the HF tensor, transposed
-            hf_key = dict((ad, k) for k, ad in e.hf_keys())[(index[0], index[1] if multi else None)]
-            C, R = e.hf_shape
-            return blocks.transposed_columns(lambda r0, r1: self._read_st(hf_key, (r0, r1)), C, R, a, b,
-                                             self.dtype(e))
+        if len(index) == depth:
+            return self._st_piece(e, index, rows)
         return self.canonical(e, index[:depth])[index[depth:]][a:b]  # the piece whole (bounded by the piece)
+
+    def _st_piece(self, e: spec.Entry, index: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
+        """Rows of one canonical piece from its HF tensor; a transposed one from row bands of it."""
+        if not self._is_transpose(e):
+            return self.canonical(e, index)[rows[0]:rows[1]]
+        multi = len(e.hf_templates) > 1
+        hf_key = dict((ad, k) for k, ad in e.hf_keys())[(index[0], index[1] if multi else None)]
+        C, R = e.hf_shape  # rows [a, b) of the piece = columns [a, b) of the HF tensor, transposed
+        return blocks.transposed_columns(lambda r0, r1: self._read_st(hf_key, (r0, r1)), C, R, rows[0], rows[1],
+                                         self.dtype(e))
 
     def canonical_chunks(self, e: spec.Entry) -> Iterator[np.ndarray]:
         """Consecutive C-order blocks of the canonical tensor (converters.blocks)."""

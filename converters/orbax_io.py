@@ -7,6 +7,8 @@ Layout we write (what `ocp.StandardCheckpointer().save(path, params)` writes for
                                "crc32": {key: CRC-32 of the array's C-order bytes}}}
     path/manifest.ocdbt, d/    one OCDBT key-value store; each array a zarr v2 array under `img.embedding.kernel`
     path/commit_success.txt
+Chunks are stored uncompressed (zarr `"compressor": null`; orbax reads any zarr compressor): on random-like bf16
+weights orbax's default zstd level 1 saves little and made reading 2-4x slower here (`compression="zstd"` writes it).
 The nested keys are the spec's canonical keys split at `/` (stacked layers, the 257152-row embedding). Arrays are
 chunked in the converters' blocks (converters.blocks, at most 64 MiB) (a layer, a layer piece, or row blocks of one), so a layer or a row block
 is read without decoding anything else.
@@ -255,7 +257,7 @@ class OrbaxWriter:
     C-order chunks (layers, layer pieces, row blocks); `close()` writes the metadata that makes it a checkpoint.
     Callers write into a temporary directory and rename it when `close()` returned (converters.convert)."""
 
-    def __init__(self, path: str | os.PathLike, compression: str | None = "zstd", in_flight: int = 2):
+    def __init__(self, path: str | os.PathLike, compression: str | None = None, in_flight: int = 1):
         ts = _ts()
         self.path = os.path.abspath(os.fspath(path))
         self._ts = ts
