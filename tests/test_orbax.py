@@ -223,3 +223,10 @@ def test_large_orbax_chunks_are_decoded_once_per_chunk(tmp_path, small_blocks, m
     _, got = load_checkpoint(tmp_path / "theirs")
     assert_same(params, got)
     assert reads.count("llm/layers/mlp/gating_einsum") == 1
+
+
+def test_dtype_cast_into_orbax(tiny_npz, tmp_path):
+    src, params = tiny_npz("tiny-pg1-mqa", "float32")
+    r = convert(src, tmp_path / "ob", "orbax", dtype="bfloat16")
+    assert any(n.startswith("lossy: values rounded") for n in r["notes"])
+    assert_same({k: v.astype(ml_dtypes.bfloat16) for k, v in params.items()}, orbax_restore(tmp_path / "ob"))
