@@ -230,3 +230,29 @@ def test_dtype_cast_into_orbax(tiny_npz, tmp_path):
     r = convert(src, tmp_path / "ob", "orbax", dtype="bfloat16")
     assert any(n.startswith("lossy: values rounded") for n in r["notes"])
     assert_same({k: v.astype(ml_dtypes.bfloat16) for k, v in params.items()}, orbax_restore(tmp_path / "ob"))
+
+
+def test_memory_is_bounded_by_blocks_not_layers(tmp_path, monkeypatch):
+    """With 32 KiB blocks, converting a model whose MLP pieces are 1 MiB each never holds a piece: numpy's peak
+    allocation (tracemalloc) stays a few blocks, in every direction."""
+    import dataclasses
+    import tracemalloc
+
+    base = TINY_VARIANTS["tiny-pg1-mqa"]
+    cfg = dataclasses.replace(base, name="wide-mlp", text=dataclasses.replace(base.text, width=64, mlp_dim=4096))
+    params = spec.random_params(cfg, seed=4)
+    np.savez(tmp_path / "src.npz", **{"params/" + k: v for k, v in params.items()})
+    piece = 64 * 4096 * 4
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 32 << 10)
+    monkeypatch.setattr(blocks, "BAND_BYTES", 16 << 10)
+    steps = [("src.npz", "st", "safetensors"), ("st", "back.npz", "npz"), ("st", "ob", "orbax"),
+             ("ob", "st2", "safetensors")]
+    for a, b, to in steps:
+        tracemalloc.start()
+        convert(tmp_path / a, tmp_path / b, to, config=cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < piece / 2, (a, to, peak)
+    assert_same(params, read_npz(tmp_path / "back.npz"))
+    assert_same(params, orbax_restore(tmp_path / "ob"))
+    assert_same(spec.to_hf(cfg, params), st_load_file(str(tmp_path / "st2" / "model.safetensors")))
