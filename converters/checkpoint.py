@@ -175,7 +175,7 @@ class Checkpoint:
                 return self._read_st(next(k for k, _ in e.hf_keys()), rows)
             return self.canonical(e)[index][a:b]
         depth = 2 if multi else 1  # leading indices that name one HF tensor (one piece)
-        if len(index) < depth and b - a == 1:  # one piece: one HF tensor, no stacking copy
+        if len(index) == depth - 1 and b - a == 1:  # one piece: one HF tensor, no stacking copy
             return self._st_piece(e, index + (a,), (0, e.piece_shape[0]))[None]
         if not index:  # whole layers
             return np.stack([self.canonical(e, (i,)) for i in range(a, b)])

@@ -256,3 +256,19 @@ def test_memory_is_bounded_by_blocks_not_layers(tmp_path, monkeypatch):
     assert_same(params, read_npz(tmp_path / "back.npz"))
     assert_same(params, orbax_restore(tmp_path / "ob"))
     assert_same(spec.to_hf(cfg, params), st_load_file(str(tmp_path / "st2" / "model.safetensors")))
+
+
+@pytest.mark.parametrize("budget", [2000, 5000, 9000, 20000, 70000])
+def test_every_block_plan_reads_the_same_tensors(tiny_npz, tmp_path, monkeypatch, budget):
+    """Whatever the budget (blocks of whole layers, one layer, one piece, rows of a piece), every source reads the
+    canonical tensors exactly."""
+    src, params = tiny_npz("tiny-pg1-kn", "float32")
+    convert(src, tmp_path / "st", "safetensors")
+    convert(src, tmp_path / "ob", "orbax")
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", budget)
+    monkeypatch.setattr(blocks, "BAND_BYTES", budget // 3)
+    for path in (src, tmp_path / "st", tmp_path / "ob"):
+        with open_checkpoint(path) as ck:
+            for e in ck.entries():
+                got = np.concatenate([c.reshape(-1) for c in ck.canonical_chunks(e)])
+                assert bits(got) == bits(params[e.key]), (path, e.key)
