@@ -14,7 +14,7 @@ import numpy as np
 
 
 BLOCK_BYTES = 64 << 20
-BAND_BYTES = 32 << 20
+BAND_BYTES = 16 << 20
 
 
 def plan(shape: tuple[int, ...], itemsize: int, budget: int | None = None) -> tuple[int, int]:
