@@ -3,6 +3,7 @@
     python benchmarks/convert.py                      # full size: synthetic PaliGemma 2 3B-224 bf16 (~6 GB)
     python benchmarks/convert.py --small              # smoke run on tiny-pg2-gqa
     python benchmarks/convert.py --json               # machine-readable result on stdout
+    python benchmarks/convert.py --legs st            # only npz <-> safetensors (--legs orbax: only the orbax legs)
 
 What it does:
 1. writes a synthetic checkpoint in the released Kaggle layout (`params/...` keys, bf16 members with the `<V2` npy
@@ -12,10 +13,11 @@ What it does:
    the whole checkpoint is ever in memory;
 2. measures, each in its own child process (peak RSS from os.wait4's rusage of that child alone), after dropping
    the page cache when allowed (root): (a) `cp` of the npz (the I/O floor), (b) npz -> safetensors, (c) `cp -r`
-   of the safetensors directory, (d) safetensors -> npz; wall time of the command, and wall time including the
-   `sync` that flushes what it wrote;
-3. checks the round trip npz -> safetensors -> npz is bit-exact, streamed: sha256 of every member's data, layer
-   by layer (row blocks for the embedding), in the original and the round-tripped npz.
+   of the safetensors directory, (d) safetensors -> npz; the orbax legs (e) npz -> orbax (floor: (a)), (f) `cp -r`
+   of the orbax directory, (g) orbax -> safetensors and (h) orbax -> npz (floor: (f)); wall time of the command,
+   and wall time including the `sync` that flushes what it wrote;
+3. checks the round trips npz -> safetensors -> npz and npz -> orbax -> npz are bit-exact, streamed: sha256 of
+   every member's data, layer by layer (row blocks for the embedding), in the original and the round-tripped npz.
 
 Targets: peak RSS <= 1.5 GB (10^9 bytes) per conversion; conversion wall <= 2 x the matching cp.
 Everything it creates lives in --workdir (a fresh directory under /tmp by default) and is removed unless --keep.
@@ -57,6 +59,11 @@ def _heavy() -> None:
 GB = 1e9
 RSS_TARGET = 1.5 * GB
 WALL_RATIO_TARGET = 2.0
+ST_RSS_TARGET = 0.5 * GB  # npz <-> safetensors: a fixed budget at every model size
+ST_WALL_TARGET = 1.3
+# (conversion step, the cp step that is its floor)
+LEGS = (("npz_to_st", "cp_npz"), ("st_to_npz", "cp_st"), ("npz_to_orbax", "cp_npz"), ("orbax_to_st", "cp_orbax"),
+        ("orbax_to_npz", "cp_orbax"))
 ROW_BLOCK_BYTES = 64 << 20  # generation / hashing chunk for non-layered tensors
 SMALL_VARIANT = "tiny-pg2-gqa"
 
@@ -291,6 +298,7 @@ def top_profile(path: str, n: int = 12) -> str:
 
 def benchmark(args) -> dict:
     variant = SMALL_VARIANT if args.small else args.variant
+    args.legs = set(args.legs.split(","))
     get_config(variant)
     made_workdir = args.workdir is None
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="pg-convert-bench-", dir="/tmp"))
@@ -302,13 +310,16 @@ def benchmark(args) -> dict:
     st_dir = os.path.join(workdir, f"{variant}.st")
     rt = os.path.join(workdir, f"{variant}.roundtrip.b16.npz")
     cp_npz, cp_st = os.path.join(workdir, "cp.npz"), os.path.join(workdir, "cp.st")
+    ob_dir, cp_ob = os.path.join(workdir, f"{variant}.orbax"), os.path.join(workdir, "cp.orbax")
+    ob_st, ob_rt = os.path.join(workdir, f"{variant}.orbax.st"), os.path.join(workdir, f"{variant}.orbax.rt.b16.npz")
+    outputs = (st_dir, rt, cp_npz, cp_st, ob_dir, cp_ob, ob_st, ob_rt)
     stamp = src + ".bench.json"
     out: dict = {"variant": variant, "seed": args.seed, "workdir": workdir, "cache": "cold" if cold else "warm",
                  "cpus": os.cpu_count(), "steps": {}}
     log(f"convert benchmark: {variant}, seed {args.seed}, workdir {workdir}, "
         f"{'cold cache (drop_caches before each step)' if cold else 'warm cache (each step run twice, 2nd timed)'}")
     try:
-        for p in (st_dir, rt, cp_npz, cp_st):
+        for p in outputs:
             remove(p)
         reuse = False
         if args.reuse and os.path.exists(src) and os.path.exists(stamp):
@@ -327,40 +338,56 @@ def benchmark(args) -> dict:
         steps = out["steps"]
         steps["cp_npz"] = run.measure("(a) cp npz", ["cp", src, cp_npz], cp_npz)
         remove(cp_npz)
-        steps["npz_to_st"] = run.measure("(b) convert npz->st", child("convert", src, st_dir, "safetensors"), st_dir)
-        steps["cp_st"] = run.measure("(c) cp -r safetensors", ["cp", "-r", st_dir, cp_st], cp_st)
-        remove(cp_st)
-        steps["st_to_npz"] = run.measure("(d) convert st->npz", child("convert", st_dir, rt, "npz"), rt)
-        steps["verify"] = Runner(workdir, False, log).measure("verify (sha256 both)", child("verify", src, rt, variant),
-                                                              None)
-        if args.profile:
-            for name, a, b, to in (("npz_to_st", src, st_dir + ".prof", "safetensors"),
-                                   ("st_to_npz", st_dir, rt + ".prof", "npz")):
-                pf = os.path.join(workdir, f"{name}.pstats")
-                r = run.measure(f"profiled {name}", child("convert", a, b, to, pf), b)
-                remove(b)
-                out.setdefault("profile", {})[name] = {"wall_s": r["wall_s"], "top_tottime": top_profile(pf)}
+        if "st" in args.legs:
+            steps["npz_to_st"] = run.measure("(b) convert npz->st", child("convert", src, st_dir, "safetensors"),
+                                             st_dir)
+            steps["cp_st"] = run.measure("(c) cp -r safetensors", ["cp", "-r", st_dir, cp_st], cp_st)
+            remove(cp_st)
+            steps["st_to_npz"] = run.measure("(d) convert st->npz", child("convert", st_dir, rt, "npz"), rt)
+            steps["verify"] = Runner(workdir, False, log).measure("verify (sha256 both)",
+                                                                  child("verify", src, rt, variant), None)
+            if args.profile:
+                for name, a, b, to in (("npz_to_st", src, st_dir + ".prof", "safetensors"),
+                                       ("st_to_npz", st_dir, rt + ".prof", "npz")):
+                    pf = os.path.join(workdir, f"{name}.pstats")
+                    r = run.measure(f"profiled {name}", child("convert", a, b, to, pf), b)
+                    remove(b)
+                    out.setdefault("profile", {})[name] = {"wall_s": r["wall_s"], "top_tottime": top_profile(pf)}
+            remove(rt)  # disk: the 10B files are 19 GB each
+            remove(st_dir)
+        if "orbax" in args.legs:
+            steps["npz_to_orbax"] = run.measure("(e) convert npz->orbax", child("convert", src, ob_dir, "orbax"),
+                                                ob_dir)
+            steps["cp_orbax"] = run.measure("(f) cp -r orbax", ["cp", "-r", ob_dir, cp_ob], cp_ob)
+            remove(cp_ob)
+            steps["orbax_to_st"] = run.measure("(g) convert orbax->st", child("convert", ob_dir, ob_st, "safetensors"),
+                                               ob_st)
+            remove(ob_st)
+            steps["orbax_to_npz"] = run.measure("(h) convert orbax->npz", child("convert", ob_dir, ob_rt, "npz"), ob_rt)
+            steps["verify_orbax"] = Runner(workdir, False, log).measure(
+                "verify orbax round trip", child("verify", src, ob_rt, variant), None)
     finally:
         if not args.keep:
-            for p in (src, stamp, st_dir, rt, cp_npz, cp_st, st_dir + ".prof", rt + ".prof"):
+            for p in (src, stamp, st_dir + ".prof", rt + ".prof") + outputs:
                 remove(p)
             for n in (".child_result.json", ".child.log", "npz_to_st.pstats", "st_to_npz.pstats"):
                 remove(os.path.join(workdir, n))
             if made_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
     s = out["steps"]
-    conv_rss = max(s["npz_to_st"]["peak_rss_bytes"], s["st_to_npz"]["peak_rss_bytes"])
-    out["ratios"] = {
-        "npz_to_st_over_cp": round(s["npz_to_st"]["wall_s"] / s["cp_npz"]["wall_s"], 2),
-        "st_to_npz_over_cp_r": round(s["st_to_npz"]["wall_s"] / s["cp_st"]["wall_s"], 2),
-        "npz_to_st_over_cp_incl_sync": round(s["npz_to_st"]["wall_sync_s"] / s["cp_npz"]["wall_sync_s"], 2),
-        "st_to_npz_over_cp_r_incl_sync": round(s["st_to_npz"]["wall_sync_s"] / s["cp_st"]["wall_sync_s"], 2),
-    }
-    out["round_trip_bit_exact"] = s["verify"]["result"]["bit_exact"]
+    out["ratios"], out["ratios_incl_sync"], rss = {}, {}, {}
+    for leg, floor in LEGS:
+        if leg in s:
+            out["ratios"][leg] = round(s[leg]["wall_s"] / s[floor]["wall_s"], 2)
+            out["ratios_incl_sync"][leg] = round(s[leg]["wall_sync_s"] / s[floor]["wall_sync_s"], 2)
+            rss[leg] = s[leg]["peak_rss_bytes"]
+    out["round_trip_bit_exact"] = all(s[v]["result"]["bit_exact"] for v in ("verify", "verify_orbax") if v in s)
+    st_legs = [leg for leg in ("npz_to_st", "st_to_npz") if leg in rss]
     out["targets"] = {
-        "peak_rss_le_1.5GB": conv_rss <= RSS_TARGET,
-        "wall_le_2x_cp": max(out["ratios"]["npz_to_st_over_cp"], out["ratios"]["st_to_npz_over_cp_r"])
-        <= WALL_RATIO_TARGET,
+        "peak_rss_le_1.5GB": max(rss.values()) <= RSS_TARGET,
+        "wall_le_2x_cp": max(out["ratios"].values()) <= WALL_RATIO_TARGET,
+        "npz_st_peak_rss_le_0.5GB": max((rss[leg] for leg in st_legs), default=0) <= ST_RSS_TARGET,
+        "npz_st_wall_le_1.3x_cp": max((out["ratios"][leg] for leg in st_legs), default=0) <= ST_WALL_TARGET,
     }
     return out
 
@@ -369,32 +396,37 @@ def render(out: dict) -> str:
     s = out["steps"]
     lines = [f"variant {out['variant']}  npz {out['npz_bytes'] / GB:.3f} GB  cache {out['cache']}  "
              f"cpus {out['cpus']}", "",
-             f"{'step':<26}{'wall s':>9}{'+sync s':>9}{'GB/s':>7}{'peak RSS GB':>13}{'user s':>8}{'sys s':>7}"]
+             f"{'step':<28}{'wall s':>9}{'+sync s':>9}{'GB/s':>7}{'peak RSS GB':>13}{'user s':>8}{'sys s':>7}"]
     for key, label in (("generate", "generate (synthetic)"), ("cp_npz", "(a) cp npz"),
                        ("npz_to_st", "(b) convert npz -> st"), ("cp_st", "(c) cp -r st dir"),
-                       ("st_to_npz", "(d) convert st -> npz"), ("verify", "verify (sha256 x2)")):
+                       ("st_to_npz", "(d) convert st -> npz"), ("verify", "verify (sha256 x2)"),
+                       ("npz_to_orbax", "(e) convert npz -> orbax"), ("cp_orbax", "(f) cp -r orbax dir"),
+                       ("orbax_to_st", "(g) convert orbax -> st"), ("orbax_to_npz", "(h) convert orbax -> npz"),
+                       ("verify_orbax", "verify orbax (sha256 x2)")):
         if key not in s:
             continue
         r = s[key]
         gbs = out["npz_bytes"] / GB / r["wall_s"] if r["wall_s"] else 0
-        lines.append(f"{label:<26}{r['wall_s']:>9.2f}{r['wall_sync_s']:>9.2f}{gbs:>7.2f}"
+        lines.append(f"{label:<28}{r['wall_s']:>9.2f}{r['wall_sync_s']:>9.2f}{gbs:>7.2f}"
                      f"{r['peak_rss_bytes'] / GB:>13.3f}{r['user_s']:>8.1f}{r['sys_s']:>7.1f}")
-    ra, t = out["ratios"], out["targets"]
-    lines += ["",
-              f"convert npz->st / cp      : {ra['npz_to_st_over_cp']:.2f}x  (incl. sync {ra['npz_to_st_over_cp_incl_sync']:.2f}x)",
-              f"convert st->npz / cp -r   : {ra['st_to_npz_over_cp_r']:.2f}x  (incl. sync {ra['st_to_npz_over_cp_r_incl_sync']:.2f}x)",
-              f"peak RSS npz->st / st->npz: {s['npz_to_st']['peak_rss_bytes'] / GB:.3f} / "
-              f"{s['st_to_npz']['peak_rss_bytes'] / GB:.3f} GB",
-              f"target peak RSS <= 1.5 GB : {'met' if t['peak_rss_le_1.5GB'] else 'MISSED'}",
-              f"target wall <= 2 x cp     : {'met' if t['wall_le_2x_cp'] else 'MISSED'}",
-              f"round trip bit-exact: {'yes' if out['round_trip_bit_exact'] else 'no'}"
-              f"  ({s['verify']['result']['members']} members, npy descr {s['verify']['result']['descrs']})"]
-    for p in s["verify"]["result"]["problems"]:
-        lines.append(f"  ! {p}")
-    for key in ("npz_to_st", "st_to_npz"):
-        lines += ["", f"slowest tensors, {key} (time attributed between progress calls):"]
-        for x in s[key]["result"]["slowest"]:
-            lines.append(f"  {x['s']:7.2f} s {x['MB']:9.1f} MB {x['MB_per_s'] or 0:8.1f} MB/s  {x['tensor']}")
+    lines.append("")
+    for leg, floor in LEGS:
+        if leg in out["ratios"]:
+            lines.append(f"{leg:<14} / {floor:<9}: {out['ratios'][leg]:.2f}x  (incl. sync "
+                         f"{out['ratios_incl_sync'][leg]:.2f}x)   peak RSS {s[leg]['peak_rss_bytes'] / GB:.3f} GB")
+    for name, ok in out["targets"].items():
+        lines.append(f"target {name:<26}: {'met' if ok else 'MISSED'}")
+    lines.append(f"round trips bit-exact: {'yes' if out['round_trip_bit_exact'] else 'no'}")
+    for v in ("verify", "verify_orbax"):
+        if v in s:
+            res = s[v]["result"]
+            lines.append(f"  {v}: {res['members']} members, npy descr {res['descrs']}")
+            lines += [f"  ! {p}" for p in res["problems"]]
+    for key, _ in LEGS:
+        if key in s:
+            lines += ["", f"slowest tensors, {key} (time attributed between progress calls):"]
+            for x in s[key]["result"]["slowest"]:
+                lines.append(f"  {x['s']:7.2f} s {x['MB']:9.1f} MB {x['MB_per_s'] or 0:8.1f} MB/s  {x['tensor']}")
     for key, p in out.get("profile", {}).items():
         lines += ["", f"cProfile {key} (wall {p['wall_s']:.1f} s under the profiler), top by tottime:",
                   p["top_tottime"]]
@@ -418,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each cp / conversion; the fastest counts")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (run each step twice)")
     ap.add_argument("--profile", action="store_true", help="also run each conversion under cProfile")
+    ap.add_argument("--legs", default="st,orbax", help="comma-separated: st (npz <-> safetensors), orbax")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = ap.parse_args(argv)
     out = benchmark(args)

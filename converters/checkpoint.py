@@ -1,9 +1,10 @@
 """A checkpoint opened in canonical terms, whatever its format: the one place formats meet the spec.
 
-`open_checkpoint(path)` detects the format (npz or safetensors: one file, a sharded index, or a directory), resolves
-the config (explicit, sidecar/config.json, or detected from the shapes), and checks every tensor against the spec
-before anything is converted or loaded. `Checkpoint.canonical_chunks(entry)` and `hf_chunks(...)` stream a tensor
-in either layout, derived from the spec's rows; no format pair has code of its own.
+`open_checkpoint(path)` detects the format (npz; safetensors: one file, a sharded index, or a directory; an orbax
+checkpoint directory), resolves the config (explicit, sidecar/config.json/orbax custom metadata, or detected from
+the shapes), and checks every tensor against the spec before anything is converted or loaded.
+`Checkpoint.canonical_chunks(entry)` and `hf_chunks(...)` stream a tensor in either layout as blocks of bounded size
+(converters.blocks), derived from the spec's rows; no format pair has code of its own.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from converters import dtypes, hub
+from converters import blocks, dtypes, hub, orbax_io
 from converters.hf_config import config_from_dict, from_hf_config
 from converters.npz_io import NpzReader
 from converters.rawio import open_regular, read_json
@@ -32,12 +33,15 @@ def sidecar_path(npz_path: str) -> str:
 
 
 def detect_format(path: str) -> str:
-    """'npz' or 'safetensors'; CheckpointError for anything else."""
+    """'npz', 'safetensors' or 'orbax'; CheckpointError for anything else."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(describe(path, what="no such file or directory"))
     if os.path.isdir(path):
         names = os.listdir(path)
+        if (orbax_io.is_orbax_dir(path) or orbax_io.OCDBT_MANIFEST in names or "ocdbt.process_0" in names
+                or orbax_io.TMP_MARKER in os.path.basename(os.path.abspath(path))):
+            return "orbax"
         if INDEX_NAME in names or any(n.endswith(".safetensors") for n in names):
             return "safetensors"
         if any(n.endswith(".npz") for n in names):
@@ -102,6 +106,7 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     _npz: NpzReader | None = None
     _st: SafetensorsReader | None = None
+    _orbax: "orbax_io.OrbaxReader | None" = None
     _npz_prefix: str = ""
     _st_keys: dict[str, str] = field(default_factory=dict)  # normalized -> key in file
 
@@ -110,7 +115,7 @@ class Checkpoint:
         return spec.entries(self.config)
 
     def dtype(self, e: spec.Entry) -> np.dtype:
-        if self.format == "npz":
+        if self.format in ("npz", "orbax"):
             return self.native_dtypes[e.key]
         return self.native_dtypes[next(k for k, _ in e.hf_keys())]
 
@@ -118,6 +123,8 @@ class Checkpoint:
         """The canonical tensor, or `tensor[index]` for a layer (i,) or a layer piece (i, j)."""
         if self._npz is not None:
             return self._npz.read(self._npz_prefix + e.key, index)
+        if self._orbax is not None:
+            return self._orbax.read(e.key, index)
         addrs = dict((a, k) for k, a in e.hf_keys())
         multi = len(e.hf_templates) > 1
 
@@ -140,34 +147,52 @@ class Checkpoint:
     def _read_st(self, key: str, rows=None) -> np.ndarray:
         return self._st.read(self._st_keys[key], rows)
 
-    def _row_chunks(self, key_reader, n_rows: int, row_bytes: int) -> Iterator[np.ndarray]:
-        step = max(1, ROW_CHUNK_BYTES // max(row_bytes, 1))
-        for a in range(0, n_rows, step):
-            yield key_reader((a, min(n_rows, a + step)))
-
     def _is_rows(self, e: spec.Entry) -> bool:
         """A large non-layered tensor whose only op is PAD (the embedding): streamed in row blocks."""
         return e.layers is None and all(op.kind == "PAD" for op in e.ops)
 
+    @staticmethod
+    def _is_transpose(e: spec.Entry) -> bool:
+        """A 2-D piece whose only op is a transpose (the MLP kernels): transposed block by block."""
+        return len(e.piece_shape) == 2 and [(op.kind, op.args) for op in e.ops] == [("T", (1, 0))]
+
+    def canonical_block(self, e: spec.Entry, index: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
+        """`tensor[index][rows[0]:rows[1]]` of the canonical tensor (a block of `blocks.blocks`)."""
+        if self._npz is not None:
+            return self._npz.read(self._npz_prefix + e.key, index, rows)
+        if self._orbax is not None:
+            return self._orbax.read(e.key, index, rows)
+        a, b = rows
+        multi = len(e.hf_templates) > 1
+        if e.layers is None:
+            if self._is_rows(e):
+                return self._read_st(next(k for k, _ in e.hf_keys()), rows)
+            return self.canonical(e)[index][a:b]
+        depth = 2 if multi else 1  # leading indices that name one HF tensor (one piece)
+        if len(index) == depth - 1 and b - a == 1:  # one piece: one HF tensor, no stacking copy
+            return self._st_piece(e, index + (a,), (0, e.piece_shape[0]))[None]
+        if not index:  # whole layers
+            return np.stack([self.canonical(e, (i,)) for i in range(a, b)])
+        if len(index) < depth:  # whole pieces of layer i
+            return np.stack([self.canonical(e, (index[0], j)) for j in range(a, b)])
+        if len(index) == depth:
+            return self._st_piece(e, index, rows)
+        return self.canonical(e, index[:depth])[index[depth:]][a:b]  # the piece whole (bounded by the piece)
+
+    def _st_piece(self, e: spec.Entry, index: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
+        """Rows of one canonical piece from its HF tensor; a transposed one from row bands of it."""
+        if not self._is_transpose(e):
+            return self.canonical(e, index)[rows[0]:rows[1]]
+        multi = len(e.hf_templates) > 1
+        hf_key = dict((ad, k) for k, ad in e.hf_keys())[(index[0], index[1] if multi else None)]
+        C, R = e.hf_shape  # rows [a, b) of the piece = columns [a, b) of the HF tensor, transposed
+        return blocks.transposed_columns(lambda r0, r1: self._read_st(hf_key, (r0, r1)), C, R, rows[0], rows[1],
+                                         self.dtype(e))
+
     def canonical_chunks(self, e: spec.Entry) -> Iterator[np.ndarray]:
-        """Consecutive C-order blocks of the canonical tensor (layers, or row blocks of the embedding)."""
-        if self._is_rows(e):
-            row_bytes = int(np.prod(e.shape[1:])) * self.dtype(e).itemsize
-            if self._npz is not None:
-                reader = lambda r: self._npz.read(self._npz_prefix + e.key, rows=r)  # noqa: E731
-            else:
-                hf_key = next(k for k, _ in e.hf_keys())
-                reader = lambda r: self._read_st(hf_key, r)  # noqa: E731
-            yield from self._row_chunks(reader, e.shape[0], row_bytes)
-        elif e.layers is not None:
-            for i in range(e.layers):
-                if self._st is not None and len(e.hf_templates) > 1:  # pieces in order: no stacking copy
-                    for j in range(len(e.hf_templates)):
-                        yield self.canonical(e, (i, j))
-                else:
-                    yield self.canonical(e, (i,))
-        else:
-            yield self.canonical(e)
+        """Consecutive C-order blocks of the canonical tensor (converters.blocks)."""
+        for index, rows in blocks.blocks(e.shape, self.dtype(e).itemsize):
+            yield self.canonical_block(e, index, rows)
 
     def pad_rows(self, e: spec.Entry) -> np.ndarray | None:
         """HF vocabulary padding rows: the file's own when it has them (safetensors), else the mean row."""
@@ -183,18 +208,25 @@ class Checkpoint:
 
     def hf_chunks(self, e: spec.Entry, addr, dtype: np.dtype | None) -> Iterator[np.ndarray]:
         """Consecutive C-order blocks of one HF tensor."""
-        if not self._is_rows(e):
-            yield dtypes.cast(e.to_hf(self.canonical(e, e.index(addr)), self.pad_rows(e)), dtype)
+        if self._is_rows(e):
+            mean = spec.MeanRow() if e.lossy and self._st is None else None
+            for c in self.canonical_chunks(e):
+                if mean is not None:  # the mean row, accumulated on the way: one pass over the table
+                    mean.add(c)
+                yield dtypes.cast(c, dtype)
+            if e.lossy:
+                n = e.hf_shape[0] - e.shape[0]
+                pad = self.pad_rows(e) if mean is None else mean.value(self.dtype(e))
+                yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
             return
-        mean = spec.MeanRow() if e.lossy and self._st is None else None
-        for c in self.canonical_chunks(e):
-            if mean is not None:  # the mean row, accumulated on the way: one pass over the table
-                mean.add(c)
-            yield dtypes.cast(c, dtype)
-        if e.lossy:
-            n = e.hf_shape[0] - e.shape[0]
-            pad = self.pad_rows(e) if mean is None else mean.value(self.dtype(e))
-            yield dtypes.cast(np.ascontiguousarray(np.broadcast_to(pad, (n,) + e.shape[1:])), dtype)
+        index, src = e.index(addr), self.dtype(e)
+        if self._st is not None or not self._is_transpose(e) or blocks.plan(e.hf_shape, src.itemsize)[0] != 0:
+            yield dtypes.cast(e.to_hf(self.canonical(e, index), self.pad_rows(e)), dtype)
+            return
+        R, C = e.piece_shape  # HF (C, R): its rows [a, b) are columns [a, b) of the piece, transposed
+        for _, (a, b) in blocks.blocks(e.hf_shape, src.itemsize):
+            yield dtypes.cast(blocks.transposed_columns(lambda r0, r1: self.canonical_block(e, index, (r0, r1)),
+                                                        R, C, a, b, src), dtype)
 
     def load(self, dtype: np.dtype | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> dict[str, np.ndarray]:
@@ -224,6 +256,8 @@ class Checkpoint:
             self._npz.close()
         if self._st is not None:
             self._st.close()
+        if self._orbax is not None:
+            self._orbax.close()
 
     def __enter__(self):
         return self
@@ -279,8 +313,15 @@ def _native_st(path: str, notes: list[str]) -> tuple[SafetensorsReader, dict, di
     return r, keymap, shapes, dts
 
 
+def _native_orbax(path: str, notes: list[str]) -> tuple["orbax_io.OrbaxReader", dict, dict]:
+    r = orbax_io.OrbaxReader(path)
+    if r.prefix:
+        notes.append("tree has a top-level `params` key; read under it")
+    return r, {k: a.shape for k, a in r.arrays.items()}, {k: a.dtype for k, a in r.arrays.items()}
+
+
 def expected_shapes(config: PaliGemmaConfig, fmt: str) -> dict[str, tuple[int, ...]]:
-    return spec.canonical_shapes(config) if fmt == "npz" else spec.hf_shapes(config)
+    return spec.hf_shapes(config) if fmt == "safetensors" else spec.canonical_shapes(config)
 
 
 def departures(shapes: dict, config: PaliGemmaConfig, fmt: str) -> list[tuple[str, object, object, str]]:
@@ -342,23 +383,25 @@ def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | Non
     path = hub.resolve(path)
     fmt = detect_format(path)
     notes: list[str] = []
-    npz = st = None
+    npz = st = ob = None
     prefix, keymap = "", {}
     if fmt == "npz":
         npz, prefix, shapes, dts = _native_npz(path)
         if not prefix:
             notes.append("keys lack the released `params/` prefix (a notebook-saved file); read as is")
+    elif fmt == "orbax":
+        ob, shapes, dts = _native_orbax(path, notes)
     else:
         st, keymap, shapes, dts = _native_st(path, notes)
     cfg = resolve_config(config)
     source = "--config" if cfg is not None else ""
     if cfg is None:
-        cfg, source = _config_beside(path, fmt, st)
+        cfg, source = _config_beside(path, fmt, ob)
     if cfg is None:
         cfg = detect_config(shapes, fmt)
         source = "detected from shapes" if cfg is not None else ""
     if cfg is None:
-        guess = infer_config(shapes) if fmt == "npz" else None
+        guess = infer_config(shapes) if fmt != "safetensors" else None
         if not strict and guess is not None:
             cfg, source = guess, "inferred from shapes (non-shape fields are Gemma defaults)"
         elif not strict:
@@ -367,7 +410,7 @@ def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | Non
             what = ("shapes match no known variant; give --config NAME or the path of a config.json "
                     f"(variants: {', '.join(ALL_VARIANTS)})")
             raise ConfigError(describe(path, what=what))
-    ck = Checkpoint(path, fmt, cfg, source, shapes, dts, notes, npz, st, prefix, keymap)
+    ck = Checkpoint(path, fmt, cfg, source, shapes, dts, notes, npz, st, ob, prefix, keymap)
     if strict:
         problems = departures(shapes, cfg, fmt)
         if problems:
@@ -378,7 +421,15 @@ def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | Non
     return ck
 
 
-def _config_beside(path: str, fmt: str, st: SafetensorsReader | None) -> tuple[PaliGemmaConfig | None, str]:
+def _config_beside(path: str, fmt: str, ob) -> tuple[PaliGemmaConfig | None, str]:
+    if fmt == "orbax":
+        d = ob.config_dict()
+        if d is None:
+            return None, ""
+        try:
+            return PaliGemmaConfig.from_dict(d), "orbax custom metadata"
+        except ValueError as e:
+            raise ConfigError(describe(path, orbax_io.CHECKPOINT_METADATA, what=str(e))) from None
     if fmt == "npz":
         side = sidecar_path(path)
         if os.path.exists(side):

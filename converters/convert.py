@@ -1,8 +1,10 @@
-"""`convert`: any supported checkpoint to npz or safetensors, streamed tensor by tensor through the spec.
+"""`convert`: any supported checkpoint to npz, safetensors or orbax, streamed block by block through the spec.
 
-Outputs are written under a temporary name beside the destination and renamed when complete, so a failure
-leaves nothing behind. npz -> safetensors adds the HF vocabulary padding rows (the mean embedding row; see
-`parity.spec.pad_rows_for`); safetensors -> npz drops them: the one lossy step, reported in `notes`.
+Every tensor moves as blocks of at most converters.blocks.BLOCK_BYTES (a reader thread a block ahead of the
+writer), so peak memory is a few blocks whatever the model size. Outputs are written under a temporary name beside
+the destination and renamed when complete, so a failure leaves nothing behind. npz/orbax -> safetensors adds the HF
+vocabulary padding rows (the mean embedding row; see `parity.spec.pad_rows_for`); safetensors -> npz/orbax drops
+them: the one lossy step, reported in `notes`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from converters.atomic import atomic_output
 from converters.checkpoint import Checkpoint, open_checkpoint, sidecar_path
 from converters.hf_config import to_hf_config
 from converters.npz_io import NpzWriter
+from converters.orbax_io import CUSTOM_KEY
 from parity import spec
 from parity.config import PaliGemmaConfig
 from parity.errors import OutputError, UsageError, describe
@@ -32,7 +35,10 @@ def _target_dtype(ck: Checkpoint, e: spec.Entry, dtype: str) -> np.dtype:
     return ck.dtype(e) if dtype == "keep" else dtypes.FLOAT_DTYPES[dtype]
 
 
-def background(items: Iterator, depth: int = 3) -> Iterator:
+FORMATS = ("npz", "safetensors", "orbax")
+
+
+def background(items: Iterator, depth: int = 2) -> Iterator:
     """Produce `items` in a worker thread, `depth` ahead of the consumer: reading and transforming the next block
     (preadv, tiled transposes, CRC: all release the GIL) overlaps writing this one. Exceptions reach the consumer.
     Shutdown cannot deadlock: the worker never blocks on a full queue without watching `stop`, and a consumer that
@@ -104,6 +110,23 @@ def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -
     return len(ents), sum(sizes)
 
 
+def write_orbax(ck: Checkpoint, tmpdir: str, dtype: str, progress: Progress | None) -> tuple[int, int]:
+    """big_vision's tree (canonical keys split at `/`) as an OCDBT orbax checkpoint, array by array; the config
+    goes into orbax's custom metadata."""
+    from converters.orbax_io import OrbaxWriter  # tensorstore only when an orbax path is touched
+
+    ents = ck.entries()
+    dts = [_target_dtype(ck, e, dtype) for e in ents]
+    sizes = [int(np.prod(e.shape)) * dt.itemsize for e, dt in zip(ents, dts)]
+    stream = background(dtypes.cast(c, dt) for e, dt in zip(ents, dts) for c in ck.canonical_chunks(e))
+    counter = [0]
+    w = OrbaxWriter(tmpdir)
+    for e, dt, n in zip(ents, dts, sizes):
+        w.write(e.key, dt, e.shape, _take(stream, n, progress, counter, sum(sizes), e.key))
+    w.close({CUSTOM_KEY: {"config": ck.config.to_dict(), "source_format": ck.format}})
+    return len(ents), sum(sizes)
+
+
 def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | None,
                       progress: Progress | None) -> tuple[int, int, list[str]]:
     plan = []  # (hf key, dtype, shape, entry, addr)
@@ -134,9 +157,10 @@ def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | 
 def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = None, dtype: str = "keep",
             max_shard_size: str | int | None = None, overwrite: bool = False,
             progress: Progress | None = None) -> dict:
-    """Convert `src` (any supported format) to `to` ('npz' or 'safetensors') at `dst`; returns a report."""
-    if to not in ("npz", "safetensors"):
-        raise OutputError(f"--to must be npz or safetensors, not {to!r}")
+    """Convert `src` (any supported format) to `to` ('npz', 'safetensors' or 'orbax') at `dst`; returns a
+    report."""
+    if to not in FORMATS:
+        raise OutputError(f"--to must be npz, safetensors or orbax, not {to!r}")
     if dtype != "keep" and dtype not in dtypes.FLOAT_DTYPES:
         raise OutputError(f"--dtype must be keep, float32, bfloat16 or float16, not {dtype!r}")
     try:
@@ -159,14 +183,14 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
                                    or (d, dtype) in (("float16", "bfloat16"), ("bfloat16", "float16"))
                                    for d in src_dtypes):
             notes.append(f"lossy: values rounded from {'/'.join(src_dtypes)} to {dtype}")
+        if to in ("npz", "orbax") and ck.format == "safetensors":
+            notes.append(f"lossy: dropped the {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding "
+                             f"rows of embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}, incl. "
+                         f"<image>); big_vision's table has {cfg.text.vocab_size} rows")
         if to == "npz":
             side = sidecar_path(dst)
             if os.path.lexists(side) and not overwrite:
                 raise OutputError(describe(side, what="sidecar exists; pass --overwrite to replace it"))
-            if ck.format == "safetensors":
-                notes.append(f"lossy: dropped the {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding "
-                             f"rows of embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}, incl. "
-                             f"<image>); big_vision's table has {cfg.text.vocab_size} rows")
             with atomic_output(side, False, overwrite) as side_tmp:
                 with open(side_tmp, "w") as f:
                     f.write(cfg.to_json())
@@ -174,8 +198,12 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
                     n, nbytes = write_npz(ck, tmp, dtype, progress)
                     ck.verify_read()
             files = [dst, side]
+        elif to == "orbax":
+            with atomic_output(dst, True, overwrite) as tmp:
+                n, nbytes = write_orbax(ck, tmp, dtype, progress)
+            files = [dst]
         else:
-            if ck.format == "npz":
+            if ck.format != "safetensors":
                 notes.append(f"added {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding rows to "
                              f"embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}), each the mean "
                              f"embedding row; converting back drops them")

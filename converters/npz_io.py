@@ -185,8 +185,8 @@ class NpzReader:
         return list(self.members)
 
     def read(self, key: str, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The member, its sub-array `array[index]` for leading integer indices, or rows [a, b) of its first
-        axis, read from disk."""
+        """The member, its sub-array `array[index]` for leading integer indices, or rows [a, b) of the first
+        axis after them, read from disk."""
         m = self.members[key]
         sub = m.shape[len(index):]
         count = math.prod(sub)
@@ -196,12 +196,13 @@ class NpzReader:
                 raise IndexError(f"{key}: index {index} out of range for shape {m.shape}")
             flat = flat * n + i
         start = flat * count * m.dtype.itemsize
-        if rows is not None:
-            assert not index and 0 <= rows[0] <= rows[1] <= m.shape[0]
-            row = count // m.shape[0] if m.shape[0] else 0
-            sub = (rows[1] - rows[0],) + m.shape[1:]
+        if rows is not None:  # rows of the first axis after `index`
+            if not (sub and 0 <= rows[0] <= rows[1] <= sub[0]):
+                raise IndexError(f"{key}: rows {rows} out of range for shape {m.shape} at index {index}")
+            row = count // sub[0] if sub and sub[0] else 0
+            start += rows[0] * row * m.dtype.itemsize
+            sub = (rows[1] - rows[0],) + sub[1:]
             count = row * sub[0]
-            start = rows[0] * row * m.dtype.itemsize
         if m._deflated is not None:  # inflated whole, bounded by the declared size, CRC checked
             at, csize, hlen = m._deflated
             raw = self._inflate(key, at, csize, hlen + m.nbytes + 1)

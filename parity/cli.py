@@ -144,8 +144,9 @@ def main():
 
 @main.command()
 @click.argument("src", type=click.Path())
-@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Output .npz file or safetensors directory.")
-@click.option("--to", "to", required=True, type=click.Choice(["npz", "safetensors"]))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(),
+              help="Output .npz file, safetensors directory or orbax checkpoint directory.")
+@click.option("--to", "to", required=True, type=click.Choice(["npz", "safetensors", "orbax"]))
 @click.option("--config", default=None, help="Variant name or path of a config.json  [default: the npz sidecar / "
                                              "the directory's config.json, else detected from the shapes]")
 @click.option("--dtype", default="keep", type=click.Choice(["keep", "float32", "bfloat16", "float16"]),
@@ -155,7 +156,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
-    """Convert SRC (npz or safetensors; detected) to --to format at -o, streaming tensor by tensor."""
+    """Convert SRC (npz, safetensors or orbax; detected) to --to format at -o, streaming block by block."""
     from converters.convert import convert as run
     with progress_bar(not as_json and _show_progress(), "converting") as cb:
         report = run(src, dst, to, config=config, dtype=dtype, max_shard_size=max_shard_size,
