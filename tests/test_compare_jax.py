@@ -12,13 +12,9 @@ from parity import points, spec  # noqa: E402
 from parity.compare import compare  # noqa: E402
 from parity.config import TINY_VARIANTS  # noqa: E402
 from parity.inputs import save_inputs  # noqa: E402
+from test_compare import write_ckpt  # noqa: E402
 
 GQA = TINY_VARIANTS["tiny-pg2-gqa"]
-
-
-def write_ckpt(path, params):
-    np.savez(path, **{spec.NPZ_PREFIX + k: v for k, v in params.items()})
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -5,32 +5,21 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
 from converters import orbax_io  # noqa: E402
 from converters.convert import convert  # noqa: E402
 from parity import spec  # noqa: E402
-from parity.cli import main  # noqa: E402
 from parity.config import TINY_VARIANTS  # noqa: E402
 from parity.errors import CheckpointError  # noqa: E402
 from tests.ckpt_helpers import tiny_npz  # noqa: E402,F401  (fixture)
+from tests.test_bad_input import assert_one_line_error, run  # noqa: E402
 from tests.test_orbax import nested, orbax_save  # noqa: E402
 
 CFG = TINY_VARIANTS["tiny-pg2-gqa"]
 
 
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.stderr.strip(), r.stdout
-
-
-def assert_one_line_error(code, err, *must_contain):
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err, err
-    for s in must_contain:
-        assert str(s) in err, (s, err)
 
 
 @pytest.fixture
