@@ -409,12 +409,22 @@ def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dt
 @click.option("--rejudge", default=None, type=click.Path(), help="Judge a saved comparison again (no sides run).")
 @click.option("--html", "html_path", default=None, type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON (schema parity.compare/1).")
+@click.option("--generate", "generate_steps", default=None, type=click.IntRange(1), help="Decode N greedy steps on "
+              "both sides and compare tokens, step margins, KL and KV caches (parity.compare.generation).")
+@click.option("--tokenizer", default=None, type=click.Path(), help="With --generate: SentencePiece model to show "
+                                                                   "the text.")
+@click.option("--stop-at-eos", is_flag=True, help="With --generate: stop rows at <eos> (default: ignore it).")
 def compare_cmd(ckpt, side_a, side_b, against, impl, inputs, convention, config, layer_by_layer, teacher_forced,
-                points, profile, policy, allow_convention_mismatch, save, rejudge, html_path, as_json):
+                points, profile, policy, allow_convention_mismatch, save, rejudge, html_path, as_json,
+                generate_steps, tokenizer, stop_at_eos):
     """Compare two runs point by point: exit 0 when every point passes, 1 on a mismatch, 2 on bad input."""
     from parity import compare as cmp
     from parity.compare.html import write_html
     from parity.compare.report import render
+    if generate_steps is not None:
+        _compare_generation(ckpt, side_a, side_b, against, impl, inputs, convention, config, teacher_forced,
+                            profile, policy, allow_convention_mismatch, html_path, as_json, generate_steps,
+                            tokenizer, stop_at_eos, layer_by_layer or points or save or rejudge)
     if rejudge:
         c = cmp.rejudge(rejudge, profile=profile, policy=policy)
     else:
@@ -428,6 +438,26 @@ def compare_cmd(ckpt, side_a, side_b, against, impl, inputs, convention, config,
     if html_path:
         write_html(c, html_path)
     _emit(c.to_dict(), as_json, lambda _: render(c))
+    sys.exit(c.exit_code)
+
+
+def _compare_generation(ckpt, side_a, side_b, against, impl, inputs, convention, config, teacher_forced, profile,
+                        policy, allow_convention_mismatch, html_path, as_json, steps, tokenizer, stop_at_eos,
+                        contradicting):
+    from parity.compare import generation
+    from parity.errors import UsageError
+    if contradicting:
+        raise UsageError("--generate compares decoding; it takes none of --layer-by-layer, --points, --save, "
+                         "--rejudge")
+    with _status(not as_json and sys.stderr.isatty()) as say:
+        c = generation.compare_generation(side_a, side_b, ckpt=ckpt, against=against, inputs=inputs, steps=steps,
+                                          impl=impl, convention=convention, config=config,
+                                          teacher_forced=teacher_forced, ignore_eos=not stop_at_eos,
+                                          profile=profile, policy=policy, tokenizer=tokenizer,
+                                          allow_convention_mismatch=allow_convention_mismatch, progress=say)
+    if html_path:
+        generation.write_html(c, html_path)
+    _emit(c.to_dict(), as_json, lambda _: generation.render(c))
     sys.exit(c.exit_code)
 
 
