@@ -461,6 +461,62 @@ def _compare_generation(ckpt, side_a, side_b, against, impl, inputs, convention,
     sys.exit(c.exit_code)
 
 
+# -- parity golden (issue 8): record / check golden bundles (parity.golden) -------------------------------------
+@main.group("golden")
+def golden_group():
+    """Golden bundles: record a run as the expectation, check an implementation against it."""
+
+
+@golden_group.command("record")
+@click.argument("ckpt", type=click.Path())
+@click.option("--inputs", required=True, type=click.Path(), help="Inputs file (copied into the bundle).")
+@click.option("--impl", default="torch", type=click.Choice(["torch", "jax", "transformers"]), show_default=True,
+              help="Implementation that records the expectation.")
+@click.option("--convention", default=None, type=click.Choice(["big_vision", "transformers"]),
+              help="Conventions preset (default: transformers for --impl transformers, else big_vision).")
+@click.option("--generate", "steps", default=None, type=click.IntRange(1), help="Also record N greedy tokens "
+              "(ignore_eos) with their step logits and the KV cache.")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"]), show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", default="highest", type=click.Choice(["highest", "high", "default"]),
+              show_default=True)
+@click.option("--config", default=None, help="Variant name or config.json (default: detected).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The bundle directory (NAME.bundle).")
+@click.option("--update", is_flag=True, help="Re-record into an existing bundle and report what changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def golden_record_cmd(ckpt, inputs, impl, convention, steps, dtype, device, precision, config, output, update,
+                      as_json):
+    """Record the expectation of this device class and precision profile into a golden bundle."""
+    from parity import golden
+    with _status(not as_json and sys.stderr.isatty()) as say:
+        rep = golden.record(ckpt, inputs, output, impl=impl, convention=convention, steps=steps, dtype=dtype,
+                            device=device, precision=precision, config=config, update=update, progress=say)
+    _emit(rep, as_json, lambda _: golden.render_record(rep))
+
+
+@golden_group.command("check")
+@click.argument("bundle", type=click.Path())
+@click.option("--impl", default="torch", type=click.Choice(["torch", "jax"]), show_default=True)
+@click.option("--checkpoint", default=None, type=click.Path(), help="Check this checkpoint instead of the "
+              "bundle's (then not sha256-verified).")
+@click.option("--profile", default=None, type=click.Choice(["fp32", "tf32", "f16", "bf16"]),
+              help="Tolerance profile (default: chosen from the two manifests).")
+@click.option("--policy", default=None, type=click.Path(), help="Policy file (TOML or JSON): per-point rules.")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"]), show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", default="highest", type=click.Choice(["highest", "high", "default"]),
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema parity.golden.check/1).")
+def golden_check_cmd(bundle, impl, checkpoint, profile, policy, dtype, device, precision, as_json):
+    """Run an implementation on a bundle's inputs and compare: exit 0 when it matches, 1 if not, 2 bad input."""
+    from parity import golden
+    with _status(not as_json and sys.stderr.isatty()) as say:
+        r = golden.check(bundle, impl=impl, checkpoint=checkpoint, profile=profile, policy=policy, dtype=dtype,
+                         device=device, precision=precision, progress=say)
+    _emit(r.to_dict(), as_json, lambda _: golden.render(r))
+    sys.exit(r.exit_code)
+
+
 @contextlib.contextmanager
 def _status(enabled: bool):
     """A rich status line on stderr naming what runs now, or nothing."""
