@@ -195,8 +195,9 @@ def compare_generation(a: str | None = None, b: str | None = None, ckpt: str | N
                 continue
             say(f"side {side.label}: {side.describe()}, {steps} greedy steps")
             forced = paths["A"] if teacher_forced and side.label == "B" else None
-            r = run_side(generation_job(side, inputs, os.path.join(tmp, f"{side.label}.generation.safetensors"),
-                                        convention, config, steps, ignore_eos, forced), isolate)
+            j = generation_job(side, inputs, os.path.join(tmp, f"{side.label}.generation.safetensors"), convention,
+                               config, steps, ignore_eos, forced)
+            r = run_side(j) if isolate else run_generation_job(j)  # the worker dispatches on j["generate"]
             paths[side.label] = r["capture"]
         say("comparing")
         return compare_generation_files(paths["A"], paths["B"], {"A": side_a, "B": side_b}, teacher_forced,
