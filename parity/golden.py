@@ -177,6 +177,8 @@ def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention:
             raise OutputError(describe(output, what="golden bundle exists; pass --update to re-record it (the "
                                                     "report says what changed)"))
         old = Bundle.open(output)
+    if not os.path.isdir(os.path.dirname(output)):
+        raise OutputError(describe(output, what=f"output directory {os.path.dirname(output)} does not exist"))
     if not os.path.isfile(inputs):
         raise InputsError(describe(inputs, what="inputs file not found"))
     if steps is not None and steps < 1:

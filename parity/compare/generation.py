@@ -222,6 +222,13 @@ def compare_generation_files(path_a: str, path_b: str, sides: dict[str, Side] | 
     check_manifests(ma, mb, allow_convention_mismatch)
     cfg = PaliGemmaConfig.from_dict(ma["config"])
     tols = tol.tolerances(profile, policy, ma, mb)
+    notes = []
+    n = min(ta["logits"].shape[1], tb["logits"].shape[1])  # rows stopped at <eos> (--stop-at-eos): shorter runs
+    if ta["logits"].shape[1] != tb["logits"].shape[1]:
+        notes.append(f"side A decoded {ta['logits'].shape[1]} steps, side B {tb['logits'].shape[1]} (every row "
+                     f"stopped at <eos>): the first {n} compared")
+    ta = {**ta, "tokens": ta["tokens"][:, :n], "logits": ta["logits"][:, :n]}
+    tb = {**tb, "tokens": tb["tokens"][:, :n], "logits": tb["logits"][:, :n]}
     if ta["tokens"].shape != tb["tokens"].shape or ta["logits"].shape != tb["logits"].shape:
         raise InputsError(f"the two generations differ in shape: A tokens {list(ta['tokens'].shape)} logits "
                           f"{list(ta['logits'].shape)}, B tokens {list(tb['tokens'].shape)} logits "
@@ -237,7 +244,8 @@ def compare_generation_files(path_a: str, path_b: str, sides: dict[str, Side] | 
     stats = point_stats(ta["logits"], tb["logits"], tol.compared_dtype(ma, mb), comparable, True)
     judged = tols.judge(pts.LOGITS, stats)
     records = [PointRecord(STEP_LOGITS, COMPARED, stats, dataclasses.replace(judged, point=STEP_LOGITS))]
-    slots = _cache_slots(cfg, ma, rows, ta["tokens"].shape[1], teacher_forced)
+    steps = ma.get("sampling", {}).get("max_new_tokens", n)
+    slots = _cache_slots(cfg, ma, rows, steps, teacher_forced)
     for name in pts.cache_points(cfg):
         have_a, have_b = name in ta, name in tb
         if not (have_a or have_b):
@@ -251,7 +259,6 @@ def compare_generation_files(path_a: str, path_b: str, sides: dict[str, Side] | 
         records.append(PointRecord(name, COMPARED, s, tols.judge(name, s)))
     sides_d = {k: {"spec": sides[k].spec if sides else p, "kind": "run" if sides and sides[k].runs else "capture",
                    "manifest": m} for k, p, m in (("A", path_a, ma), ("B", path_b, mb))}
-    notes = []
     if not teacher_forced and any(r.first_divergence is not None for r in rows):
         notes.append("steps after a row's first divergence have different histories: shown, not judged "
                      "(--teacher-forced keeps them comparable)")
@@ -314,7 +321,7 @@ def _cache_slots(cfg: PaliGemmaConfig, manifest: dict, rows: tuple[Row, ...], st
             real = batch["mask_input"].astype(bool)
     slots[:, cfg.num_image_tokens:p] = real
     for r in rows:
-        end = steps - 1 if teacher_forced or r.first_divergence is None else r.first_divergence
+        end = min(len(r.steps), steps - 1) if teacher_forced or r.first_divergence is None else r.first_divergence
         slots[r.row, p:p + end] = True
     return slots
 
