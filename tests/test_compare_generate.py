@@ -169,3 +169,12 @@ def test_generate_refuses_layer_options_and_capture_file_b_when_teacher_forced(t
     assert res.exit_code == 2 and "side B must be an implementation" in res.output
     res = CliRunner().invoke(main, ["compare", "--a", pa, "--b", pb, "--generate", "5"])
     assert res.exit_code == 0, res.output
+
+
+def test_runs_of_different_lengths_are_compared_over_their_common_steps(tmp_path, generated):
+    tensors, manifest = generated
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    _write(pa, tensors, manifest, True)
+    _write(pb, {**tensors, "logits": tensors["logits"][:, :3]}, manifest, True)  # every row stopped at <eos>
+    c = compare_generation_files(pa, pb)
+    assert c and [len(r.steps) for r in c.rows] == [3, 3] and "first 3 compared" in c.notes[0]

@@ -139,3 +139,11 @@ def test_a_golden_check_of_a_tiny_bundle_is_fast():
     t0 = time.perf_counter()
     assert golden.check(PG1)
     assert time.perf_counter() - t0 < 6.0
+
+
+def test_a_bfloat16_check_falls_back_to_the_fp32_expectation_under_the_bf16_profile():
+    r = golden.check(PG1, dtype="bfloat16")
+    assert r.notes == ("no expectation for cpu/bf16 in this bundle; using the closest, cpu/fp32",)
+    assert r.capture.tolerances.profile == "bf16" and r.generation.tolerances.profile == "bf16"
+    assert r.expectation.key == ("cpu", "fp32")
+    assert max(x.stats.max_rel for x in r.capture.records if x.stats) > 1e-4  # really ran in bfloat16
