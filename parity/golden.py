@@ -141,7 +141,7 @@ def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str,
     man = {**manifest, "points": list(arrays), "run_seconds": round(time.perf_counter() - t0, 3)}
     if hasattr(api, "side_notes"):
         man["notes"] = api.side_notes(model)
-    run._write(cap, arrays, man, True)
+    run.write_capture(cap, arrays, man, True)
     gen = None
     if steps:
         say(f"decoding {steps} steps")
@@ -152,7 +152,7 @@ def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str,
                    "logits": np.ascontiguousarray(g["logits"], np.float32)}
         garrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
         gen = os.path.join(out_dir, f"{name}.generation.safetensors")
-        run._write(gen, garrays, {**manifest, "points": list(garrays),
+        run.write_capture(gen, garrays, {**manifest, "points": list(garrays),
                                   "run_seconds": round(time.perf_counter() - t0, 3),
                                   "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
                                   "decode_path": g.get("decode_path"),

@@ -232,7 +232,7 @@ def _counting(cfg: PaliGemmaConfig, progress: Progress | None, decode_total: int
     return report
 
 
-def _write(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool) -> None:
+def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool = False) -> None:
     """One safetensors file (the manifest in the header), written atomically; a Ctrl-C before it writes nothing."""
     monitor.check()
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in arrays.items()]
@@ -269,7 +269,7 @@ def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention
     manifest.update(points=wanted, tensors=_tensor_fields(arrays), run_seconds=round(run_seconds, 3))
     if progress:
         progress("writing", None, None)
-    _write(output, arrays, manifest, overwrite)
+    write_capture(output, arrays, manifest, overwrite)
     manifest.update(seconds=round(time.perf_counter() - t0, 3), output=output)
     return manifest
 
@@ -348,7 +348,7 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
         manifest["tensors"] = _tensor_fields(arrays)
         if progress:
             progress("writing", None, None)
-        _write(output, arrays, manifest, overwrite)
+        write_capture(output, arrays, manifest, overwrite)
         manifest["output"] = output
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     return {"rows": rows, "manifest": manifest}

@@ -16,7 +16,7 @@ from parity.compare.generation import compare_generation, compare_generation_fil
 from parity.config import TINY_VARIANTS
 from parity.conventions import get_conventions
 from parity.inputs import load_inputs
-from parity.run import _write, read_capture
+from parity.run import read_capture, write_capture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(os.path.dirname(HERE), "golden")
@@ -96,8 +96,8 @@ def _pair(tmp_path, generated, edit):
     b = {k: v.copy() for k, v in tensors.items()}
     edit(b)
     pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
-    _write(pa, tensors, manifest, True)
-    _write(pb, b, manifest, True)
+    write_capture(pa, tensors, manifest, True)
+    write_capture(pb, b, manifest, True)
     return pa, pb
 
 
@@ -174,7 +174,7 @@ def test_generate_refuses_layer_options_and_capture_file_b_when_teacher_forced(t
 def test_runs_of_different_lengths_are_compared_over_their_common_steps(tmp_path, generated):
     tensors, manifest = generated
     pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
-    _write(pa, tensors, manifest, True)
-    _write(pb, {**tensors, "logits": tensors["logits"][:, :3]}, manifest, True)  # every row stopped at <eos>
+    write_capture(pa, tensors, manifest, True)
+    write_capture(pb, {**tensors, "logits": tensors["logits"][:, :3]}, manifest, True)  # every row stopped at <eos>
     c = compare_generation_files(pa, pb)
     assert c and [len(r.steps) for r in c.rows] == [3, 3] and "first 3 compared" in c.notes[0]

@@ -71,7 +71,7 @@ def run_generation_job(j: dict[str, Any]) -> dict[str, Any]:
     manifest.update(points=list(arrays), run_seconds=round(time.perf_counter() - t0, 3),
                     sampling={"greedy": True, "max_new_tokens": j["generate"], "ignore_eos": j["ignore_eos"]},
                     decode_path=g.get("decode_path"), forced_tokens_from=j.get("forced_from"))
-    run._write(j["output"], arrays, manifest, True)
+    run.write_capture(j["output"], arrays, manifest, True)
     return {"capture": j["output"], "teacher": None}
 
 
