@@ -19,6 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = {  # file -> (variant, dtype, seed)
     "tiny-pg1-mqa.npz": ("tiny-pg1-mqa", np.float32, 1),
     "tiny-pg2-gqa.b16.npz": ("tiny-pg2-gqa", ml_dtypes.bfloat16, 2),
+    # the 28B query scale 1/sqrt(D/N) with D/N != H, sliding window 8 (golden bundle tiny-pg2-28b.bundle)
+    "tiny-pg2-28b.b16.npz": ("tiny-pg2-28b", ml_dtypes.bfloat16, 3),
 }
 
 

@@ -12,6 +12,7 @@ Logits: transformers scores the padded vocabulary (config.hf_vocab_rows). `forwa
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -177,3 +178,83 @@ def device_description(device: str) -> str:
     if hasattr(torch_api, "device_description"):
         return torch_api.device_description(device)
     return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def generate(model: HFModel, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
+             compile: str | None = None, ignore_eos: bool = False,
+             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """Greedy decoding as transformers defines it, row by row (batch 1, no padding, so transformers' own positions
+    and masks apply): step t is the last-position logits of a full forward of the row's real prompt plus the tokens
+    fed so far (its own picks, or `forced_tokens`); generated tokens are suffix (token_type 1, causal). Cache points
+    come from a last forward into a plain `DynamicCache` (every layer whole, sliding ones included), laid out in our
+    slot scheme [B, P + N, K, H]: slots 0..P_b-1 the row's prompt, P..P+N-2 the fed tokens, zero elsewhere (our
+    implementations' padding slots hold values no query sees; compare them only at real slots). Same returns as
+    torch_impl.api.generate; logits restricted to the real vocabulary rows."""
+    import torch
+    import transformers
+
+    from parity.inputs import validate_inputs
+
+    if not greedy:
+        raise ConfigError("the transformers side decodes greedily only (sampled streams differ between "
+                          "implementations anyway)")
+    cfg = model.config
+    inputs = validate_inputs(inputs, cfg, "inputs")
+    capture = list(capture or ())
+    unknown = sorted(set(capture) - set(points.cache_points(cfg)))
+    if unknown:
+        raise ConfigError(f"the transformers side's generate captures only cache points; asked for {unknown}")
+    device = next(model.module.parameters()).device
+    b, length = inputs["text"].shape
+    t_img, size = cfg.num_image_tokens, cfg.num_image_tokens + length + max_new_tokens
+    tokens = np.zeros((b, max_new_tokens), np.int32)
+    logits = np.zeros((b, max_new_tokens, cfg.text.vocab_size), np.float32)
+    t_cfg = cfg.text
+    caches = {name: np.zeros((b, size, t_cfg.num_kv_heads, t_cfg.head_dim), np.float32) for name in capture}
+    steps = max_new_tokens
+    for row in range(b):
+        n_real = int(inputs["mask_input"][row].sum())
+        one = {"image": inputs["image"][row:row + 1], "text": inputs["text"][row:row + 1, :n_real],
+               "mask_ar": inputs["mask_ar"][row:row + 1, :n_real]}
+        one["mask_input"] = np.ones_like(one["text"])
+        fed: list[int] = []
+        for t in range(max_new_tokens):
+            batch = hf_batch(cfg, one, device)
+            extra = torch.as_tensor([fed], dtype=torch.long, device=device).reshape(1, -1)
+            batch = {"input_ids": torch.cat([batch["input_ids"], extra], 1), "pixel_values": batch["pixel_values"],
+                     "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1),
+                     "token_type_ids": torch.cat([batch["token_type_ids"], torch.ones_like(extra)], 1)}
+            last = t == max_new_tokens - 1
+            cache = transformers.DynamicCache() if last and capture else None
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # past_key_values renamed in later releases
+                out = model.module(**batch, use_cache=cache is not None, past_key_values=cache,
+                                   logits_to_keep=1)
+            step = out.logits[0, -1, : cfg.text.vocab_size].float().cpu().numpy()
+            logits[row, t] = step
+            tokens[row, t] = int(step.argmax())
+            fed.append(int(forced_tokens[row, t]) if forced_tokens is not None else int(tokens[row, t]))
+            if cache is not None:
+                prompt = t_img + n_real
+                for i in range(t_cfg.depth):
+                    for name, kv in ((points.llm_k_cache(i), cache.layers[i].keys),
+                                     (points.llm_v_cache(i), cache.layers[i].values)):
+                        if name in caches:
+                            x = kv[0].transpose(0, 1).float().cpu().numpy()  # [S_row, K, H]
+                            caches[name][row, :prompt] = x[:prompt]
+                            caches[name][row, t_img + length:t_img + length + t] = x[prompt:]
+    if not ignore_eos:  # stop rows at eos as the implementations do: zeros after it, steps while any row runs
+        done = np.zeros(b, bool)
+        for t in range(max_new_tokens):
+            tokens[done, t] = 0
+            done |= tokens[:, t] == eos_id
+            if done.all():
+                steps = t + 1
+                break
+    result: dict[str, Any] = {"tokens": tokens, "decode_path": "transformers: a full forward per step"}
+    if return_logits:
+        result["logits"] = logits[:, :steps]
+    result.update(caches)
+    return result

@@ -12,7 +12,11 @@ from parity.errors import ParityError
 def main() -> int:
     j = json.loads(sys.stdin.read())
     try:
-        reply = run_job(j)
+        if j.get("generate"):  # parity compare --generate: a generation file
+            from parity.compare.generation import run_generation_job
+            reply = run_generation_job(j)
+        else:
+            reply = run_job(j)
     except ParityError as e:
         print(json.dumps({"error": str(e), "class": type(e).__name__}))
         return 2

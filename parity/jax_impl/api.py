@@ -174,26 +174,40 @@ def forward(model: Model, inputs: dict[str, np.ndarray], points: list[str] | Non
 def generate(model: Model, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None, ignore_eos: bool = False) -> dict[str, Any]:
+             compile: str | None = None, ignore_eos: bool = False,
+             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
     """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V]
     if asked, captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}.
-    `compile` is accepted for signature parity with torch_impl: here prefill and decode loop are always compiled."""
+    `compile` is accepted for signature parity with torch_impl: here prefill and decode loop are always compiled.
+    forced_tokens int[B, max_new_tokens]: feed these instead of the picked tokens (teacher forcing; `tokens` are
+    still the model's own picks, so a forced run shows where it would have chosen differently)."""
     capture = list(capture or ())
     known = set(pts.forward_points(model.config)) | set(pts.cache_points(model.config))
     unknown = sorted(set(capture) - known)
     if unknown:
         raise ValueError(f"capture points not produced by generation: {unknown}")
     b = _batch(model, inputs)
+    forced = None
+    if forced_tokens is not None:
+        forced = check_forced(forced_tokens, b["text"].shape[0], max_new_tokens).astype(np.int32)
     with jax.default_matmul_precision(model.precision):
         g = _generate(model.module, b["image"], b["text"], b["mask_ar"], b["mask_input"],
                       max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, eos_id=eos_id, return_logits=return_logits, capture=capture,
-                      ignore_eos=ignore_eos)
+                      ignore_eos=ignore_eos, forced_tokens=forced)
     result: dict[str, Any] = {"tokens": np.asarray(g.tokens).astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = np.asarray(g.logits)
     result.update(_numpy(g.captured))
     return result
+
+
+def check_forced(forced_tokens: np.ndarray, batch: int, steps: int) -> np.ndarray:
+    """forced_tokens as int[B, steps] (ValueError naming expected and found shapes otherwise)."""
+    forced = np.asarray(forced_tokens)
+    if forced.shape != (batch, steps) or not np.issubdtype(forced.dtype, np.integer):
+        raise ValueError(f"forced_tokens: expected int[{batch}, {steps}], found {forced.dtype}{list(forced.shape)}")
+    return forced
 
 
 # -- single blocks (teacher-forced comparison) ---------------------------------------------------------------------

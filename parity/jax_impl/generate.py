@@ -121,7 +121,7 @@ def _prefill(graphdef, state, image, text, mask_ar, mask_input, size: int, captu
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, temperature, eos_id, ignore_eos,
-            prompt_len):
+            prompt_len, forced=None):
     """The whole decode as one while_loop: step t feeds token t-1 at slot prompt_len + t - 1 (stops when every row
     has emitted eos_id, unless ignore_eos; eos_id, ignore_eos and temperature are traced: no recompilation). Returns (tokens int32[B, N], logits float32[B, N, V] or None, cache)."""
     b, n = logits.shape[0], s.max_new_tokens
@@ -143,7 +143,8 @@ def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, 
     def body(c):
         t, nxt, tokens, done, cache, key, all_logits = c
         model = nnx.merge(graphdef, state)  # merged inside the loop body: no module crosses a trace level
-        logits, cache = decode_step(model, cache, nxt[:, None], (seq_len + t - 1)[:, None], prompt_len + t - 1)
+        feed = nxt if forced is None else jax.lax.dynamic_index_in_dim(forced, t - 1, axis=1, keepdims=False)
+        logits, cache = decode_step(model, cache, feed[:, None], (seq_len + t - 1)[:, None], prompt_len + t - 1)
         key, sub = jax.random.split(key)
         nxt, tok, done = pick(logits, sub, done)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
@@ -167,9 +168,11 @@ class Generation:
 def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: Collection[str] = (),
-             ignore_eos: bool = False) -> Generation:
+             ignore_eos: bool = False, forced_tokens: jax.Array | None = None) -> Generation:
     """Prefill, then decode until every row emitted `eos_id` (unless ignore_eos) or `max_new_tokens` were
-    generated. Both stages are compiled once per shape and Sampling."""
+    generated. Both stages are compiled once per shape and Sampling.
+    forced_tokens int32[B, max_new_tokens]: step t+1 is fed forced_tokens[:, t] instead of the token picked at step
+    t (teacher forcing through the same decode loop); `tokens` still holds the model's own picks."""
     capture = frozenset(capture)
     if mask_input is None:
         mask_input = jnp.ones_like(text)
@@ -180,7 +183,8 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
                                            forward)
     s = Sampling(max_new_tokens, greedy, top_k, top_p, return_logits)
     tokens, all_logits, steps, cache = _decode(graphdef, s, state, logits, seq_len, cache, jax.random.key(seed),
-                                        jnp.float32(temperature), jnp.int32(eos_id), jnp.bool_(ignore_eos), jnp.int32(p))
+                                        jnp.float32(temperature), jnp.int32(eos_id), jnp.bool_(ignore_eos), jnp.int32(p),
+                                        None if forced_tokens is None else jnp.asarray(forced_tokens, jnp.int32))
     for i in range(model.config.text.depth):
         for name, buf in ((points.llm_k_cache(i), cache.k), (points.llm_v_cache(i), cache.v)):
             if name in capture:

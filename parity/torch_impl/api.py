@@ -140,19 +140,34 @@ def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] |
 def generate(model: PaliGemma, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None, ignore_eos: bool = False) -> dict[str, Any]:
+             compile: str | None = None, ignore_eos: bool = False,
+             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
     """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V] if asked,
-    captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}."""
+    captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}.
+    forced_tokens int[B, max_new_tokens]: feed these instead of the picked tokens (teacher forcing; `tokens` are
+    still the model's own picks, so a forced run shows where it would have chosen differently)."""
     t = _tensors(model, inputs)
+    forced = None
+    if forced_tokens is not None:
+        forced = torch.as_tensor(check_forced(forced_tokens, t["text"].shape[0], max_new_tokens).astype(np.int64),
+                                 device=t["text"].device)
     g = _generate(model, t["image"], t["text"], t["mask_ar"], t["mask_input"], max_new_tokens=max_new_tokens,
                      greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
                      return_logits=return_logits, capture=capture or (), compile=compile,
-                  ignore_eos=ignore_eos)
+                  ignore_eos=ignore_eos, forced_tokens=forced)
     result: dict[str, Any] = {"tokens": g.tokens.cpu().numpy().astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = _numpy(g.logits)
     result.update({name: _numpy(x) for name, x in g.captured.items()})
     return result
+
+
+def check_forced(forced_tokens: np.ndarray, batch: int, steps: int) -> np.ndarray:
+    """forced_tokens as int[B, steps] (ValueError naming expected and found shapes otherwise)."""
+    forced = np.asarray(forced_tokens)
+    if forced.shape != (batch, steps) or not np.issubdtype(forced.dtype, np.integer):
+        raise ValueError(f"forced_tokens: expected int[{batch}, {steps}], found {forced.dtype}{list(forced.shape)}")
+    return forced
 
 
 # -- single blocks (teacher-forced comparison: a block of this model run on another run's input to it) ------------

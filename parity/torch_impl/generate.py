@@ -139,10 +139,13 @@ class Generation:
 def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int = 1, return_logits: bool = False, capture: Collection[str] = (),
-             compile: str | None = None, ignore_eos: bool = False) -> Generation:
+             compile: str | None = None, ignore_eos: bool = False,
+             forced_tokens: torch.Tensor | None = None) -> Generation:
     """Prefill, then decode until every row emitted `eos_id` or `max_new_tokens` were generated. ignore_eos: every
     row decodes exactly `max_new_tokens` steps and keeps its tokens after `eos_id` (big_vision's decode,
     transformers with eos_token_id=None).
+    forced_tokens int64[B, max_new_tokens]: step t+1 is fed forced_tokens[:, t] instead of the token picked at step
+    t (teacher forcing through the same cached decode path); `tokens` still holds the model's own picks.
 
     compile: None (eager) or a torch.compile mode for the decode step ("reduce-overhead" = CUDA graphs on CUDA);
     a compile failure falls back to eager, reported in `decode_path`."""
@@ -170,7 +173,8 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
         monitor.tick("token")
         if t == max_new_tokens - 1 or (not ignore_eos and bool(done.all())):
             break
-        args = (model, nxt[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
+        feed = nxt if forced_tokens is None else forced_tokens[:, t]
+        args = (model, feed[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
         try:
             logits = step(*args)
         except Exception as e:  # noqa: BLE001 - compile problems of any kind: fall back, say so

@@ -1,0 +1,377 @@
+"""Golden bundles: a recorded run of a checkpoint, kept in the repository and checked on every CI run.
+
+    parity golden record CKPT --inputs IN --impl transformers --generate 8 -o golden/NAME.bundle
+    parity golden check golden/NAME.bundle --impl torch
+
+A bundle is a directory:
+    bundle.json                       schema parity.golden/1: the checkpoint (path relative to the bundle, sha256),
+                                      the inputs file, the conventions, the number of generated steps, and one
+                                      expectation per (device class, precision profile)
+    inputs.npz (or .safetensors)      a copy of the inputs the expectations ran on
+    DEVICE-PROFILE.capture.safetensors     every capture point (float32) with the run's manifest in its header
+                                           (config, conventions, impl, dtype, device, precision, library versions,
+                                           sha256 of checkpoint and inputs)
+    DEVICE-PROFILE.generation.safetensors  greedy tokens int32[B, N], step logits float32[B, N, V] and the
+                                           llm/layerNN/{k,v}_cache points at the end of decoding
+
+`check` runs an implementation on the bundle's inputs under the bundle's conventions and compares it with the
+expectation of its device class (cpu / cuda / tpu) and precision profile (fp32 / tf32 / f16 / bf16), falling back to
+the closest one (same device class first, then the nearest profile) and saying so. Side A of the comparison is the
+bundle. Its decoding is fed the bundle's tokens (teacher-forced: every step stays comparable, and a step where the
+implementation would pick another token is still reported), so the step logits and the caches are compared at
+every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from parity import points as pts
+from parity.compare import tolerances as tol
+from parity.compare.core import Comparison, compare_captures
+from parity.compare.generation import GenerationComparison, compare_generation_files
+from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
+
+SCHEMA = "parity.golden/1"
+CHECK_SCHEMA = "parity.golden.check/1"
+MANIFEST = "bundle.json"
+DEVICE_CLASSES = ("cpu", "cuda", "tpu")
+
+
+def device_class(device: str) -> str:
+    """cpu / cuda / tpu of a device string or manifest description ("cuda:0 (NVIDIA H200)", jax "gpu:0")."""
+    d = device.lower()
+    if d.startswith(("cuda", "gpu")) or "gpu" in d.split(" ")[0]:
+        return "cuda"
+    return "tpu" if d.startswith("tpu") else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    device_class: str
+    profile: str
+    capture: str  # file names inside the bundle
+    generation: str | None
+    impl: str
+    recorded: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.device_class, self.profile
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    path: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str) -> "Bundle":
+        mpath = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path) or not os.path.isfile(mpath):
+            raise InputsError(describe(path, what=f"not a golden bundle (a directory holding {MANIFEST})"))
+        try:
+            with open(mpath) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputsError(describe(mpath, what=f"unreadable bundle manifest: {e}")) from None
+        if not isinstance(m, dict) or m.get("schema") != SCHEMA:
+            raise InputsError(describe(mpath, "schema", SCHEMA, m.get("schema") if isinstance(m, dict) else m))
+        return cls(os.path.abspath(path), m)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def inputs(self) -> str:
+        return self.file(self.manifest["inputs"])
+
+    @property
+    def checkpoint(self) -> str:
+        """The recorded checkpoint, relative to the bundle (found from any clone of the repository)."""
+        return os.path.normpath(os.path.join(self.path, *self.manifest["checkpoint"]["path"].split("/")))
+
+    @property
+    def expectations(self) -> list[Expectation]:
+        return [Expectation(**e) for e in self.manifest["expectations"]]
+
+    def closest(self, dev_class: str, profile: str) -> tuple[Expectation, str | None]:
+        """The expectation for (dev_class, profile), else the closest one: same device class and the nearest
+        profile, then the same profile on another class, then the nearest overall. Returns (it, fallback note)."""
+        exps = self.expectations
+        if not exps:
+            raise InputsError(describe(self.file(MANIFEST), "expectations", "at least one", "none"))
+
+        def distance(e: Expectation) -> tuple[int, int]:
+            return (e.device_class != dev_class, abs(tol.ORDER.index(e.profile) - tol.ORDER.index(profile)))
+        best = min(exps, key=lambda e: (distance(e), DEVICE_CLASSES.index(e.device_class)))
+        note = None
+        if best.key != (dev_class, profile):
+            note = (f"no expectation for {dev_class}/{profile} in this bundle; using the closest, "
+                    f"{best.device_class}/{best.profile}")
+        return best, note
+
+
+# -- running one expectation ------------------------------------------------------------------------------------
+def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str, name: str, *,
+                    dtype: str = "float32", device: str = "cpu", precision: str = "highest",
+                    config: str | None = None, steps: int | None = None, forced_tokens: np.ndarray | None = None,
+                    progress: Callable[[str], None] | None = None) -> tuple[str, str | None, dict[str, Any]]:
+    """Capture every point of one run (and decode `steps` greedy tokens, fed `forced_tokens` when given) into
+    NAME.capture.safetensors / NAME.generation.safetensors in out_dir. Returns (capture, generation, manifest)."""
+    from parity import run
+
+    say = progress or (lambda msg: None)
+    say(f"loading {os.path.basename(ckpt)} ({impl})")
+    api, model, cfg, batch, manifest = run.prepare(ckpt, inputs, impl, convention, dtype, device, config,
+                                                   precision=precision)
+    say("forward pass")
+    wanted = pts.forward_points(cfg)
+    t0 = time.perf_counter()
+    out = api.forward(model, batch, wanted)
+    arrays = {k: np.ascontiguousarray(out[k], np.float32) for k in wanted if k in out}
+    cap = os.path.join(out_dir, f"{name}.capture.safetensors")
+    man = {**manifest, "points": list(arrays), "run_seconds": round(time.perf_counter() - t0, 3)}
+    if hasattr(api, "side_notes"):
+        man["notes"] = api.side_notes(model)
+    run.write_capture(cap, arrays, man, True)
+    gen = None
+    if steps:
+        say(f"decoding {steps} steps")
+        t0 = time.perf_counter()
+        g = api.generate(model, batch, steps, greedy=True, return_logits=True, capture=list(pts.cache_points(cfg)),
+                         ignore_eos=True, **({"forced_tokens": forced_tokens} if forced_tokens is not None else {}))
+        garrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32),
+                   "logits": np.ascontiguousarray(g["logits"], np.float32)}
+        garrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
+        gen = os.path.join(out_dir, f"{name}.generation.safetensors")
+        run.write_capture(gen, garrays, {**manifest, "points": list(garrays),
+                                  "run_seconds": round(time.perf_counter() - t0, 3),
+                                  "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
+                                  "decode_path": g.get("decode_path"),
+                                  "forced_tokens": forced_tokens is not None}, True)
+    return cap, gen, manifest
+
+
+# -- record -----------------------------------------------------------------------------------------------------
+def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention: str | None = None,
+           steps: int | None = None, dtype: str = "float32", device: str = "cpu", precision: str = "highest",
+           config: str | None = None, update: bool = False,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Record (or with `update`, add / replace) the expectation of this run's device class and profile in the
+    bundle at `output`. Returns a report: the bundle manifest, the expectation written and, on update, what changed
+    against the bundle's previous expectation."""
+    from converters.atomic import atomic_output
+
+    output = os.path.abspath(output)
+    old = None
+    if os.path.lexists(output):
+        if not update:
+            raise OutputError(describe(output, what="golden bundle exists; pass --update to re-record it (the "
+                                                    "report says what changed)"))
+        old = Bundle.open(output)
+    if not os.path.isdir(os.path.dirname(output)):
+        raise OutputError(describe(output, what=f"output directory {os.path.dirname(output)} does not exist"))
+    if not os.path.isfile(inputs):
+        raise InputsError(describe(inputs, what="inputs file not found"))
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--generate must be >= 1, got {steps}")
+    convention = convention or ("transformers" if impl == "transformers" else "big_vision")
+    suffix = ".safetensors" if inputs.endswith(".safetensors") else ".npz"
+    with tempfile.TemporaryDirectory(prefix="parity-golden-") as scratch:
+        cap, gen, manifest = run_expectation(ckpt, inputs, impl, convention, scratch, "run", dtype=dtype,
+                                             device=device, precision=precision, config=config, steps=steps,
+                                             progress=progress)
+        exp = Expectation(device_class(manifest["device"]), tol.precision_class(manifest), "", None, impl,
+                          manifest["created"])
+        name = f"{exp.device_class}-{exp.profile}"
+        exp = dataclasses.replace(exp, capture=f"{name}.capture.safetensors",
+                                  generation=f"{name}.generation.safetensors" if gen else None)
+        rel = os.path.relpath(os.path.abspath(ckpt), output).replace(os.sep, "/")
+        bm = {"schema": SCHEMA, "config": manifest["config"]["name"],
+              "checkpoint": {"path": rel, "sha256": manifest["checkpoint"]["sha256"]},
+              "inputs": "inputs" + suffix, "inputs_sha256": manifest["inputs"]["sha256"],
+              "conventions": manifest["conventions"], "convention": convention if isinstance(convention, str)
+              else None, "generate": steps, "expectations": []}
+        changes, replacing = None, old is not None
+        if old is not None and any(old.manifest.get(k) != bm[k] for k in ("inputs_sha256", "config", "conventions")):
+            changes = {"note": "the old bundle was recorded on other inputs, another model or other conventions: "
+                               "replaced whole"}
+            old = None
+        elif old is not None:
+            changes = _changes(old, cap, gen, exp, inputs)
+            # the other device classes / profiles stay
+            bm["expectations"] = [dataclasses.asdict(e) for e in old.expectations if e.key != exp.key]
+        bm["expectations"].append(dataclasses.asdict(exp))
+        with atomic_output(output, True, replacing) as tmp:
+            if old is not None:
+                for e in old.expectations:
+                    if e.key != exp.key:
+                        for f in (e.capture, e.generation):
+                            if f:
+                                shutil.copy2(old.file(f), os.path.join(tmp, f))
+            shutil.copyfile(inputs, os.path.join(tmp, bm["inputs"]))
+            shutil.copyfile(cap, os.path.join(tmp, exp.capture))
+            if gen:
+                shutil.copyfile(gen, os.path.join(tmp, exp.generation))
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(bm, f, indent=1)
+                f.write("\n")
+    return {"bundle": output, "manifest": bm, "expectation": dataclasses.asdict(exp), "changes": changes}
+
+
+def _changes(old: Bundle, cap: str, gen: str | None, exp: Expectation, inputs: str) -> dict[str, Any]:
+    """What the new expectation changes against the old bundle's (same key, else the closest): manifest fields,
+    every point whose values moved (with its max abs / max rel), the rows whose tokens changed."""
+    prev, note = old.closest(exp.device_class, exp.profile)
+    c = compare_captures(old.file(prev.capture), cap, inputs=inputs, allow_convention_mismatch=True)
+    moved = [{"point": r.point, "max_abs": r.stats.max_abs, "max_rel": r.stats.max_rel}
+             for r in c.records if r.stats is not None and r.stats.max_abs > 0]
+    out: dict[str, Any] = {"against": f"{prev.device_class}/{prev.profile}", "note": note,
+                           "manifest": c.differences, "points_changed": moved,
+                           "points_unchanged": sum(1 for r in c.records if r.stats is not None and not r.stats.max_abs)}
+    if gen and prev.generation:
+        from parity.run import read_capture
+        ta, _ = read_capture(old.file(prev.generation))
+        tb, _ = read_capture(gen)
+        if ta["tokens"].shape == tb["tokens"].shape:
+            out["tokens_changed_rows"] = [int(r) for r in np.flatnonzero((ta["tokens"] != tb["tokens"]).any(1))]
+        else:
+            out["tokens_changed_rows"] = f"steps {ta['tokens'].shape[1]} -> {tb['tokens'].shape[1]}"
+        out["step_logits_max_abs_change"] = (float(np.abs(ta["logits"] - tb["logits"]).max())
+                                             if ta["logits"].shape == tb["logits"].shape else None)
+    return out
+
+
+# -- check ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GoldenCheck:
+    """Truthy when the run matches the bundle's expectation (every point, and the decoding)."""
+
+    bundle: str
+    expectation: Expectation
+    checkpoint: dict[str, Any]
+    notes: tuple[str, ...]
+    capture: Comparison
+    generation: GenerationComparison | None
+
+    def __bool__(self) -> bool:
+        return bool(self.capture) and (self.generation is None or bool(self.generation))
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self else 1
+
+    @property
+    def first_divergence(self) -> str | None:
+        return self.capture.first_divergence or (self.generation.first_divergence if self.generation else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": CHECK_SCHEMA, "passed": bool(self), "first_divergence": self.first_divergence,
+                "bundle": self.bundle, "expectation": dataclasses.asdict(self.expectation),
+                "checkpoint": self.checkpoint, "notes": list(self.notes), "capture": self.capture.to_dict(),
+                "generation": self.generation.to_dict() if self.generation else None}
+
+
+def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profile: str | None = None,
+          policy: str | None = None, dtype: str = "float32", device: str = "cpu", precision: str = "highest",
+          progress: Callable[[str], None] | None = None) -> GoldenCheck:
+    """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
+    and compare it with the closest expectation (see the module docstring)."""
+    from parity.run import conventions, file_sha256, impl_api, read_capture
+
+    b = Bundle.open(bundle)
+    api = impl_api(impl)
+    dev_class = device_class(api.resolve_device(device))
+    run_profile = tol.precision_class({"dtype": dtype, "precision": precision, "device": dev_class})
+    exp, note = b.closest(dev_class, run_profile)
+    notes = [note] if note else []
+    if checkpoint is None:
+        ckpt = b.checkpoint
+        if not os.path.exists(ckpt):
+            raise CheckpointError(describe(ckpt, what=f"the bundle's checkpoint ({b.manifest['checkpoint']['path']} "
+                                                      f"relative to the bundle) is missing; pass --checkpoint"))
+        found = file_sha256(ckpt)
+        if found != b.manifest["checkpoint"]["sha256"]:
+            raise CheckpointError(describe(ckpt, "sha256", b.manifest["checkpoint"]["sha256"], found,
+                                           "not the checkpoint this bundle was recorded from; pass --checkpoint "
+                                           "to check another one against it"))
+        ck = {"path": ckpt, "sha256_verified": True}
+    else:
+        ckpt, ck = checkpoint, {"path": os.path.abspath(checkpoint), "sha256_verified": False}
+    conv = conventions(_conventions(b.manifest["conventions"]))
+    forced = None
+    if exp.generation:
+        forced = read_capture(b.file(exp.generation))[0]["tokens"]
+    with tempfile.TemporaryDirectory(prefix="parity-golden-check-") as scratch:
+        cap, gen, _ = run_expectation(ckpt, b.inputs, impl, conv, scratch, "run", dtype=dtype, device=device,
+                                      precision=precision, config=None,
+                                      steps=forced.shape[1] if forced is not None else None, forced_tokens=forced,
+                                      progress=progress)
+        if progress:
+            progress("comparing")
+        c = compare_captures(b.file(exp.capture), cap, inputs=b.inputs, profile=profile, policy=policy)
+        c = dataclasses.replace(c, sides={"A": {**c.sides["A"], "spec": f"golden {b.path} ({exp.device_class}/"
+                                                f"{exp.profile}, {exp.impl})"},
+                                          "B": {**c.sides["B"], "spec": f"{impl} {device} {dtype}", "kind": "run"}})
+        g = None
+        if gen:
+            g = compare_generation_files(b.file(exp.generation), gen, None, True, profile, policy)
+            g = dataclasses.replace(g, sides={"A": {**g.sides["A"], "spec": c.sides["A"]["spec"]},
+                                              "B": {**g.sides["B"], "spec": c.sides["B"]["spec"], "kind": "run"}})
+    return GoldenCheck(b.path, exp, ck, tuple(notes), c, g)
+
+
+def _conventions(d: dict[str, Any]):
+    from parity.conventions import Conventions
+    return Conventions.from_dict(d)
+
+
+def render(r: GoldenCheck, console=None) -> None:
+    from rich.console import Console
+
+    from parity.compare import generation, report
+    import sys
+    con = console or Console(width=None if sys.stdout.isatty() else 150)
+    e = r.expectation
+    con.print(f"[bold]golden[/bold] {r.bundle}: expectation {e.device_class}/{e.profile} recorded from {e.impl} "
+              f"({e.recorded}); checkpoint {r.checkpoint['path']}"
+              + (" (sha256 verified)" if r.checkpoint["sha256_verified"] else " (given, not verified)"))
+    for n in r.notes:
+        con.print(f"note: {n}")
+    report.render(r.capture, con)
+    if r.generation is not None:
+        generation.render(r.generation, con)
+    con.print("[green]matches the golden bundle[/green]" if r else
+              f"[bold red]golden check failed[/bold red]: first divergence {r.first_divergence}")
+
+
+def render_record(rep: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    con = console or Console()
+    e = rep["expectation"]
+    con.print(f"recorded {e['device_class']}/{e['profile']} from {e['impl']} into {rep['bundle']} "
+              f"(checkpoint {rep['manifest']['checkpoint']['path']}, {len(rep['manifest']['expectations'])} "
+              f"expectation(s))")
+    ch = rep.get("changes")
+    if ch is None:
+        return
+    if "points_changed" not in ch:
+        con.print(ch["note"])
+        return
+    con.print(f"changes against {ch['against']}" + (f" ({ch['note']})" if ch.get("note") else "") + ":")
+    for d in ch["manifest"]:
+        con.print(f"  manifest {d['key']}: {d['a']} → {d['b']}")
+    for p in ch["points_changed"]:
+        con.print(f"  {p['point']}: max abs {p['max_abs']:.3g}, max rel {p['max_rel']:.3g}")
+    con.print(f"  {ch['points_unchanged']} points unchanged (bit-identical)")
+    if "tokens_changed_rows" in ch:
+        con.print(f"  generated tokens changed in rows: {ch['tokens_changed_rows'] or 'none'}; step logits max abs "
+                  f"change {ch['step_logits_max_abs_change']}")
