@@ -12,12 +12,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[torch,jax,hub,test]'
 	touch $@
 
+# The keras extra (keras-hub, the third outside reference; tensorflow comes with it, ~2 GB) only for the tests.
+$(VENV)/.installed-keras: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[keras]'
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	bash golden/demo.sh $(PARITY)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-keras
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 .PHONY: install demo test

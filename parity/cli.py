@@ -15,6 +15,7 @@ import threading
 
 import click
 
+from parity.conventions import PRESETS
 from parity.errors import ParityError
 
 INTERRUPTED = 130
@@ -274,7 +275,7 @@ def _model_options(fn):
         click.option("--impl", default="torch", type=click.Choice(list(IMPLS)), help="Implementation to run."),
         click.option("--inputs", "inputs", required=True, type=click.Path(),
                      help="Inputs file (.npz/.safetensors): image, text, mask_ar[, mask_input]."),
-        click.option("--convention", default="big_vision", type=click.Choice(["big_vision", "transformers"]),
+        click.option("--convention", default="big_vision", type=click.Choice(list(PRESETS)),
                      help="Conventions preset (recorded in the output)."),
         click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
                      help="Change one convention on top of the preset, e.g. --set position_origin=1 (repeatable; "
@@ -395,7 +396,7 @@ def generate(ckpt, impl, inputs, convention, settings, config, dtype, compute_dt
 @click.option("--impl", default="torch", help="Implementation of the --against sides (default torch).")
 @click.option("--inputs", default=None, type=click.Path(), help="Inputs file the run sides use (also locates the "
                                                                 "padding positions of capture-file sides).")
-@click.option("--convention", default=None, type=click.Choice(["big_vision", "transformers"]),
+@click.option("--convention", default=None, type=click.Choice(list(PRESETS)),
               help="Conventions preset of the run sides (default: transformers if a side is, else big_vision).")
 @click.option("--config", default=None, help="Variant name or config.json (default: detected).")
 @click.option("--layer-by-layer", is_flag=True, help="Compare every capture point, not only the logits.")

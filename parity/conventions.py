@@ -1,7 +1,8 @@
 """The choices on which the reference implementations differ, as named options.
 
 Every capture, comparison and golden file records the Conventions it was made with (`to_dict`), so each
-reference can be reproduced exactly. Presets: `big_vision` and `transformers` (transformers 5.x, eager attention).
+reference can be reproduced exactly. Presets: `big_vision`, `transformers` (transformers 5.x, eager attention) and
+`keras_hub` (keras-hub 0.32 PaliGemmaCausalLM, checked against it by tests/test_keras_hub.py).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 PositionOrigin = Literal[0, 1]
 FinalSoftcap = Literal["always", "never", "decode_only"]
-SlidingWindow = Literal["off", "transformers"]
+SlidingWindow = Literal["off", "transformers", "keras_hub"]
 NormalizerDtype = Literal["param", "float32"]
 
 
@@ -24,9 +25,10 @@ class Conventions:
     first generated token (big_vision: `text_logits` and prefill use `compute_logits`, extend steps do not)."""
 
     sliding_window: SlidingWindow = "off"
-    """Gemma 2 local layers: "off" (big_vision: every layer global) or "transformers" (5.x: in local layers a query
+    """Gemma 2 local layers: "off" (big_vision: every layer global), "transformers" (5.x: in local layers a query
     sees keys with q - k < window among its causal keys, while the bidirectional image+prefix block stays fully
-    visible)."""
+    visible) or "keras_hub" (a symmetric band |q - k| <= window - 1 over the allowed keys; the image+prefix block is
+    not exempt: a query in it sees only the keys within window - 1 positions on either side)."""
 
     attn_softcap: bool = True
     """Apply the config's attention-logit softcap (every reference does; SDPA-based ports silently do not)."""
@@ -44,7 +46,7 @@ class Conventions:
 
     def __post_init__(self):
         checks = {"position_origin": (0, 1), "final_softcap": ("always", "never", "decode_only"),
-                  "sliding_window": ("off", "transformers"), "attn_softcap": (True, False),
+                  "sliding_window": ("off", "transformers", "keras_hub"), "attn_softcap": (True, False),
                   "normalizer_dtype": ("param", "float32")}
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
@@ -54,6 +56,9 @@ class Conventions:
 PRESETS: dict[str, Conventions] = {
     "big_vision": Conventions(position_origin=0, final_softcap="decode_only", sliding_window="off"),
     "transformers": Conventions(position_origin=1, final_softcap="always", sliding_window="transformers"),
+    # keras-hub: positions arange(S) (0-based over the whole sequence), `ReversibleEmbedding(logit_soft_cap)` on
+    # every logit (forward and each decode step), the attention softcap on, sqrt(D) cast to the embedding dtype.
+    "keras_hub": Conventions(position_origin=0, final_softcap="always", sliding_window="keras_hub"),
 }
 
 

@@ -36,7 +36,8 @@ def _cache_masks(model, q_mask: jax.Array, q_rel: jax.Array, k_pos: jax.Array, b
     """{"global", "local"} masks of queries against the whole cache. q_mask: bool[B, T, S]; q_rel int[B, T]."""
     masks = {"global": q_mask, "local": None}
     if model.windowed:
-        masks["local"] = sliding_window_mask(q_mask, q_rel, k_pos, model.config.text.sliding_window, bidirectional)
+        masks["local"] = sliding_window_mask(q_mask, q_rel, k_pos, model.config.text.sliding_window, bidirectional,
+                                             rule=model.conventions.sliding_window)
     return masks
 
 

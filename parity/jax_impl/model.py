@@ -61,12 +61,13 @@ class PaliGemma(nnx.Module):
         rel = positions_from_mask(input_mask, 0)
         masks = {"global": attn, "local": None}
         if self.windowed:
-            masks["local"] = sliding_window_mask(attn, rel, rel, self.config.text.sliding_window, same_block(mask_ar))
+            masks["local"] = sliding_window_mask(attn, rel, rel, self.config.text.sliding_window, same_block(mask_ar),
+                                                 rule=self.conventions.sliding_window)
         return input_mask, mask_ar, rel + self.conventions.position_origin, masks
 
     @property
     def windowed(self) -> bool:
-        return self.conventions.sliding_window == "transformers" and self.config.text.sliding_window is not None
+        return self.conventions.sliding_window != "off" and self.config.text.sliding_window is not None
 
     @property
     def attn_softcap(self) -> bool:

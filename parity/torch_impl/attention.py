@@ -64,13 +64,20 @@ def prefix_lm_mask(input_mask: torch.Tensor, mask_ar: torch.Tensor) -> torch.Ten
 
 
 def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-                        bidirectional: torch.Tensor | None = None) -> torch.Tensor:
-    """transformers 5.x local-layer rule: among allowed keys keep those with q - k < window (positions without
-    the origin), except pairs of the same bidirectional block, which stay visible.
+                        bidirectional: torch.Tensor | None = None, rule: str = "transformers") -> torch.Tensor:
+    """Local-layer rule of a reference, on positions without the origin; mask & what the rule keeps.
 
-    mask: bool[B, T, S]; q_pos: int[B, T]; k_pos: int[B, S]; bidirectional: bool[B, T, S] or None.
-    """
-    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    "transformers" (5.x): keys with q - k < window, except pairs of the same bidirectional block (`bidirectional`),
+    which stay visible. "keras_hub": a symmetric band |q - k| <= window - 1, which does not exempt the image+prefix
+    block (`bidirectional` is not used).
+
+    mask: bool[B, T, S]; q_pos: int[B, T]; k_pos: int[B, S]; bidirectional: bool[B, T, S] or None."""
+    d = q_pos[:, :, None] - k_pos[:, None, :]
+    if rule == "keras_hub":
+        return mask & (d.abs() < window)
+    if rule != "transformers":
+        raise ValueError(f"unknown sliding-window rule {rule!r}")
+    near = d < window
     if bidirectional is not None:
         near = near | bidirectional
     return mask & near

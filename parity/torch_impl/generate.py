@@ -58,7 +58,7 @@ def _cache_masks(model, q_mask: torch.Tensor, q_rel: torch.Tensor, bidirectional
     masks = {"global": q_mask, "local": None}
     if model.windowed:
         masks["local"] = sliding_window_mask(q_mask, q_rel, model.kv.pos, model.config.text.sliding_window,
-                                             bidirectional)
+                                             bidirectional, rule=model.conventions.sliding_window)
     return masks
 
 
