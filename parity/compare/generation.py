@@ -398,14 +398,8 @@ def _chart(r: Row, W: int = 640, H: int = 240, PAD: int = 48) -> str:
         return PAD + (W - 2 * PAD) * i / n, H - PAD - (H - 2 * PAD) * (y - lo) / (hi - lo)
 
     title = f"row {r.row}: margins and KL per step"
-    out = [f'<svg class="steps" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           f'role="img" aria-label="{html.escape(title)}">',
-           f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
-           f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#000"/>',
-           f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#000"/>']
-    for e in range(lo, hi + 1):
-        _, y = xy(0, 10.0 ** e)
-        out.append(f'<text x="{PAD - 4}" y="{y + 4}" text-anchor="end" font-size="10">1e{e}</text>')
+    from parity.compare.html import log_frame
+    out = log_frame("steps", title, W, H, PAD, lo, hi, xy)
     for s in r.steps:
         x, _ = xy(s.step, None)
         out.append(f'<text x="{x}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{s.step}</text>')

@@ -17,6 +17,22 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
+def log_frame(cls: str, title: str, W: int, H: int, PAD: int, lo: int, hi: int, xy, grid: bool = False
+              ) -> list[str]:
+    """The opening of an inline SVG chart with a log-scale y axis 1e`lo`..1e`hi`: title, axes, decade labels (and
+    light grid lines); `xy(i, v)` maps a point to pixels. Callers append the series and close the <svg>."""
+    parts = [f'<svg class="{cls}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             f'viewBox="0 0 {W} {H}" role="img" aria-label="{_esc(title)}">',
+             f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#000"/>',
+             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#000"/>']
+    for e in range(lo, hi + 1):
+        _, y = xy(0, 10.0 ** e)
+        parts.append(f'<text x="{PAD - 4}" y="{y + 4}" text-anchor="end" font-size="10">1e{e}</text>'
+                     + (f'<line x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" stroke="#eee"/>' if grid else ""))
+    return parts
+
+
 def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | None) -> str:
     series = {"propagated": [(r["block"], r["max_rel"]) for r in rows],
               "teacher-forced": [(r["block"], r["local_max_rel"]) for r in rows if r["local_max_rel"] is not None]}
@@ -29,15 +45,7 @@ def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | N
         y = lo if not v or v <= 0 else math.log10(v)
         return PAD + (W - 2 * PAD) * i / n, H - PAD - (H - 2 * PAD) * (y - lo) / (hi - lo)
 
-    parts = [f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" role="img" aria-label="{_esc(title)}">',
-             f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#000"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#000"/>']
-    for e in range(lo, hi + 1):
-        _, y = xy(0, 10.0 ** e)
-        parts.append(f'<text x="{PAD - 4}" y="{y + 4}" text-anchor="end" font-size="10">1e{e}</text>'
-                     f'<line x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" stroke="#eee"/>')
+    parts = log_frame("curve", title, W, H, PAD, lo, hi, xy, grid=True)
     for r in rows:
         x, _ = xy(r["block"], None)
         parts.append(f'<text x="{x}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{r["block"]}</text>')
