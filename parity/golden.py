@@ -323,7 +323,8 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
                                           "B": {**c.sides["B"], "spec": f"{impl} {device} {dtype}", "kind": "run"}})
         g = None
         if gen:
-            g = compare_generation_files(b.file(exp.generation), gen, None, True, profile, policy)
+            g = compare_generation_files(b.file(exp.generation), gen, None, True, profile, policy,
+                                         inputs=b.inputs)
             g = dataclasses.replace(g, sides={"A": {**g.sides["A"], "spec": c.sides["A"]["spec"]},
                                               "B": {**g.sides["B"], "spec": c.sides["B"]["spec"], "kind": "run"}})
     return GoldenCheck(b.path, exp, ck, tuple(notes), c, g)

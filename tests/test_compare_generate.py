@@ -178,3 +178,30 @@ def test_runs_of_different_lengths_are_compared_over_their_common_steps(tmp_path
     write_capture(pb, {**tensors, "logits": tensors["logits"][:, :3]}, manifest, True)  # every row stopped at <eos>
     c = compare_generation_files(pa, pb)
     assert c and [len(r.steps) for r in c.rows] == [3, 3] and "first 3 compared" in c.notes[0]
+
+
+def test_cache_prompt_slots_come_from_the_given_inputs_when_the_recorded_path_is_gone(tmp_path, generated):
+    """A generation file moved to another machine (a golden bundle in a fresh clone): the inputs path in its manifest
+    no longer exists, so the padding slots of the prompt are known only from the inputs given; without them every
+    slot is compared and a note says so."""
+    tensors, manifest = generated
+    cfg = TINY_VARIANTS["tiny-pg1-mqa"]
+    real = load_inputs(INPUTS, cfg)["mask_input"].sum(1)
+    short = int(np.argmin(real))
+    assert real[short] < manifest["inputs"]["shapes"]["text"][1]  # a padded row
+    pad = cfg.num_image_tokens + int(real[short])
+    k0 = points.llm_k_cache(0)
+    gone = {**manifest, "inputs": {**manifest["inputs"], "path": str(tmp_path / "moved-away.npz")}}
+
+    def edit(b):
+        b[k0][short, pad] += 100.0  # a padding slot: never attended, so never compared
+    a, b = {k: v.copy() for k, v in tensors.items()}, {k: v.copy() for k, v in tensors.items()}
+    edit(b)
+    pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    write_capture(pa, a, gone, True)
+    write_capture(pb, b, gone, True)
+    c = compare_generation_files(pa, pb, inputs=INPUTS)
+    assert c and not any("KV cache prompt slots" in n for n in c.notes)
+    c = compare_generation_files(pa, pb)
+    assert [r.point for r in c.records if not r.passed] == [k0]
+    assert any("KV cache prompt slots: all positions (inputs file not available" in n for n in c.notes)

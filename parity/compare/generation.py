@@ -201,7 +201,7 @@ def compare_generation(a: str | None = None, b: str | None = None, ckpt: str | N
             paths[side.label] = r["capture"]
         say("comparing")
         return compare_generation_files(paths["A"], paths["B"], {"A": side_a, "B": side_b}, teacher_forced,
-                                        profile, policy, allow_convention_mismatch, tokenizer)
+                                        profile, policy, allow_convention_mismatch, tokenizer, inputs)
 
 
 def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -215,9 +215,11 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def compare_generation_files(path_a: str, path_b: str, sides: dict[str, Side] | None = None,
                              teacher_forced: bool = False, profile: str | None = None, policy: str | None = None,
-                             allow_convention_mismatch: bool = False, tokenizer: str | None = None
-                             ) -> GenerationComparison:
-    """Compare two generation files (B's fed A's tokens when `teacher_forced`)."""
+                             allow_convention_mismatch: bool = False, tokenizer: str | None = None,
+                             inputs: str | None = None) -> GenerationComparison:
+    """Compare two generation files (B's fed A's tokens when `teacher_forced`). The real prompt slots of the KV
+    caches come from `inputs` (verified against the sides' digest), else from the inputs file recorded in A's
+    manifest when it is still there unchanged; else every prompt slot is compared and a note says so."""
     (ta, ma), (tb, mb) = _read(path_a), _read(path_b)
     check_manifests(ma, mb, allow_convention_mismatch)
     cfg = PaliGemmaConfig.from_dict(ma["config"])
@@ -245,7 +247,9 @@ def compare_generation_files(path_a: str, path_b: str, sides: dict[str, Side] | 
     judged = tols.judge(pts.LOGITS, stats)
     records = [PointRecord(STEP_LOGITS, COMPARED, stats, dataclasses.replace(judged, point=STEP_LOGITS))]
     steps = ma.get("sampling", {}).get("max_new_tokens", n)
-    slots = _cache_slots(cfg, ma, rows, steps, teacher_forced)
+    slots, slots_what = _cache_slots(cfg, ma, rows, steps, teacher_forced, inputs)
+    if slots_what:
+        notes.append(f"KV cache prompt slots: {slots_what}")
     for name in pts.cache_points(cfg):
         have_a, have_b = name in ta, name in tb
         if not (have_a or have_b):
@@ -300,30 +304,24 @@ def _row(r: int, ta, tb, bound: float, teacher_forced: bool, tok) -> Row:
     return Row(r, tuple(steps), *(text or (None, None)))
 
 
-def _cache_slots(cfg: PaliGemmaConfig, manifest: dict, rows: tuple[Row, ...], steps: int,
-                 teacher_forced: bool) -> np.ndarray | None:
-    """bool[B, P + N]: the cache slots that hold the same tokens on both sides: the real prompt (image + real text)
-    and the fed tokens (step t's token sits at slot P + t, the last one is never fed), up to a row's first
-    divergence unless teacher-forced."""
-    from parity.inputs import inputs_sha256, load_inputs
-    path = manifest.get("inputs", {}).get("path")
+def _cache_slots(cfg: PaliGemmaConfig, manifest: dict, rows: tuple[Row, ...], steps: int, teacher_forced: bool,
+                 inputs: str | None = None) -> tuple[np.ndarray | None, str | None]:
+    """(bool[B, P + N], note): the cache slots that hold the same tokens on both sides: the real prompt (image +
+    real text, `core.valid_mask`) and the fed tokens (step t's token sits at slot P + t, the last one is never fed),
+    up to a row's first divergence unless teacher-forced. The note is None when the real prompt slots were known."""
+    from parity.compare.core import valid_mask
     shape = manifest.get("inputs", {}).get("shapes", {}).get("text")
     if not shape:
-        return None
+        return None, "no inputs recorded: every slot is compared"
     b, length = shape
     p = cfg.num_image_tokens + length
     slots = np.zeros((b, p + steps), bool)
-    slots[:, :cfg.num_image_tokens] = True
-    real = np.ones((b, length), bool)
-    if path and os.path.isfile(path):
-        batch = load_inputs(path, cfg)
-        if inputs_sha256(batch) == manifest["inputs"]["sha256"]:
-            real = batch["mask_input"].astype(bool)
-    slots[:, cfg.num_image_tokens:p] = real
+    real, what = valid_mask(cfg, manifest, inputs)
+    slots[:, :p] = True if real is None else real
     for r in rows:
         end = min(len(r.steps), steps - 1) if teacher_forced or r.first_divergence is None else r.first_divergence
         slots[r.row, p:p + end] = True
-    return slots
+    return slots, (what if real is None else None)
 
 
 # -- reports ----------------------------------------------------------------------------------------------------
