@@ -35,11 +35,28 @@ def _fail(kind: str, message: str, as_json: bool, file=None, key=None) -> None:
         click.echo(json.dumps({"error": {"kind": kind, "message": message, "file": file, "key": key}}))
 
 
+def jax_compile_cache_default() -> str | None:
+    """Give jax runs of the `parity` command a persistent XLA compilation cache (every compilation kept, however
+    short), unless the user configured one: a tiny `golden check --impl jax` is then compiled once per machine
+    instead of once per process. Set through jax's own environment variables before jax is imported (so the
+    compare worker processes inherit it); `JAX_COMPILATION_CACHE_DIR=` (empty) turns it off. Returns the directory
+    or None."""
+    if "jax" in sys.modules or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "parity", "jax-compile")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return path
+
+
 class ParityGroup(click.Group):
     """Maps every failure to one line (and a JSON error object under --json) with a meaningful exit status:
     2 for bad input and bad options, 130 for Ctrl-C."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if args is None:  # the `parity` command itself (not an embedding program, not click's test runner)
+            jax_compile_cache_default()
         argv = list(sys.argv[1:] if args is None else args)
         as_json = "--json" in argv
         try:

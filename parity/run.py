@@ -157,8 +157,10 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
 
 
 def _jax_manifest(model) -> dict[str, Any]:
-    """What a jax run adds to the manifest: backend, device kind, mesh."""
-    return {"backend": model.backend, "device_kind": model.device_kind, "mesh": model.mesh_spec}
+    """What a jax run adds to the manifest: backend, device kind, mesh, the persistent compilation cache (if any)."""
+    import jax
+    return {"backend": model.backend, "device_kind": model.device_kind, "mesh": model.mesh_spec,
+            "compile_cache": jax.config.jax_compilation_cache_dir or None}
 
 
 def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Conventions, dtype: str, device: str,

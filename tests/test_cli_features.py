@@ -292,3 +292,21 @@ def test_benchmark_ratio_summary_and_no_nan():
                   "repeat": 2, "rows": [row]})
     assert "nan" not in text.lower() and "unmeasured" in text and "inconclusive" in text and "faster" in text
     assert "NaN" not in json.dumps(row)
+
+
+def test_the_command_keeps_jax_compilations_in_a_persistent_cache_unless_told_not_to(tmp_path):
+    """`parity ... --impl jax` compiles once per machine (XDG cache), records the cache in the manifest, and leaves
+    jax's own setting alone (here: empty = off)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    cmd = [sys.executable, "-m", "parity.cli", "capture", CKPT, "--inputs", INPUTS, "--impl", "jax",
+           "--points", "logits", "--json"]
+
+    def run(extra_env, out):
+        r = subprocess.run(cmd + ["-o", str(out)], env={**env, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                                                        **extra_env}, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return read_capture(str(out))[1]
+    cache = tmp_path / "xdg" / "parity" / "jax-compile"
+    assert run({}, tmp_path / "a.safetensors")["compile_cache"] == str(cache)
+    assert any(f.name.startswith("jit__forward") for f in cache.iterdir())
+    assert run({"JAX_COMPILATION_CACHE_DIR": ""}, tmp_path / "b.safetensors")["compile_cache"] is None
