@@ -13,6 +13,7 @@ import ast
 import math
 import os
 import struct
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 
 from converters import dtypes
-from converters.rawio import open_regular, pread_exact, pread_into, write_chunks
+from converters.rawio import crc32, open_regular, pread_exact, pread_into, write_chunks
 from parity.errors import CheckpointError, describe
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, csize, usize, n, e
@@ -129,7 +130,7 @@ class NpzReader:
             raise CheckpointError(describe(
                 self.path, key, f"{hlen + m.nbytes} bytes for {dtypes.name(dtype)}{list(shape)}",
                 f"{info.file_size} bytes", "truncated or corrupt member"))
-        m._crc_val = zlib.crc32(m._header)
+        m._crc_val = crc32(m._header)
         m._crc_pos = 0
         self.members[key] = m
 
@@ -209,7 +210,7 @@ class NpzReader:
             if len(raw) != hlen + m.nbytes:
                 raise CheckpointError(describe(self.path, key, f"{hlen + m.nbytes} bytes", f"{len(raw)}",
                                                "corrupt compressed member"))
-            m._crc_pos, m._crc_val = 0, zlib.crc32(m._header)
+            m._crc_pos, m._crc_val = 0, crc32(m._header)
             self._crc_update(m, 0, memoryview(raw)[hlen:])
             n = count * m.dtype.itemsize
             return np.frombuffer(raw, np.uint8, n, hlen + start).copy().view(m.dtype).reshape(sub)
@@ -221,7 +222,7 @@ class NpzReader:
     def _crc_update(self, m: Member, start: int, data: memoryview) -> None:
         if start != m._crc_pos:
             return  # out of order: cannot verify this pass (`verify` completes it)
-        m._crc_val = zlib.crc32(data, m._crc_val)
+        m._crc_val = crc32(data, m._crc_val)
         m._crc_pos += len(data)
         if m._crc_pos == m.nbytes:
             if m._crc_val != m.crc:
@@ -240,7 +241,7 @@ class NpzReader:
                     visit(data.reshape(-1))
             return
         if visit is not None:
-            m._crc_pos, m._crc_val = 0, zlib.crc32(m._header)
+            m._crc_pos, m._crc_val = 0, crc32(m._header)
         elif m.verified:
             return
         if m._crc_pos == m.nbytes:  # empty member
@@ -352,11 +353,33 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
 
 
+# The archive np.savez writes (zipfile, ZIP_STORED, force_zip64): per member a local header whose sizes live in a
+# zip64 extra field, the npy header and the raw bytes; then the central directory (zip64 fields where a value does
+# not fit 32 bits) and the end records. Written here rather than through zipfile so that the CRC-32 of every byte is
+# ISA-L's (zipfile sums with zlib's, 2.3 GB/s: a third of a 6 GB conversion's CPU time) and the data goes straight
+# to the file; CRC-32 and sizes are patched into the local header once the member's bytes are written.
+_ZIP64_VERSION, _UNIX, _MAX32, _MAX16 = 45, 3, 0xFFFFFFFF, 0xFFFF
+_LOCAL_ZIP64 = struct.Struct("<HHQQ")  # tag 1, 16 bytes: uncompressed size, compressed size
+_CENTRAL = struct.Struct("<4sBBBBHHHHIIIHHHHHII")
+_END64 = struct.Struct("<4sQHHIIQQQQ")
+_END64_LOCATOR = struct.Struct("<4sIQI")
+_END = struct.Struct("<4sHHHHIIH")
+
+
+def _dos_time(t: float) -> tuple[int, int]:
+    y, mo, d, h, mi, s = time.localtime(t)[:6]
+    return (h << 11) | (mi << 5) | (s // 2), (max(y, 1980) - 1980) << 9 | (mo << 5) | d
+
+
 class NpzWriter:
-    """Writes members one at a time; each member's data may arrive in chunks (e.g. layer by layer)."""
+    """Writes members one at a time; each member's data may arrive in chunks (e.g. layer by layer). The file must
+    be seekable (each member's local header is completed after its data)."""
 
     def __init__(self, fileobj: BinaryIO):
-        self._zf = zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._f = fileobj
+        self._entries: list[tuple[bytes, int, int, int]] = []  # (name, header offset, size, crc)
+        self._time, self._date = _dos_time(time.time())
+        self._closed = False
 
     def __enter__(self) -> "NpzWriter":
         return self
@@ -368,19 +391,59 @@ class NpzWriter:
             self.abort()
 
     def write(self, key: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> None:
-        with self._zf.open(key + ".npy", "w", force_zip64=True) as f:
-            f.write(npy_header(dtype, shape))
-            write_chunks(f, key, dtype, shape, chunks)
+        name = (key + ".npy").encode("ascii")
+        if any(n == name for n, *_ in self._entries):
+            raise ValueError(f"{key}: written twice")
+        f, offset = self._f, self._f.tell()
+        f.write(_LOCAL_HEADER.pack(b"PK\x03\x04", _ZIP64_VERSION, 0, zipfile.ZIP_STORED, self._time, self._date, 0,
+                                   _MAX32, _MAX32, len(name), _LOCAL_ZIP64.size))
+        f.write(name)
+        f.write(_LOCAL_ZIP64.pack(1, 16, 0, 0))
+        sink = _CrcSink(f, npy_header(dtype, shape))
+        size = len(sink.head) + write_chunks(sink, key, dtype, shape, chunks)
+        end = f.tell()
+        f.seek(offset + 14)  # the local header's CRC-32, then (past the name) the zip64 sizes
+        f.write(struct.pack("<I", sink.crc))
+        f.seek(offset + _LOCAL_HEADER.size + len(name) + 4)
+        f.write(struct.pack("<QQ", size, size))
+        f.seek(end)
+        self._entries.append((name, offset, size, sink.crc))
 
     def close(self) -> None:
-        """Write the central directory."""
-        self._zf.close()
+        """Write the central directory and the end records."""
+        if self._closed:
+            return
+        self._closed = True
+        f, start = self._f, self._f.tell()
+        for name, offset, size, crc in self._entries:
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            f.write(_CENTRAL.pack(b"PK\x01\x02", _ZIP64_VERSION, _UNIX, _ZIP64_VERSION, 0, 0, zipfile.ZIP_STORED,
+                                  self._time, self._date, crc, _MAX32, _MAX32, len(name), len(extra), 0, 0, 0,
+                                  0o600 << 16, _MAX32))
+            f.write(name)
+            f.write(extra)
+        n, cd_size, cd_end = len(self._entries), f.tell() - start, f.tell()
+        if n >= _MAX16 or cd_size >= _MAX32 or start >= _MAX32:
+            f.write(_END64.pack(b"PK\x06\x06", _END64.size - 12, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, n, n, cd_size,
+                                start))
+            f.write(_END64_LOCATOR.pack(b"PK\x06\x07", 0, cd_end, 1))
+        f.write(_END.pack(b"PK\x05\x06", 0, 0, min(n, _MAX16), min(n, _MAX16), min(cd_size, _MAX32),
+                          min(start, _MAX32), 0))
+        f.flush()
 
     def abort(self) -> None:
-        """Give up on the archive (its file is about to be removed): close the ZipFile while the file is still
-        open, so that neither this nor ZipFile.__del__ later writes to a closed file, and ignore what that
-        last write says (a full disk, typically: the error being raised already says so)."""
-        try:
-            self._zf.close()
-        except Exception:
-            pass
+        """Give up on the archive (its file is about to be removed): nothing more is written."""
+        self._closed = True
+
+
+class _CrcSink:
+    """A file's write() that sums CRC-32 of what passes, starting with the npy header it writes first."""
+
+    def __init__(self, f: BinaryIO, head: bytes):
+        self._f, self.head = f, head
+        f.write(head)
+        self.crc = crc32(head)
+
+    def write(self, data) -> None:
+        self.crc = crc32(data, self.crc)
+        self._f.write(data)

@@ -28,7 +28,6 @@ import ast
 import json
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from converters import dtypes
 from converters.blocks import block_shape
+from converters.rawio import crc32
 from parity.errors import CheckpointError, describe
 
 METADATA = "_METADATA"
@@ -221,7 +221,7 @@ class OrbaxReader:
         start *= int(np.prod(a.shape[len(box):], dtype=np.int64)) * a.dtype.itemsize
         if start != state[1]:
             return
-        state[2] = zlib.crc32(memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8)), state[2])
+        state[2] = crc32(memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8)), state[2])
         state[1] += out.nbytes
         if state[1] == int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize and state[2] != state[0]:
             raise CheckpointError(describe(self.path, key, f"CRC-32 {state[0]:08x}", f"{state[2]:08x}",
@@ -287,7 +287,7 @@ class OrbaxWriter:
             if box is None:
                 raise ValueError(f"{key}: a chunk of {c.size} elements at {done} is not a block of {list(shape)}")
             c = np.ascontiguousarray(c)
-            crc = zlib.crc32(memoryview(c.reshape(-1).view(np.uint8)), crc)
+            crc = crc32(memoryview(c.reshape(-1).view(np.uint8)), crc)
             pending.append(t[box].write(c.reshape(tuple(s.stop - s.start for s in box) + tuple(shape[len(box):]))))
             done += c.size
             while len(pending) > self._in_flight:
