@@ -13,7 +13,6 @@ import ast
 import math
 import os
 import struct
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -366,9 +365,7 @@ _END64_LOCATOR = struct.Struct("<4sIQI")
 _END = struct.Struct("<4sHHHHIIH")
 
 
-def _dos_time(t: float) -> tuple[int, int]:
-    y, mo, d, h, mi, s = time.localtime(t)[:6]
-    return (h << 11) | (mi << 5) | (s // 2), (max(y, 1980) - 1980) << 9 | (mo << 5) | d
+_DOS_EPOCH = (0, (1 << 5) | 1)  # (time, date) 1980-01-01 00:00:00: the same input gives byte-identical output
 
 
 class NpzWriter:
@@ -378,7 +375,7 @@ class NpzWriter:
     def __init__(self, fileobj: BinaryIO):
         self._f = fileobj
         self._entries: list[tuple[bytes, int, int, int]] = []  # (name, header offset, size, crc)
-        self._time, self._date = _dos_time(time.time())
+        self._time, self._date = _DOS_EPOCH
         self._closed = False
 
     def __enter__(self) -> "NpzWriter":

@@ -93,6 +93,19 @@ class ArrayInfo:
     chunks: tuple[int, ...]
 
 
+def _next_box(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """The region after `box` in C order, with the same extent on each of its axes (cut at the array's end);
+    None after the last."""
+    out = list(box)
+    for j in range(len(box) - 1, -1, -1):
+        lo, hi = box[j]
+        if hi < shape[j]:
+            out[j] = (hi, min(shape[j], hi + hi - lo))
+            return tuple(out)
+        out[j] = (0, min(shape[j], hi - lo))
+    return None
+
+
 class OrbaxReader:
     """Lazy view of an orbax checkpoint directory. `keys()` are '/'-joined tree paths without a top `params`."""
 
@@ -120,6 +133,7 @@ class OrbaxReader:
         self._stores: dict[str, object] = {}
         self.arrays: dict[str, ArrayInfo] = {k: self._open(k) for k in self.names}
         self._cache: tuple[str, tuple, np.ndarray] | None = None
+        self._ahead: dict[tuple[str, tuple], object] = {}  # (key, box) -> tensorstore read future
         self.custom_metadata = self._custom_metadata()
         ours = self.custom_metadata.get(CUSTOM_KEY)
         crcs = ours.get("crc32") if isinstance(ours, dict) else None
@@ -228,14 +242,32 @@ class OrbaxReader:
                                            "corrupt array data"))
 
     def _read_box(self, key: str, box) -> np.ndarray:
+        """The region `box` ((lo, hi) per leading axis) of array `key`. The next region of the same shape in C
+        order is requested before this one is awaited (the converters read arrays front to back), so tensorstore's
+        threads read it while the caller transposes and writes this one: at most one region in flight ahead."""
+        fut = self._ahead.pop((key, box), None)
+        for stale in self._ahead.values():
+            stale.cancel()
+        self._ahead.clear()
         try:
-            x = self._stores[key][tuple(slice(lo, hi) for lo, hi in box)].read().result()
+            if fut is None:
+                fut = self._start(key, box)
+            nxt = _next_box(box, self.arrays[key].shape)
+            if nxt is not None:
+                self._ahead[(key, nxt)] = self._start(key, nxt)
+            x = fut.result()
         except Exception as e:
             raise CheckpointError(describe(self.path, key, what=f"corrupt or truncated array data "
                                                                 f"({_first_line(e)})")) from None
         return np.asarray(x)
 
+    def _start(self, key: str, box):
+        return self._stores[key][tuple(slice(lo, hi) for lo, hi in box)].read()
+
     def close(self) -> None:
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
         self._stores.clear()
         self._cache = None
 
