@@ -164,10 +164,15 @@ def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str,
 def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention: str | None = None,
            steps: int | None = None, dtype: str = "float32", device: str = "cpu", precision: str = "highest",
            config: str | None = None, update: bool = False,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None,
+           runner: Callable[[str], tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Record (or with `update`, add / replace) the expectation of this run's device class and profile in the
     bundle at `output`. Returns a report: the bundle manifest, the expectation written and, on update, what changed
-    against the bundle's previous expectation."""
+    against the bundle's previous expectation.
+
+    `runner(scratch_dir)` replaces the run of `impl` (golden/record_goldens.py's keras-hub recorder): it writes the
+    capture and generation files itself, as `run_expectation` does, and returns (capture, generation, manifest); a
+    capture may then hold a subset of the points, which is what `check` compares."""
     from converters.atomic import atomic_output
 
     output = os.path.abspath(output)
@@ -186,9 +191,12 @@ def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention:
     convention = convention or ("transformers" if impl == "transformers" else "big_vision")
     suffix = ".safetensors" if inputs.endswith(".safetensors") else ".npz"
     with tempfile.TemporaryDirectory(prefix="parity-golden-") as scratch:
-        cap, gen, manifest = run_expectation(ckpt, inputs, impl, convention, scratch, "run", dtype=dtype,
-                                             device=device, precision=precision, config=config, steps=steps,
-                                             progress=progress)
+        if runner is not None:
+            cap, gen, manifest = runner(scratch)
+        else:
+            cap, gen, manifest = run_expectation(ckpt, inputs, impl, convention, scratch, "run", dtype=dtype,
+                                                 device=device, precision=precision, config=config, steps=steps,
+                                                 progress=progress)
         exp = Expectation(device_class(manifest["device"]), tol.precision_class(manifest), "", None, impl,
                           manifest["created"])
         name = f"{exp.device_class}-{exp.profile}"
@@ -317,7 +325,20 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
                                       progress=progress)
         if progress:
             progress("comparing")
-        c = compare_captures(b.file(exp.capture), cap, inputs=b.inputs, profile=profile, policy=policy)
+        held = captured_points(b.file(exp.capture))
+        # Only an outside reference that exposes some points (keras-hub) may hold fewer: a torch / jax /
+        # transformers expectation short of a point is a damaged bundle (exit 2), not a pass on fewer points.
+        full = pts.forward_points(_config(b))
+        short = [p for p in full if p not in held]
+        if short and exp.impl not in PARTIAL_REFERENCES:
+            raise InputsError(describe(b.file(exp.capture), short[0], f"all {len(full)} capture points of a "
+                                       f"{exp.impl} expectation", f"{len(full) - len(short)} ({len(short)} absent)"))
+        partial = held if short else None
+        if partial:  # an outside reference that exposes some points only (keras-hub): those are compared
+            notes.append(f"the expectation holds {len(partial)} of the {len(full)} "
+                         f"capture points ({exp.impl} exposes no others); those are compared")
+        c = compare_captures(b.file(exp.capture), cap, inputs=b.inputs, profile=profile, policy=policy,
+                             points=partial)
         c = dataclasses.replace(c, sides={"A": {**c.sides["A"], "spec": f"golden {b.path} ({exp.device_class}/"
                                                 f"{exp.profile}, {exp.impl})"},
                                           "B": {**c.sides["B"], "spec": f"{impl} {device} {dtype}", "kind": "run"}})
@@ -328,6 +349,30 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
             g = dataclasses.replace(g, sides={"A": {**g.sides["A"], "spec": c.sides["A"]["spec"]},
                                               "B": {**g.sides["B"], "spec": c.sides["B"]["spec"], "kind": "run"}})
     return GoldenCheck(b.path, exp, ck, tuple(notes), c, g)
+
+
+PARTIAL_REFERENCES = ("keras_hub",)
+
+
+def _config(b: Bundle):
+    from parity.config import PaliGemmaConfig
+    return PaliGemmaConfig.from_dict(read_capture_manifest(b.file(b.expectations[0].capture))["config"])
+
+
+def captured_points(path: str) -> list[str]:
+    """The tensors a capture file holds, unread."""
+    from converters import safetensors_io
+    from parity.run import CAPTURE_DTYPES
+    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
+        return list(r.keys())
+
+
+def read_capture_manifest(path: str) -> dict[str, Any]:
+    """The manifest of a capture file, its tensors left unread."""
+    from converters import safetensors_io
+    from parity.run import CAPTURE_DTYPES, capture_manifest
+    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
+        return capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
 
 
 def _conventions(d: dict[str, Any]):

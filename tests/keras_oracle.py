@@ -175,6 +175,15 @@ def keras_forward(cfg: PaliGemmaConfig, bb, inputs: dict[str, np.ndarray]) -> di
     return _run(run, keras_batch(inputs))
 
 
+def keras_logits_all_positions(cfg: PaliGemmaConfig, bb, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """float32[B, T + L, V]: PaliGemmaCausalLM's own computation before it keeps the text positions
+    (`backbone.token_embedding(hidden_state, reverse=True)`, the final softcap inside it; then
+    `[:, image_sequence_length:]`), on the backbone's graph output: our logits point covers every position."""
+    graph = _graph(cfg, bb)
+    return _run(lambda batch: {points.LOGITS: bb.token_embedding(graph(batch)[points.LLM_FINAL_NORM], reverse=True)},
+                keras_batch(inputs))[points.LOGITS]
+
+
 def _row(inputs: dict[str, np.ndarray], r: int, size: int) -> tuple[int, dict[str, np.ndarray]]:
     """Row r of `inputs` as keras-hub's generation input of `size` text slots: its real tokens, then empty slots."""
     n = int(inputs.get("mask_input", np.ones_like(inputs["text"]))[r].sum())

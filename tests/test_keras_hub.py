@@ -176,3 +176,30 @@ def test_keras_hub_ignores_the_28b_query_scale(impl):
     assert errs[points.llm_block_out(0)] > 100 * TOL, errs
     errs = _errors(cfg, inputs, _forward(impl, head_dim_scaled, KH, params, inputs), theirs)
     assert max(errs.values()) <= TOL, errs
+
+
+def test_the_shipped_keras_hub_bundles_are_what_keras_hub_gives(tmp_path):
+    """golden/record_goldens.py --from keras_hub, re-run into a copy of each shipped bundle: the same tokens, and
+    every point within float rounding of the shipped one (across machines and library versions: 1e-5 relative)."""
+    import shutil
+    import sys
+
+    from parity import golden
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden"))
+    import record_goldens as rg
+
+    inputs = str(tmp_path / "prefix.npz")
+    rg.prefix_only_inputs(inputs)
+    for bundle, ckpt in rg.KERAS_BUNDLES.items():
+        copy = tmp_path / bundle
+        shutil.copytree(os.path.join(rg.HERE, bundle), copy)
+        # the copy's checkpoint path is relative to the bundle: keep it beside, as in golden/
+        shutil.copy(os.path.join(rg.HERE, ckpt), tmp_path / ckpt)
+        path = str(tmp_path / ckpt)
+        rep = golden.record(path, inputs, str(copy), impl="keras_hub", convention="keras_hub", steps=rg.STEPS,
+                            update=True, runner=rg.keras_runner(path, inputs, rg.STEPS))
+        ch = rep["changes"]
+        assert "points_changed" in ch, ch  # same inputs, model and conventions: compared point by point
+        assert all(p["max_rel"] <= 1e-5 for p in ch["points_changed"]), ch["points_changed"]
+        assert ch["tokens_changed_rows"] == [], ch
+        assert ch["step_logits_max_abs_change"] <= 1e-4, ch
