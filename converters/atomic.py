@@ -14,6 +14,8 @@
 - SIGTERM and SIGHUP clean up like SIGINT (KeyboardInterrupt): while an output is open they raise `Terminated`;
   once every temporary is gone the signal is delivered again with its default action, so the process still ends
   the way its sender expects.
+- Everything under the temporary is flushed to disk (fsync) before the rename, and the directory after it, so a
+  power loss never leaves the final name holding data that was not written.
 - Temporaries get the permissions plain open()/mkdir() give (the umask is respected; not mkstemp's 0600).
 - An OSError while writing (ENOSPC, EFBIG, EIO, EACCES) becomes one OutputError line naming the output.
 """
@@ -136,6 +138,33 @@ def _rename2(src: str, dst: str, flags: int) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), dst)
+
+
+def flush_to_disk(path: str) -> None:
+    """fsync a finished temporary (every file and directory under it) before it is renamed into place.
+
+    Without it a crash soon after the rename can leave the final name holding a file whose size is right but whose
+    blocks were never written (ext4's delayed allocation reads them back as zeros): a safetensors file has no
+    checksum, so that would be a checkpoint of silently wrong weights."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in files:
+                if os.path.isfile(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
+                    _fsync_path(os.path.join(root, name))
+            _fsync_path(root)
+    elif os.path.isfile(path):
+        _fsync_path(path)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # a directory on a filesystem that cannot fsync one (EINVAL): nothing more to do
+        if e.errno not in (errno.EINVAL, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _commit(tmp: str, dst: str, overwrite: bool) -> None:
@@ -287,6 +316,7 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
                     tmp = None
                     raise OutputError(describe(dst, what=f"cannot write in {parent} ({e.strerror or e})")) from None
             yield tmp
+            flush_to_disk(tmp)
             try:
                 _commit(tmp, dst, overwrite)
             except FileExistsError:
@@ -294,6 +324,7 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
                                                      "writer?); not replaced; pass --overwrite to replace it")) \
                     from None
             tmp = None
+            _fsync_path(parent)  # the rename itself
         except OSError as e:
             raise OutputError(describe(dst, what=f"cannot write ({e.strerror or e})")) from None
         finally:

@@ -237,6 +237,31 @@ def test_outputs_respect_the_umask(tmp_path):
     assert os.stat(tmp_path / "st" / "model.safetensors").st_mode & 0o777 == 0o640
 
 
+@pytest.mark.parametrize("to", ["npz", "safetensors", "orbax"])
+def test_every_output_file_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch, to):
+    """fsync of each file and directory of the temporary happens before the rename, then of the parent: a crash
+    right after a conversion never leaves a final name over blocks that were never written."""
+    src = tmp_path / "t.npz"
+    cfg = TINY_VARIANTS["tiny-pg1-mqa"]
+    np.savez(src, **{spec.NPZ_PREFIX + k: v for k, v in spec.random_params(cfg).items()})
+    events = []
+    real_fsync, real_commit = atomic._fsync_path, atomic._commit
+    monkeypatch.setattr(atomic, "_fsync_path", lambda p: (events.append(("fsync", p)), real_fsync(p)))
+    monkeypatch.setattr(atomic, "_commit", lambda t, d, o: (events.append(("commit", t, d)), real_commit(t, d, o)))
+    dst = tmp_path / f"out.{to}"
+    convert(src, dst, to)
+    commits = {e[2]: i for i, e in enumerate(events) if e[0] == "commit"}
+    main_commit = commits[str(dst)]
+    tmp = events[main_commit][1]
+    flushed = {os.path.relpath(e[1], tmp) for e in events[:main_commit] if e[0] == "fsync"
+               and e[1].startswith(tmp)}
+    written = ({"."} | {os.path.relpath(os.path.join(r, f), dst) for r, ds, fs in os.walk(dst) for f in fs}
+               | {os.path.relpath(os.path.join(r, d), dst) for r, ds, fs in os.walk(dst) for d in ds}
+               if os.path.isdir(dst) else {"."})
+    assert written <= flushed, sorted(written - flushed)
+    assert ("fsync", str(tmp_path)) in events[main_commit:]
+
+
 @pytest.mark.parametrize("fail", ["consumer stops", "worker raises"])
 def test_reader_thread_shutdown_cannot_deadlock(fail):
     """The deadlock of issue 10: the worker blocked putting its end marker into a full queue while the consumer
