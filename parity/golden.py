@@ -35,6 +35,7 @@ import numpy as np
 
 from parity import points as pts
 from parity.compare import tolerances as tol
+from parity.config import PaliGemmaConfig
 from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
@@ -325,10 +326,10 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
                                       progress=progress)
         if progress:
             progress("comparing")
-        held = captured_points(b.file(exp.capture))
+        held, held_manifest = capture_header(b.file(exp.capture))
         # Only an outside reference that exposes some points (keras-hub) may hold fewer: a torch / jax /
         # transformers expectation short of a point is a damaged bundle (exit 2), not a pass on fewer points.
-        full = pts.forward_points(_config(b))
+        full = pts.forward_points(PaliGemmaConfig.from_dict(held_manifest["config"]))
         short = [p for p in full if p not in held]
         if short and exp.impl not in PARTIAL_REFERENCES:
             raise InputsError(describe(b.file(exp.capture), short[0], f"all {len(full)} capture points of a "
@@ -354,25 +355,12 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
 PARTIAL_REFERENCES = ("keras_hub",)
 
 
-def _config(b: Bundle):
-    from parity.config import PaliGemmaConfig
-    return PaliGemmaConfig.from_dict(read_capture_manifest(b.file(b.expectations[0].capture))["config"])
-
-
-def captured_points(path: str) -> list[str]:
-    """The tensors a capture file holds, unread."""
-    from converters import safetensors_io
-    from parity.run import CAPTURE_DTYPES
-    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        return list(r.keys())
-
-
-def read_capture_manifest(path: str) -> dict[str, Any]:
-    """The manifest of a capture file, its tensors left unread."""
+def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
+    """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
     from converters import safetensors_io
     from parity.run import CAPTURE_DTYPES, capture_manifest
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        return capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
+        return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
 
 
 def _conventions(d: dict[str, Any]):
