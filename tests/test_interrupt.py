@@ -69,6 +69,25 @@ def written(tmp):
     return os.path.getsize(tmp)
 
 
+def wait_stopped(proc, timeout=60) -> bool:
+    """Wait until SIGSTOP has taken effect (state T in /proc/PID/stat). A process inside an uninterruptible
+    system call (an fsync on a busy disk) runs on until it returns from it, so checking the files right after
+    sending the signal could see a state that changes under the test. False if it exited first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state in ("T", "t"):
+            return True
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.001)
+    pytest.fail(f"the process did not stop within {timeout} s of SIGSTOP")
+
+
 def stop_midway(proc, dst, min_bytes=1 << 20, timeout=60):
     """Wait until the writer's temporary holds `min_bytes`, then SIGSTOP it there. Returns the temporary, or None
     when the conversion finished first."""
@@ -78,6 +97,8 @@ def stop_midway(proc, dst, min_bytes=1 << 20, timeout=60):
             try:
                 if written(tmp) >= min_bytes:
                     proc.send_signal(signal.SIGSTOP)
+                    if not wait_stopped(proc):
+                        return None
                     if os.path.lexists(tmp) and not os.path.lexists(dst):
                         return tmp
                     proc.send_signal(signal.SIGCONT)
