@@ -85,6 +85,7 @@ def wait_stopped(proc, timeout=60) -> bool:
         if state in ("Z", "X"):
             return False
         time.sleep(0.001)
+    proc.kill()  # not left behind, stopped, when the test fails
     pytest.fail(f"the process did not stop within {timeout} s of SIGSTOP")
 
 
