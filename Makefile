@@ -25,4 +25,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-keras
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: install demo test
+# ruff lints and checks the formatting of everything (configured in pyproject.toml); .ci/run calls it before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: install demo test lint

@@ -14,6 +14,7 @@ implementation, transformers convention.
 Also in one process, without loading: each forward pass with and without capturing every point, and the time of
 the statistics alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ def wall(cmd: list[str], ok=(0,)) -> float:
 
 
 def plain_cmd(ckpt: str, inputs: str, impl: str, out: str) -> list[str]:
-    code = (f"from parity.run import capture; capture({ckpt!r}, {inputs!r}, {out!r}, impl={impl!r}, "
-            f"convention='transformers', points='logits', overwrite=True)")
+    code = (
+        f"from parity.run import capture; capture({ckpt!r}, {inputs!r}, {out!r}, impl={impl!r}, "
+        f"convention='transformers', points='logits', overwrite=True)"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -74,7 +77,7 @@ def in_process(cfg, params, inputs) -> dict[str, float]:
         del model
     valid = np.concatenate([np.ones((2, cfg.num_image_tokens), bool), inputs["mask_input"].astype(bool)], 1)
     text = valid.copy()
-    text[:, :cfg.num_image_tokens] = False
+    text[:, : cfg.num_image_tokens] = False
     t0 = time.perf_counter()
     for p in points.forward_points(cfg):
         point_stats(caps["transformers"][p], caps["torch"][p], "float32", valid, p == points.LOGITS, text)
@@ -98,13 +101,34 @@ def main() -> None:
         np.savez(ckpt, **{spec.NPZ_PREFIX + k: v for k, v in params.items()})
         Path(sidecar_path(ckpt)).write_text(cfg.to_json())  # a reduced depth is no released variant
         save_inputs(inp, inputs)
-        report = {"config": cfg.name, "device": "cpu", "dtype": "float32", "sides": "transformers vs torch",
-                  **in_process(cfg, params, inputs)}
+        report = {
+            "config": cfg.name,
+            "device": "cpu",
+            "dtype": "float32",
+            "sides": "transformers vs torch",
+            **in_process(cfg, params, inputs),
+        }
         del params
         out = os.path.join(d, "plain.safetensors")
         report["plain_s"] = sum(wall(plain_cmd(ckpt, inp, impl, out)) for impl in ("transformers", "torch"))
-        report["compare_s"] = wall([sys.executable, "-m", "parity.cli", "compare", ckpt, "--a", "transformers",
-                                    "--b", "torch", "--inputs", inp, "--layer-by-layer", "--json"], ok=(0, 1))
+        report["compare_s"] = wall(
+            [
+                sys.executable,
+                "-m",
+                "parity.cli",
+                "compare",
+                ckpt,
+                "--a",
+                "transformers",
+                "--b",
+                "torch",
+                "--inputs",
+                inp,
+                "--layer-by-layer",
+                "--json",
+            ],
+            ok=(0, 1),
+        )
     report["ratio"] = report["compare_s"] / report["plain_s"]
     report = {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}
     if args.json:

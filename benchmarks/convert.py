@@ -28,6 +28,7 @@ a conversion fsyncs its output before renaming it into place (converters.atomic)
 putting the bytes on disk, while a bare `cp` returns with them still in the page cache.
 Everything it creates lives in --workdir (a fresh directory under /tmp by default) and is removed unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,12 @@ def _heavy() -> None:
     """numpy and the converters, imported only in the child processes: a child's peak RSS (os.wait4) includes
     the RSS its parent had when it forked, so the parent keeps to the stdlib (~10 MB)."""
     global np, dtypes, spec, NpzReader, NpzWriter
-    import numpy as np  # noqa: F811
-    from converters import dtypes  # noqa: F811
-    from converters.npz_io import NpzReader, NpzWriter  # noqa: F811
-    from parity import spec  # noqa: F811
+    import numpy as np
+
+    from converters import dtypes
+    from converters.npz_io import NpzReader, NpzWriter
+    from parity import spec
+
 
 GB = 1e9
 RSS_TARGET = 1.5 * GB
@@ -69,8 +72,13 @@ WALL_RATIO_TARGET = 2.0
 ST_RSS_TARGET = 0.5 * GB  # npz <-> safetensors: a fixed budget at every model size
 ST_WALL_TARGET = 1.3
 # (conversion step, the cp step that is its floor)
-LEGS = (("npz_to_st", "cp_npz"), ("st_to_npz", "cp_st"), ("npz_to_orbax", "cp_npz"), ("orbax_to_st", "cp_orbax"),
-        ("orbax_to_npz", "cp_orbax"))
+LEGS = (
+    ("npz_to_st", "cp_npz"),
+    ("st_to_npz", "cp_st"),
+    ("npz_to_orbax", "cp_npz"),
+    ("orbax_to_st", "cp_orbax"),
+    ("orbax_to_npz", "cp_orbax"),
+)
 ROW_BLOCK_BYTES = 64 << 20  # generation / hashing chunk for non-layered tensors
 SMALL_VARIANT = "tiny-pg2-gqa"
 
@@ -109,8 +117,11 @@ def generate(variant: str, path: str, seed: int) -> dict:
             w.write(spec.NPZ_PREFIX + e.key, dtypes.BF16, e.shape, member_chunks(e, rng))
         w.close()
     os.replace(path + ".partial", path)
-    return {"members": len(ents), "bytes": os.path.getsize(path),
-            "params": int(sum(int(np.prod(e.shape)) for e in ents))}
+    return {
+        "members": len(ents),
+        "bytes": os.path.getsize(path),
+        "params": int(sum(int(np.prod(e.shape)) for e in ents)),
+    }
 
 
 # -- 3. streamed comparison ------------------------------------------------------------------------------------
@@ -132,8 +143,7 @@ def member_digests(path: str) -> dict[str, tuple[str, tuple, str, str]]:
             else:
                 h.update(_bytes(r.read(key)))
             descr = re.search(rb"'descr': *'([^']*)'", m._header)
-            out[key] = (dtypes.name(m.dtype), tuple(m.shape), descr.group(1).decode() if descr else "?",
-                        h.hexdigest())
+            out[key] = (dtypes.name(m.dtype), tuple(m.shape), descr.group(1).decode() if descr else "?", h.hexdigest())
     return out
 
 
@@ -144,15 +154,21 @@ def verify(a: str, b: str, variant: str) -> dict:
     if list(da) != expected:
         problems.append("original npz keys differ from the spec's (order or set)")
     if list(db) != list(da):
-        problems.append(f"key order/set differs: only in original {sorted(set(da) - set(db))[:3]}, "
-                        f"only in round trip {sorted(set(db) - set(da))[:3]}")
+        problems.append(
+            f"key order/set differs: only in original {sorted(set(da) - set(db))[:3]}, "
+            f"only in round trip {sorted(set(db) - set(da))[:3]}"
+        )
     for k in da:
         if k in db and da[k] != db[k]:
             what = ["dtype", "shape", "npy descr", "data sha256"]
             diff = [w for w, x, y in zip(what, da[k], db[k]) if x != y]
             problems.append(f"{k}: {', '.join(diff)} differ ({da[k][:3]} vs {db[k][:3]})")
-    return {"bit_exact": not problems, "members": len(da), "problems": problems[:10],
-            "descrs": sorted({v[2] for v in da.values()})}
+    return {
+        "bit_exact": not problems,
+        "members": len(da),
+        "problems": problems[:10],
+        "descrs": sorted({v[2] for v in da.values()}),
+    }
 
 
 # -- 2. one conversion (child process) -----------------------------------------------------------------------------
@@ -178,9 +194,21 @@ def run_convert(src: str, dst: str, to: str, profile: str | None) -> dict:
         prof.disable()
         prof.dump_stats(profile)
     slow = sorted(per_key.items(), key=lambda kv: -kv[1][0])[:8]
-    return {"tensors": rep["tensors"], "bytes": rep["bytes"], "seconds": rep["seconds"], "notes": rep["notes"],
-            "slowest": [{"tensor": k, "s": round(t, 3), "MB": round(n / 1e6, 1),
-                         "MB_per_s": round(n / 1e6 / t, 1) if t > 0 else None} for k, (t, n) in slow]}
+    return {
+        "tensors": rep["tensors"],
+        "bytes": rep["bytes"],
+        "seconds": rep["seconds"],
+        "notes": rep["notes"],
+        "slowest": [
+            {
+                "tensor": k,
+                "s": round(t, 3),
+                "MB": round(n / 1e6, 1),
+                "MB_per_s": round(n / 1e6 / t, 1) if t > 0 else None,
+            }
+            for k, (t, n) in slow
+        ],
+    }
 
 
 def child_main(argv: list[str]) -> None:
@@ -250,8 +278,9 @@ class Runner:
             runs.append(self._timed(cmd))
         return self._summary(name, cmd, output, runs)
 
-    def measure_pair(self, floor: tuple[str, list[str], str], leg: tuple[str, list[str], str]
-                     ) -> tuple[dict, dict, list[float]]:
+    def measure_pair(
+        self, floor: tuple[str, list[str], str], leg: tuple[str, list[str], str]
+    ) -> tuple[dict, dict, list[float]]:
         """A conversion and its `cp` floor run alternately, floor first, `repeat` times each (caches dropped before
         every run): the disk of these machines drifts by 2x within minutes (the same 6 GB cp took 5.7 to 21 s), so
         each conversion is divided by the floor run just before it. Returns both summaries and the paired ratios of
@@ -261,7 +290,7 @@ class Runner:
                 self._run(cmd)
                 remove(out)
         runs: dict[str, list[dict]] = {"floor": [], "leg": []}
-        for k in range(self.repeat):
+        for _ in range(self.repeat):
             for which, (_, cmd, out) in (("floor", floor), ("leg", leg)):
                 remove(out)
                 runs[which].append(self._timed(cmd))
@@ -294,8 +323,10 @@ class Runner:
         r["cmd"] = " ".join(cmd)
         if output is not None and os.path.exists(output):
             r["output_bytes"] = du(output)
-        self.log(f"  {name:<24} wall {r['wall_s']:8.2f} s   +sync {r['wall_sync_s']:8.2f} s   "
-                 f"peak RSS {r['peak_rss_bytes'] / GB:6.3f} GB   runs +sync {r['walls_sync_s']}")
+        self.log(
+            f"  {name:<24} wall {r['wall_s']:8.2f} s   +sync {r['wall_sync_s']:8.2f} s   "
+            f"peak RSS {r['peak_rss_bytes'] / GB:6.3f} GB   runs +sync {r['walls_sync_s']}"
+        )
         return r
 
     def _run(self, cmd: list[str]) -> dict:
@@ -312,8 +343,12 @@ class Runner:
             if p.returncode != 0:
                 logf.seek(0)
                 raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{logf.read().decode()[-4000:]}")
-        out = {"wall_s": round(wall, 3), "peak_rss_bytes": ru.ru_maxrss * 1024,
-               "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2)}
+        out = {
+            "wall_s": round(wall, 3),
+            "peak_rss_bytes": ru.ru_maxrss * 1024,
+            "user_s": round(ru.ru_utime, 2),
+            "sys_s": round(ru.ru_stime, 2),
+        }
         if os.path.exists(res_path):
             with open(res_path) as f:
                 out["result"] = json.load(f)
@@ -328,7 +363,7 @@ def top_profile(path: str, n: int = 12) -> str:
     s = io.StringIO()
     pstats.Stats(path, stream=s).sort_stats("tottime").print_stats(n)
     text = s.getvalue()
-    return text[text.find("   ncalls"):].rstrip()
+    return text[text.find("   ncalls") :].rstrip()
 
 
 def benchmark(args) -> dict:
@@ -349,10 +384,18 @@ def benchmark(args) -> dict:
     ob_st, ob_rt = os.path.join(workdir, f"{variant}.orbax.st"), os.path.join(workdir, f"{variant}.orbax.rt.b16.npz")
     outputs = (st_dir, rt, cp_npz, cp_st, ob_dir, cp_ob, ob_st, ob_rt)
     stamp = src + ".bench.json"
-    out: dict = {"variant": variant, "seed": args.seed, "workdir": workdir, "cache": "cold" if cold else "warm",
-                 "cpus": os.cpu_count(), "steps": {}}
-    log(f"convert benchmark: {variant}, seed {args.seed}, workdir {workdir}, "
-        f"{'cold cache (drop_caches before each step)' if cold else 'warm cache (each step run twice, 2nd timed)'}")
+    out: dict = {
+        "variant": variant,
+        "seed": args.seed,
+        "workdir": workdir,
+        "cache": "cold" if cold else "warm",
+        "cpus": os.cpu_count(),
+        "steps": {},
+    }
+    log(
+        f"convert benchmark: {variant}, seed {args.seed}, workdir {workdir}, "
+        f"{'cold cache (drop_caches before each step)' if cold else 'warm cache (each step run twice, 2nd timed)'}"
+    )
     try:
         for p in outputs:
             remove(p)
@@ -364,8 +407,9 @@ def benchmark(args) -> dict:
             log(f"  reusing {src}")
         else:
             remove(src)
-            g = Runner(workdir, cold, log).measure("generate npz", child("generate", variant, src, str(args.seed)),
-                                                   None)
+            g = Runner(workdir, cold, log).measure(
+                "generate npz", child("generate", variant, src, str(args.seed)), None
+            )
             out["steps"]["generate"] = g
             with open(stamp, "w") as f:
                 json.dump({"variant": variant, "seed": args.seed}, f)
@@ -375,15 +419,20 @@ def benchmark(args) -> dict:
         paired = out["paired_ratios"] = {}
         if "st" in args.legs:
             steps["cp_npz"], steps["npz_to_st"], paired["npz_to_st"] = run.measure_pair(
-                cp_a, ("(b) convert npz->st", child("convert", src, st_dir, "safetensors"), st_dir))
+                cp_a, ("(b) convert npz->st", child("convert", src, st_dir, "safetensors"), st_dir)
+            )
             steps["cp_st"], steps["st_to_npz"], paired["st_to_npz"] = run.measure_pair(
                 ("(c) cp -r safetensors", ["cp", "-r", st_dir, cp_st], cp_st),
-                ("(d) convert st->npz", child("convert", st_dir, rt, "npz"), rt))
-            steps["verify"] = Runner(workdir, False, log).measure("verify (sha256 both)",
-                                                                  child("verify", src, rt, variant), None)
+                ("(d) convert st->npz", child("convert", st_dir, rt, "npz"), rt),
+            )
+            steps["verify"] = Runner(workdir, False, log).measure(
+                "verify (sha256 both)", child("verify", src, rt, variant), None
+            )
             if args.profile:
-                for name, a, b, to in (("npz_to_st", src, st_dir + ".prof", "safetensors"),
-                                       ("st_to_npz", st_dir, rt + ".prof", "npz")):
+                for name, a, b, to in (
+                    ("npz_to_st", src, st_dir + ".prof", "safetensors"),
+                    ("st_to_npz", st_dir, rt + ".prof", "npz"),
+                ):
                     pf = os.path.join(workdir, f"{name}.pstats")
                     r = run.measure(f"profiled {name}", child("convert", a, b, to, pf), b)
                     remove(b)
@@ -392,16 +441,20 @@ def benchmark(args) -> dict:
             remove(st_dir)
         if "orbax" in args.legs:
             cp_npz_step, steps["npz_to_orbax"], paired["npz_to_orbax"] = run.measure_pair(
-                cp_a, ("(e) convert npz->orbax", child("convert", src, ob_dir, "orbax"), ob_dir))
+                cp_a, ("(e) convert npz->orbax", child("convert", src, ob_dir, "orbax"), ob_dir)
+            )
             steps.setdefault("cp_npz", cp_npz_step)
             cp_f = ("(f) cp -r orbax", ["cp", "-r", ob_dir, cp_ob], cp_ob)
             steps["cp_orbax"], steps["orbax_to_st"], paired["orbax_to_st"] = run.measure_pair(
-                cp_f, ("(g) convert orbax->st", child("convert", ob_dir, ob_st, "safetensors"), ob_st))
+                cp_f, ("(g) convert orbax->st", child("convert", ob_dir, ob_st, "safetensors"), ob_st)
+            )
             remove(ob_st)
             _, steps["orbax_to_npz"], paired["orbax_to_npz"] = run.measure_pair(
-                cp_f, ("(h) convert orbax->npz", child("convert", ob_dir, ob_rt, "npz"), ob_rt))
+                cp_f, ("(h) convert orbax->npz", child("convert", ob_dir, ob_rt, "npz"), ob_rt)
+            )
             steps["verify_orbax"] = Runner(workdir, False, log).measure(
-                "verify orbax round trip", child("verify", src, ob_rt, variant), None)
+                "verify orbax round trip", child("verify", src, ob_rt, variant), None
+            )
     finally:
         if not args.keep:
             for p in (src, stamp, st_dir + ".prof", rt + ".prof") + outputs:
@@ -424,39 +477,54 @@ def benchmark(args) -> dict:
         "peak_rss_le_1.5GB": max(rss.values()) <= RSS_TARGET,
         "wall_le_2x_cp": max(out["ratios_incl_sync"].values()) <= WALL_RATIO_TARGET,
         "npz_st_peak_rss_le_0.5GB": max((rss[leg] for leg in st_legs), default=0) <= ST_RSS_TARGET,
-        "npz_st_wall_le_1.3x_cp": max((out["ratios_incl_sync"][leg] for leg in st_legs), default=0)
-        <= ST_WALL_TARGET,
+        "npz_st_wall_le_1.3x_cp": max((out["ratios_incl_sync"][leg] for leg in st_legs), default=0) <= ST_WALL_TARGET,
     }
     return out
 
 
 def render(out: dict) -> str:
     s = out["steps"]
-    lines = [f"variant {out['variant']}  npz {out['npz_bytes'] / GB:.3f} GB  cache {out['cache']}  "
-             f"cpus {out['cpus']}", "",
-             f"{'step':<28}{'wall s':>9}{'+sync s':>9}{'GB/s':>7}{'peak RSS GB':>13}{'user s':>8}{'sys s':>7}"]
-    for key, label in (("generate", "generate (synthetic)"), ("cp_npz", "(a) cp npz"),
-                       ("npz_to_st", "(b) convert npz -> st"), ("cp_st", "(c) cp -r st dir"),
-                       ("st_to_npz", "(d) convert st -> npz"), ("verify", "verify (sha256 x2)"),
-                       ("npz_to_orbax", "(e) convert npz -> orbax"), ("cp_orbax", "(f) cp -r orbax dir"),
-                       ("orbax_to_st", "(g) convert orbax -> st"), ("orbax_to_npz", "(h) convert orbax -> npz"),
-                       ("verify_orbax", "verify orbax (sha256 x2)")):
+    lines = [
+        f"variant {out['variant']}  npz {out['npz_bytes'] / GB:.3f} GB  cache {out['cache']}  cpus {out['cpus']}",
+        "",
+        f"{'step':<28}{'wall s':>9}{'+sync s':>9}{'GB/s':>7}{'peak RSS GB':>13}{'user s':>8}{'sys s':>7}",
+    ]
+    for key, label in (
+        ("generate", "generate (synthetic)"),
+        ("cp_npz", "(a) cp npz"),
+        ("npz_to_st", "(b) convert npz -> st"),
+        ("cp_st", "(c) cp -r st dir"),
+        ("st_to_npz", "(d) convert st -> npz"),
+        ("verify", "verify (sha256 x2)"),
+        ("npz_to_orbax", "(e) convert npz -> orbax"),
+        ("cp_orbax", "(f) cp -r orbax dir"),
+        ("orbax_to_st", "(g) convert orbax -> st"),
+        ("orbax_to_npz", "(h) convert orbax -> npz"),
+        ("verify_orbax", "verify orbax (sha256 x2)"),
+    ):
         if key not in s:
             continue
         r = s[key]
         gbs = out["npz_bytes"] / GB / r["wall_s"] if r["wall_s"] else 0
-        lines.append(f"{label:<28}{r['wall_s']:>9.2f}{r['wall_sync_s']:>9.2f}{gbs:>7.2f}"
-                     f"{r['peak_rss_bytes'] / GB:>13.3f}{r['user_s']:>8.1f}{r['sys_s']:>7.1f}")
+        lines.append(
+            f"{label:<28}{r['wall_s']:>9.2f}{r['wall_sync_s']:>9.2f}{gbs:>7.2f}"
+            f"{r['peak_rss_bytes'] / GB:>13.3f}{r['user_s']:>8.1f}{r['sys_s']:>7.1f}"
+        )
     lines.append("")
     for leg, floor in LEGS:
         if leg in out["ratios"]:
             q = out["paired_ratios"][leg]
-            lines.append(f"{leg:<14} / {floor:<9}: {out['ratios_incl_sync'][leg]:.2f}x incl. sync, median of "
-                         f"{len(q)} pairs [{min(q):.2f}-{max(q):.2f}]  (fastest/fastest {out['ratios_fastest_incl_sync'][leg]:.2f}x, "
-                         f"wall alone {out['ratios'][leg]:.2f}x)   peak RSS {s[leg]['peak_rss_bytes'] / GB:.3f} GB")
+            lines.append(
+                f"{leg:<14} / {floor:<9}: {out['ratios_incl_sync'][leg]:.2f}x incl. sync, median of "
+                f"{len(q)} pairs [{min(q):.2f}-{max(q):.2f}]  "
+                f"(fastest/fastest {out['ratios_fastest_incl_sync'][leg]:.2f}x, "
+                f"wall alone {out['ratios'][leg]:.2f}x)   peak RSS {s[leg]['peak_rss_bytes'] / GB:.3f} GB"
+            )
     for name, ok in out["targets"].items():
-        lines.append(f"target {name:<26}: {'met' if ok else 'MISSED'}"
-                     + ("  (incl. sync: both outputs on disk)" if "wall" in name else ""))
+        lines.append(
+            f"target {name:<26}: {'met' if ok else 'MISSED'}"
+            + ("  (incl. sync: both outputs on disk)" if "wall" in name else "")
+        )
     lines.append(f"round trips bit-exact: {'yes' if out['round_trip_bit_exact'] else 'no'}")
     for v in ("verify", "verify_orbax"):
         if v in s:
@@ -469,8 +537,11 @@ def render(out: dict) -> str:
             for x in s[key]["result"]["slowest"]:
                 lines.append(f"  {x['s']:7.2f} s {x['MB']:9.1f} MB {x['MB_per_s'] or 0:8.1f} MB/s  {x['tensor']}")
     for key, p in out.get("profile", {}).items():
-        lines += ["", f"cProfile {key} (wall {p['wall_s']:.1f} s under the profiler), top by tottime:",
-                  p["top_tottime"]]
+        lines += [
+            "",
+            f"cProfile {key} (wall {p['wall_s']:.1f} s under the profiler), top by tottime:",
+            p["top_tottime"],
+        ]
     return "\n".join(lines)
 
 
@@ -479,17 +550,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_child":
         child_main(argv[1:])
         return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--variant", default="paligemma2-3b-224", help="config of the synthetic checkpoint")
     ap.add_argument("--small", action="store_true", help=f"quick smoke run on {SMALL_VARIANT}")
     ap.add_argument("--workdir", help="where files go (default: a fresh directory under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated and converted files")
-    ap.add_argument("--reuse", action="store_true", help="reuse a checkpoint generated earlier in --workdir "
-                                                         "(same variant and seed; needs --keep on that run)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a checkpoint generated earlier in --workdir (same variant and seed; needs --keep on that run)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=3, help="pairs (cp floor, conversion) run alternately per leg; "
-                    "the median paired ratio counts")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="pairs (cp floor, conversion) run alternately per leg; the median paired ratio counts",
+    )
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (run each step twice)")
     ap.add_argument("--profile", action="store_true", help="also run each conversion under cProfile")
     ap.add_argument("--legs", default="st,orbax", help="comma-separated: st (npz <-> safetensors), orbax")

@@ -11,6 +11,7 @@ machine) and with the cache the previous run filled (what the `parity` command g
 the cache on, see parity.cli.jax_compile_cache_default). Figures are medians of --repeat processes; the ratio column
 is against the 2 s target.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,15 @@ print(json.dumps({"import_s": t1 - t0, "check_s": time.perf_counter() - t1, "pas
 
 
 def one(bundle: str, impl: str, cache: str | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": cache or "",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    out = subprocess.run([sys.executable, "-c", CHILD, bundle, impl], env=env, capture_output=True, text=True,
-                         check=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_COMPILATION_CACHE_DIR": cache or "",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, bundle, impl], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -52,9 +58,15 @@ def measure(bundle: str, impl: str, mode: str, repeat: int) -> dict:
                 one(bundle, impl, d)  # fills the cache
             runs.append(one(bundle, impl, d if impl == "jax" else None))
     check = statistics.median(r["check_s"] for r in runs)
-    return {"bundle": os.path.basename(bundle), "impl": impl, "mode": mode, "passed": all(r["passed"] for r in runs),
-            "import_s": round(statistics.median(r["import_s"] for r in runs), 3), "check_s": round(check, 3),
-            "vs_target": round(check / TARGET_S, 2)}
+    return {
+        "bundle": os.path.basename(bundle),
+        "impl": impl,
+        "mode": mode,
+        "passed": all(r["passed"] for r in runs),
+        "import_s": round(statistics.median(r["import_s"] for r in runs), 3),
+        "check_s": round(check, 3),
+        "vs_target": round(check / TARGET_S, 2),
+    }
 
 
 def main() -> None:
@@ -70,9 +82,12 @@ def main() -> None:
         rows.append(measure(b, "jax", "warm cache", a.repeat))
         if not a.json:
             for r in rows[-3:]:
-                print(f"{r['bundle']:34s} {r['impl']:6s} {r['mode']:12s} import {r['import_s']:6.2f} s  check "
-                      f"{r['check_s']:6.2f} s  {r['vs_target']:5.2f}x of {TARGET_S:.0f} s  "
-                      f"{'pass' if r['passed'] else 'FAIL'}", flush=True)
+                print(
+                    f"{r['bundle']:34s} {r['impl']:6s} {r['mode']:12s} import {r['import_s']:6.2f} s  check "
+                    f"{r['check_s']:6.2f} s  {r['vs_target']:5.2f}x of {TARGET_S:.0f} s  "
+                    f"{'pass' if r['passed'] else 'FAIL'}",
+                    flush=True,
+                )
     if a.json:
         print(json.dumps({"target_s": TARGET_S, "repeat": a.repeat, "rows": rows}, indent=1))
 

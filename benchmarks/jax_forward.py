@@ -9,6 +9,7 @@ Ratios are jax / torch (time: lower is better; tokens/s: higher is better). Stea
 tokens/s = batch * (N - 1) / (generate(N) - generate(1)), every row decoding N tokens (ignore_eos). On a GPU only
 jax runs (torch on CUDA is torch_forward.py's job); the device is named in the output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Two runtimes in one process: torch's OpenMP threads would otherwise spin after each op and starve XLA's.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from parity import spec  # noqa: E402
-from parity.config import VARIANTS, PaliGemmaConfig  # noqa: E402
-from parity.conventions import PRESETS  # noqa: E402
-from parity.jax_impl import api  # noqa: E402
-from parity.jax_impl.generate import generate as jax_generate  # noqa: E402
-from parity import points  # noqa: E402
+from parity import (
+    points,
+    spec,
+)
+from parity.config import VARIANTS, PaliGemmaConfig
+from parity.conventions import PRESETS
+from parity.jax_impl import api
+from parity.jax_impl.generate import generate as jax_generate
 
 GPU_CONFIG = VARIANTS["paligemma2-3b-224"]
 
@@ -57,8 +60,12 @@ def make_inputs(cfg: PaliGemmaConfig, batch: int, text_len: int) -> dict[str, np
     text = rng.integers(3, cfg.text.vocab_size, (batch, text_len)).astype(np.int32)
     text[:, 0] = 2
     res = cfg.vision.image_size
-    return dict(image=rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), text=text,
-                mask_ar=np.zeros_like(text), mask_input=np.ones_like(text))
+    return dict(
+        image=rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32),
+        text=text,
+        mask_ar=np.zeros_like(text),
+        mask_input=np.ones_like(text),
+    )
 
 
 def random_on_device(model: api.Model, seed: int = 0, scale: float = 0.02) -> api.Model:
@@ -75,10 +82,10 @@ def random_on_device(model: api.Model, seed: int = 0, scale: float = 0.02) -> ap
     return api.Model(nnx.merge(model.graphdef, state), model.dtype, model.device, model.precision, model.mesh)
 
 
-def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: PaliGemmaConfig | None = None
-          ) -> dict:
+def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: PaliGemmaConfig | None = None) -> dict:
     gpu = not device.startswith("cpu")
     from torch_forward import CPU_CONFIG, TEXT_LEN  # the torch benchmark's CPU shape, for comparable figures
+
     cfg = cfg or (GPU_CONFIG if gpu else CPU_CONFIG)
     dtype = "bfloat16" if gpu else "float32"
     conv = PRESETS["transformers"]
@@ -89,12 +96,20 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
     theirs = None
     if not gpu:
         import torch
+
         from parity.torch_impl import build_model as torch_build
         from parity.torch_impl.generate import generate as torch_generate
+
         theirs = torch_build(cfg, conv, dtype=dtype, params=params)
-    res = {"device": api.device_description(device), "config": cfg.name, "dtype": dtype,
-           "jax": jax.__version__, "prompt_tokens": cfg.num_image_tokens + TEXT_LEN, "new_tokens": new_tokens,
-           "rows": []}
+    res = {
+        "device": api.device_description(device),
+        "config": cfg.name,
+        "dtype": dtype,
+        "jax": jax.__version__,
+        "prompt_tokens": cfg.num_image_tokens + TEXT_LEN,
+        "new_tokens": new_tokens,
+        "rows": [],
+    }
     for b in batches:
         x = make_inputs(cfg, b, TEXT_LEN)
         jx = api._batch(ours, x)
@@ -106,8 +121,15 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
 
         def gen(n):
             with jax.default_matmul_precision(ours.precision):
-                g = jax_generate(ours.module, jx["image"], jx["text"], jx["mask_ar"], jx["mask_input"],
-                                 max_new_tokens=n, ignore_eos=True)
+                g = jax_generate(
+                    ours.module,
+                    jx["image"],
+                    jx["text"],
+                    jx["mask_ar"],
+                    jx["mask_input"],
+                    max_new_tokens=n,
+                    ignore_eos=True,
+                )
             return jax.block_until_ready(g.tokens)
 
         first, row["prefill_jax_s"] = timed(fwd, repeat)
@@ -124,10 +146,18 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
         if theirs is not None:
             t = {k: torch.as_tensor(v) if k == "image" else torch.as_tensor(v).long() for k, v in x.items()}
             with torch.inference_mode():
-                _, row["prefill_torch_s"] = timed(lambda: theirs(t["image"], t["text"], t["mask_ar"],
-                                                                 t["mask_input"]), repeat)
-                run = lambda n: torch_generate(theirs, t["image"], t["text"], t["mask_ar"],  # noqa: E731
-                                               t["mask_input"], max_new_tokens=n, ignore_eos=True)
+                _, row["prefill_torch_s"] = timed(
+                    lambda: theirs(t["image"], t["text"], t["mask_ar"], t["mask_input"]), repeat
+                )
+                run = lambda n: torch_generate(
+                    theirs,
+                    t["image"],
+                    t["text"],
+                    t["mask_ar"],
+                    t["mask_input"],
+                    max_new_tokens=n,
+                    ignore_eos=True,
+                )
                 tt = {n: timed(lambda n=n: run(n), repeat)[1] for n in (1, new_tokens)}
                 row["tokens_agree"] = bool(np.array_equal(run(new_tokens).tokens.numpy(), np.asarray(gen(new_tokens))))
             row["generate_torch_s"] = tt[new_tokens]
@@ -141,19 +171,25 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['config']} on {res['device']} ({res['dtype']}, jax {res['jax']}), prompt {res['prompt_tokens']} "
-             f"tokens, {res['new_tokens']} new tokens"]
+    lines = [
+        f"{res['config']} on {res['device']} ({res['dtype']}, jax {res['jax']}), prompt {res['prompt_tokens']} "
+        f"tokens, {res['new_tokens']} new tokens"
+    ]
     cmp = res["rows"] and "prefill_torch_s" in res["rows"][0]
     head = f"{'batch':>5} {'prefill jax':>11} {'gen jax':>9} {'tok/s jax':>10} {'compile':>8}"
     if cmp:
         head += f" {'prefill torch':>13} {'ratio':>6} {'gen torch':>9} {'ratio':>6} {'tok/s torch':>11}  tokens agree"
     lines.append(head)
     for r in res["rows"]:
-        line = (f"{r['batch']:>5} {r['prefill_jax_s'] * 1e3:>9.1f}ms {r['generate_jax_s']:>8.3f}s "
-                f"{r['decode_tok_s_jax']:>10.1f} {r['compile_jax_s']:>7.2f}s")
+        line = (
+            f"{r['batch']:>5} {r['prefill_jax_s'] * 1e3:>9.1f}ms {r['generate_jax_s']:>8.3f}s "
+            f"{r['decode_tok_s_jax']:>10.1f} {r['compile_jax_s']:>7.2f}s"
+        )
         if cmp:
-            line += (f" {r['prefill_torch_s'] * 1e3:>11.1f}ms {r['prefill_ratio']:>6.2f} {r['generate_torch_s']:>8.3f}s "
-                     f"{r['generate_ratio']:>6.2f} {r['decode_tok_s_torch']:>11.1f}  {r['tokens_agree']}")
+            line += (
+                f" {r['prefill_torch_s'] * 1e3:>11.1f}ms {r['prefill_ratio']:>6.2f} {r['generate_torch_s']:>8.3f}s "
+                f"{r['generate_ratio']:>6.2f} {r['decode_tok_s_torch']:>11.1f}  {r['tokens_agree']}"
+            )
         lines.append(line)
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """PaliGemma 2 3B-224 shapes at reduced depth with random weights, and a batch for them (benchmarks/compare.py and
 benchmarks/calibrate_profiles.py). Widths, heads, vocabulary (257152) and image size are the released ones; only the
 number of ViT and LLM blocks is cut so that two float32 passes fit a 2-core CPU run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,11 @@ WEIGHT_SCALE = 0.02  # Gemma's initializer_range: last-position logits of a few 
 
 def reduced_pg2_3b(vision_depth: int = 2, text_depth: int = 2) -> PaliGemmaConfig:
     base = VARIANTS["paligemma2-3b-224"]
-    return PaliGemmaConfig(f"paligemma2-3b-224-v{vision_depth}t{text_depth}",
-                           dataclasses.replace(base.vision, depth=vision_depth),
-                           dataclasses.replace(base.text, depth=text_depth))
+    return PaliGemmaConfig(
+        f"paligemma2-3b-224-v{vision_depth}t{text_depth}",
+        dataclasses.replace(base.vision, depth=vision_depth),
+        dataclasses.replace(base.text, depth=text_depth),
+    )
 
 
 def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ Decode throughput comes from generate(N) - generate(1) per pair; when noise make
 reported as unmeasured (null), never as nan. On CUDA our decode step runs under torch.compile(mode="reduce-overhead")
 (CUDA graphs), falling back to eager if compiling fails; the path that ran is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,22 +27,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.hf_config import to_hf_config  # noqa: E402
-from parity import spec  # noqa: E402
-from parity.config import VARIANTS, PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
-from parity.conventions import PRESETS  # noqa: E402
-from parity.torch_impl import build_model  # noqa: E402
-from parity.torch_impl.generate import generate  # noqa: E402
+from converters.hf_config import to_hf_config
+from parity import spec
+from parity.config import VARIANTS, PaliGemmaConfig, TextConfig, VisionConfig
+from parity.conventions import PRESETS
+from parity.torch_impl import build_model
+from parity.torch_impl.generate import generate
 
 # A reduced PaliGemma 2 shape: every feature (GQA, N*H != D, post-norms, softcaps, sliding window), CPU-sized.
 CPU_CONFIG = PaliGemmaConfig(
-    "bench-pg2-small", VisionConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112),
-    TextConfig(width=384, depth=6, mlp_dim=1536, num_heads=8, num_kv_heads=4, head_dim=64, vocab_size=16_384,
-               gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=48))
+    "bench-pg2-small",
+    VisionConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112),
+    TextConfig(
+        width=384,
+        depth=6,
+        mlp_dim=1536,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        vocab_size=16_384,
+        gemma2=True,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        sliding_window=48,
+    ),
+)
 TEXT_LEN = 18
-_RENAMES = (("vision_tower.vision_model.", "model.vision_tower."),
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-            ("language_model.model.", "model.language_model."))
+_RENAMES = (
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+)
 
 
 def sync(device: str) -> None:
@@ -88,17 +104,21 @@ def make_inputs(cfg: PaliGemmaConfig, batch: int, device: str) -> dict[str, torc
     mask_ar = torch.zeros_like(text)
     res = cfg.vision.image_size
     image = torch.rand(batch, res, res, 3, generator=g) * 2 - 1
-    return {k: v.to(device) for k, v in dict(image=image, text=text, mask_ar=mask_ar,
-                                             mask_input=torch.ones_like(text)).items()}
+    return {
+        k: v.to(device)
+        for k, v in dict(image=image, text=text, mask_ar=mask_ar, mask_input=torch.ones_like(text)).items()
+    }
 
 
 def hf_inputs(cfg: PaliGemmaConfig, x: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
     b, t = x["text"].shape[0], cfg.num_image_tokens
     img = torch.full((b, t), cfg.image_token_id, dtype=torch.long, device=x["text"].device)
-    return dict(input_ids=torch.cat([img, x["text"]], 1),
-                pixel_values=x["image"].permute(0, 3, 1, 2).contiguous().to(dtype),
-                attention_mask=torch.cat([torch.ones_like(img), x["mask_input"]], 1),
-                token_type_ids=torch.cat([torch.zeros_like(img), x["mask_ar"]], 1))
+    return dict(
+        input_ids=torch.cat([img, x["text"]], 1),
+        pixel_values=x["image"].permute(0, 3, 1, 2).contiguous().to(dtype),
+        attention_mask=torch.cat([torch.ones_like(img), x["mask_input"]], 1),
+        token_type_ids=torch.cat([torch.zeros_like(img), x["mask_ar"]], 1),
+    )
 
 
 def build_hf(cfg: PaliGemmaConfig, dtype, device: str, params=None):
@@ -115,7 +135,7 @@ def build_hf(cfg: PaliGemmaConfig, dtype, device: str, params=None):
         state = {}
         for key, x in spec.to_hf(cfg, params).items():
             for old, new in _RENAMES:
-                key = new + key[len(old):] if key.startswith(old) else key
+                key = new + key[len(old) :] if key.startswith(old) else key
             state[key] = torch.from_numpy(np.ascontiguousarray(x))
         model.load_state_dict(state, strict=False)
         model.tie_weights()
@@ -132,8 +152,7 @@ def build_ours(cfg: PaliGemmaConfig, dtype: str, device: str, params=None):
     return model
 
 
-def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: PaliGemmaConfig | None = None
-          ) -> dict:
+def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: PaliGemmaConfig | None = None) -> dict:
     cuda = device == "cuda"
     cfg = cfg or (VARIANTS["paligemma2-3b-224"] if cuda else CPU_CONFIG)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -141,9 +160,15 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
     ours = build_ours(cfg, "bfloat16" if cuda else "float32", device, params)
     theirs = build_hf(cfg, dtype, device, params)
     compile_mode = "reduce-overhead" if cuda else None
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "config": cfg.name, "dtype": str(dtype),
-           "prompt_tokens": cfg.num_image_tokens + TEXT_LEN, "new_tokens": new_tokens, "repeat": repeat,
-           "rows": []}
+    res = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "config": cfg.name,
+        "dtype": str(dtype),
+        "prompt_tokens": cfg.num_image_tokens + TEXT_LEN,
+        "new_tokens": new_tokens,
+        "repeat": repeat,
+        "rows": [],
+    }
     with torch.inference_mode():
         for b in batches:
             x = make_inputs(cfg, b, device)
@@ -153,18 +178,31 @@ def bench(device: str, new_tokens: int, batches: list[int], repeat: int, cfg: Pa
             po, ph = paired(*fwd, device, repeat)
             row["prefill_ours_s"], row["prefill_hf_s"] = statistics.median(po), statistics.median(ph)
             row["prefill_ratio"] = ratio_summary([a / c for a, c in zip(po, ph)])
-            run = lambda n: generate(ours, x["image"], x["text"], x["mask_ar"], x["mask_input"],  # noqa: E731
-                                     max_new_tokens=n, eos_id=-1, compile=compile_mode)
+            run = lambda n: generate(
+                ours,
+                x["image"],
+                x["text"],
+                x["mask_ar"],
+                x["mask_input"],
+                max_new_tokens=n,
+                eos_id=-1,
+                compile=compile_mode,
+            )
             t0 = time.perf_counter()
             first = run(new_tokens)  # includes compiling on CUDA
             sync(device)
             row["first_generate_s"] = time.perf_counter() - t0
             row["decode_path"] = first.decode_path
-            hf_run = lambda n: theirs.generate(**hx, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
-                                               do_sample=False, pad_token_id=0)
+            hf_run = lambda n: theirs.generate(
+                **hx,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
             go, gh = paired(lambda: run(new_tokens), lambda: hf_run(new_tokens), device, repeat)
             o1, h1 = paired(lambda: run(1), lambda: hf_run(1), device, repeat)
-            hf_tokens = hf_run(new_tokens)[:, hx["input_ids"].shape[1]:]
+            hf_tokens = hf_run(new_tokens)[:, hx["input_ids"].shape[1] :]
             row["tokens_agree"] = bool(torch.equal(first.tokens.cpu(), hf_tokens.cpu())) if not cuda else None
             row["generate_ours_s"], row["generate_hf_s"] = statistics.median(go), statistics.median(gh)
             row["generate_ratio"] = ratio_summary([a / c for a, c in zip(go, gh)])
@@ -191,18 +229,22 @@ def _rate(x: float | None) -> str:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['config']} on {res['device']} ({res['dtype']}), prompt {res['prompt_tokens']} tokens, "
-             f"{res['new_tokens']} new tokens; ours / transformers, median [quartiles] of {res['repeat']} "
-             f"alternating pairs"]
+    lines = [
+        f"{res['config']} on {res['device']} ({res['dtype']}), prompt {res['prompt_tokens']} tokens, "
+        f"{res['new_tokens']} new tokens; ours / transformers, median [quartiles] of {res['repeat']} "
+        f"alternating pairs"
+    ]
     for r in res["rows"]:
         agree = "" if r["tokens_agree"] is None else f"; tokens agree: {r['tokens_agree']}"
-        lines += [f"batch {r['batch']}:",
-                  f"  prefill   {r['prefill_ours_s'] * 1e3:8.1f} ms vs {r['prefill_hf_s'] * 1e3:8.1f} ms  "
-                  f"ratio {_ratio(r['prefill_ratio'])}",
-                  f"  generate  {r['generate_ours_s']:8.3f} s  vs {r['generate_hf_s']:8.3f} s   "
-                  f"ratio {_ratio(r['generate_ratio'])}",
-                  f"  decode    {_rate(r['decode_tok_s_ours'])} vs {_rate(r['decode_tok_s_hf'])} tok/s  "
-                  f"time ratio {_ratio(r['decode_ratio'])}  ({r['decode_path']}{agree})"]
+        lines += [
+            f"batch {r['batch']}:",
+            f"  prefill   {r['prefill_ours_s'] * 1e3:8.1f} ms vs {r['prefill_hf_s'] * 1e3:8.1f} ms  "
+            f"ratio {_ratio(r['prefill_ratio'])}",
+            f"  generate  {r['generate_ours_s']:8.3f} s  vs {r['generate_hf_s']:8.3f} s   "
+            f"ratio {_ratio(r['generate_ratio'])}",
+            f"  decode    {_rate(r['decode_tok_s_ours'])} vs {_rate(r['decode_tok_s_hf'])} tok/s  "
+            f"time ratio {_ratio(r['decode_ratio'])}  ({r['decode_path']}{agree})",
+        ]
     return "\n".join(lines)
 
 
@@ -210,16 +252,18 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 on CPU, 64 on CUDA")
-    ap.add_argument("--repeat", type=int, default=None,
-                    help="alternating pairs per measurement (default: 9 on CPU, 5 on CUDA)")
+    ap.add_argument(
+        "--repeat", type=int, default=None, help="alternating pairs per measurement (default: 9 on CPU, 5 on CUDA)"
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     cuda = a.device == "cuda"
     torch.manual_seed(0)
-    res = bench(a.device, a.new_tokens or (64 if cuda else 32), [1, 8] if cuda else [1, 4],
-                a.repeat or (5 if cuda else 9))
+    res = bench(
+        a.device, a.new_tokens or (64 if cuda else 32), [1, 8] if cuda else [1, 4], a.repeat or (5 if cuda else 9)
+    )
     print(json.dumps(res, indent=2) if a.json else table(res))
 
 

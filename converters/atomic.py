@@ -19,6 +19,7 @@
 - Temporaries get the permissions plain open()/mkdir() give (the umask is respected; not mkstemp's 0600).
 - An OSError while writing (ENOSPC, EFBIG, EIO, EACCES) becomes one OutputError line naming the output.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from parity.errors import OutputError, describe
 
@@ -64,8 +65,10 @@ def temp_name(dst: str, tag: str = "") -> str:
 def _temp_re(base: str) -> re.Pattern:
     b = re.escape(base)
     # ours (pid + token [+ .old]), and the mkstemp names of earlier versions (no pid)
-    return re.compile(rf"^(?:\.{b}\.(?P<pid>\d+)\.[0-9a-f]{{8}}(?:\.old)?|\.{b}\.[a-z0-9_]{{8}}|{b}\.replaced)"
-                      rf"{re.escape(SUFFIX)}$")
+    return re.compile(
+        rf"^(?:\.{b}\.(?P<pid>\d+)\.[0-9a-f]{{8}}(?:\.old)?|\.{b}\.[a-z0-9_]{{8}}|{b}\.replaced)"
+        rf"{re.escape(SUFFIX)}$"
+    )
 
 
 def temporaries(dst: str) -> list[tuple[str, int | None, bool]]:
@@ -147,7 +150,7 @@ def flush_to_disk(path: str) -> None:
     blocks were never written (ext4's delayed allocation reads them back as zeros): a safetensors file has no
     checksum, so that would be a checkpoint of silently wrong weights."""
     if os.path.isdir(path) and not os.path.islink(path):
-        for root, dirs, files in os.walk(path):
+        for root, _dirs, files in os.walk(path):
             for name in files:
                 if os.path.isfile(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
                     _fsync_path(os.path.join(root, name))
@@ -256,8 +259,11 @@ def _directory_lock(parent: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise OutputError(describe(parent, what="directory locked by another writer for "
-                                                            f"{_DIR_LOCK_SECONDS:g} s; try again")) from None
+                    raise OutputError(
+                        describe(
+                            parent, what=f"directory locked by another writer for {_DIR_LOCK_SECONDS:g} s; try again"
+                        )
+                    ) from None
                 time.sleep(0.01)
             except OSError:
                 break  # a filesystem without flock: go on unserialised
@@ -284,12 +290,22 @@ def _check_others(dst: str, overwrite: bool) -> None:
     for path, pid, live in temporaries(dst):
         who = f"pid {pid}" if pid is not None else "an earlier version"
         if live:
-            raise OutputError(describe(dst, what=f"another writer ({who}) is writing this output now "
-                                                 f"(temporary {os.path.basename(path)}); wait for it or choose "
-                                                 f"another output"))
+            raise OutputError(
+                describe(
+                    dst,
+                    what=f"another writer ({who}) is writing this output now "
+                    f"(temporary {os.path.basename(path)}); wait for it or choose "
+                    f"another output",
+                )
+            )
         if not overwrite:
-            raise OutputError(describe(dst, what=f"stale temporary {path} left by an interrupted run ({who}, no "
-                                                 f"longer running); remove it or pass --overwrite"))
+            raise OutputError(
+                describe(
+                    dst,
+                    what=f"stale temporary {path} left by an interrupted run ({who}, no "
+                    f"longer running); remove it or pass --overwrite",
+                )
+            )
         remove_path(path)
 
 
@@ -302,8 +318,9 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
         raise OutputError(describe(dst, what="output exists; pass --overwrite to replace it"))
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
-        raise OutputError(describe(dst, what=f"cannot write: output directory {parent} does not exist or is not "
-                                             f"a directory"))
+        raise OutputError(
+            describe(dst, what=f"cannot write: output directory {parent} does not exist or is not a directory")
+        )
     with cleanup_on_signals():
         tmp, fd = None, -1
         try:
@@ -320,9 +337,13 @@ def atomic_output(dst: str, is_dir: bool, overwrite: bool) -> Iterator[str]:
             try:
                 _commit(tmp, dst, overwrite)
             except FileExistsError:
-                raise OutputError(describe(dst, what="output appeared while this one was written (another "
-                                                     "writer?); not replaced; pass --overwrite to replace it")) \
-                    from None
+                raise OutputError(
+                    describe(
+                        dst,
+                        what="output appeared while this one was written (another "
+                        "writer?); not replaced; pass --overwrite to replace it",
+                    )
+                ) from None
             tmp = None
             _fsync_path(parent)  # the rename itself
         except OSError as e:

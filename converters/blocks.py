@@ -5,13 +5,13 @@ memory is bounded by a few blocks whatever the model size. A transpose between l
 MLP kernels, the largest pieces) is done block by block too: `transposed_columns` builds columns [a, b) of a
 matrix, transposed, from row bands of it read in order (one pass when the whole piece fits in a block).
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
-
 
 BLOCK_BYTES = 64 << 20
 BAND_BYTES = 16 << 20
@@ -22,7 +22,7 @@ def plan(shape: tuple[int, ...], itemsize: int, budget: int | None = None) -> tu
     first axis whose one index fits in `budget` (default BLOCK_BYTES, read at call time)."""
     budget = BLOCK_BYTES if budget is None else budget
     for k in range(len(shape)):
-        inner = int(np.prod(shape[k + 1:], dtype=np.int64)) * itemsize
+        inner = int(np.prod(shape[k + 1 :], dtype=np.int64)) * itemsize
         if inner <= budget or k == len(shape) - 1:
             return k, max(1, min(shape[k], budget // max(inner, 1)))
     return 0, 1  # a 0-d array
@@ -31,11 +31,12 @@ def plan(shape: tuple[int, ...], itemsize: int, budget: int | None = None) -> tu
 def block_shape(shape: tuple[int, ...], itemsize: int, budget: int | None = None) -> tuple[int, ...]:
     """The shape of a full block (the zarr chunk shape of our orbax arrays)."""
     k, rows = plan(shape, itemsize, budget)
-    return (1,) * k + (rows,) + tuple(shape[k + 1:]) if shape else ()
+    return (1,) * k + (rows,) + tuple(shape[k + 1 :]) if shape else ()
 
 
-def blocks(shape: tuple[int, ...], itemsize: int, budget: int | None = None
-           ) -> Iterator[tuple[tuple[int, ...], tuple[int, int]]]:
+def blocks(
+    shape: tuple[int, ...], itemsize: int, budget: int | None = None
+) -> Iterator[tuple[tuple[int, ...], tuple[int, int]]]:
     """(leading index, (first row, end row) of the next axis) of each block, in C order."""
     k, rows = plan(shape, itemsize, budget)
     for prefix in itertools.product(*(range(n) for n in shape[:k])):
@@ -43,8 +44,15 @@ def blocks(shape: tuple[int, ...], itemsize: int, budget: int | None = None
             yield tuple(prefix), (a, min(shape[k], a + rows))
 
 
-def transposed_columns(read_rows: Callable[[int, int], np.ndarray], n_rows: int, n_cols: int, a: int, b: int,
-                       dtype: np.dtype, band_bytes: int | None = None) -> np.ndarray:
+def transposed_columns(
+    read_rows: Callable[[int, int], np.ndarray],
+    n_rows: int,
+    n_cols: int,
+    a: int,
+    b: int,
+    dtype: np.dtype,
+    band_bytes: int | None = None,
+) -> np.ndarray:
     """M[:, a:b].T of a row-major (n_rows, n_cols) matrix M given by `read_rows(r0, r1)` -> M[r0:r1], read in
     bands of about `band_bytes` (default BAND_BYTES)."""
     band_bytes = BAND_BYTES if band_bytes is None else band_bytes
@@ -62,4 +70,4 @@ def transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256) -> None:
     t = src.T
     for i in range(0, dst.shape[0], tile):
         for j in range(0, dst.shape[1], tile):
-            dst[i:i + tile, j:j + tile] = t[i:i + tile, j:j + tile]
+            dst[i : i + tile, j : j + tile] = t[i : i + tile, j : j + tile]

@@ -6,11 +6,12 @@ the shapes), and checks every tensor against the spec before anything is convert
 `Checkpoint.canonical_chunks(entry)` and `hf_chunks(...)` stream a tensor in either layout as blocks of bounded size
 (converters.blocks), derived from the spec's rows; no format pair has code of its own.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -39,8 +40,12 @@ def detect_format(path: str) -> str:
         raise CheckpointError(describe(path, what="no such file or directory"))
     if os.path.isdir(path):
         names = os.listdir(path)
-        if (orbax_io.is_orbax_dir(path) or orbax_io.OCDBT_MANIFEST in names or "ocdbt.process_0" in names
-                or orbax_io.TMP_MARKER in os.path.basename(os.path.abspath(path))):
+        if (
+            orbax_io.is_orbax_dir(path)
+            or orbax_io.OCDBT_MANIFEST in names
+            or "ocdbt.process_0" in names
+            or orbax_io.TMP_MARKER in os.path.basename(os.path.abspath(path))
+        ):
             return "orbax"
         if INDEX_NAME in names or any(n.endswith(".safetensors") for n in names):
             return "safetensors"
@@ -58,19 +63,22 @@ def detect_format(path: str) -> str:
         return "safetensors"
     if path.endswith(".json") and "weight_map" in read_json(path, CheckpointError, "safetensors index"):
         return "safetensors"
-    raise CheckpointError(describe(path, what="not a checkpoint: neither an npz (zip) archive nor a safetensors "
-                                              "file, index or directory"))
+    raise CheckpointError(
+        describe(path, what="not a checkpoint: neither an npz (zip) archive nor a safetensors file, index or directory")
+    )
 
 
 def normalize_hf_key(key: str) -> str:
     """transformers' in-memory names (4.52+, 5.6+) to the hub's on-disk names used by the spec."""
-    for old, new in (("model.language_model.", "language_model.model."),
-                     ("model.vision_tower.", "vision_tower."),
-                     ("model.multi_modal_projector.", "multi_modal_projector.")):
+    for old, new in (
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
         if key.startswith(old):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
     if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        key = "vision_tower.vision_model." + key[len("vision_tower.") :]
     return key
 
 
@@ -106,7 +114,7 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     _npz: NpzReader | None = None
     _st: SafetensorsReader | None = None
-    _orbax: "orbax_io.OrbaxReader | None" = None
+    _orbax: orbax_io.OrbaxReader | None = None
     _npz_prefix: str = ""
     _st_keys: dict[str, str] = field(default_factory=dict)  # normalized -> key in file
 
@@ -125,7 +133,7 @@ class Checkpoint:
             return self._npz.read(self._npz_prefix + e.key, index)
         if self._orbax is not None:
             return self._orbax.read(e.key, index)
-        addrs = dict((a, k) for k, a in e.hf_keys())
+        addrs = {a: k for k, a in e.hf_keys()}
         multi = len(e.hf_templates) > 1
 
         def piece(i, j):
@@ -182,12 +190,13 @@ class Checkpoint:
     def _st_piece(self, e: spec.Entry, index: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
         """Rows of one canonical piece from its HF tensor; a transposed one from row bands of it."""
         if not self._is_transpose(e):
-            return self.canonical(e, index)[rows[0]:rows[1]]
+            return self.canonical(e, index)[rows[0] : rows[1]]
         multi = len(e.hf_templates) > 1
-        hf_key = dict((ad, k) for k, ad in e.hf_keys())[(index[0], index[1] if multi else None)]
+        hf_key = {ad: k for k, ad in e.hf_keys()}[(index[0], index[1] if multi else None)]
         C, R = e.hf_shape  # rows [a, b) of the piece = columns [a, b) of the HF tensor, transposed
-        return blocks.transposed_columns(lambda r0, r1: self._read_st(hf_key, (r0, r1)), C, R, rows[0], rows[1],
-                                         self.dtype(e))
+        return blocks.transposed_columns(
+            lambda r0, r1: self._read_st(hf_key, (r0, r1)), C, R, rows[0], rows[1], self.dtype(e)
+        )
 
     def canonical_chunks(self, e: spec.Entry) -> Iterator[np.ndarray]:
         """Consecutive C-order blocks of the canonical tensor (converters.blocks)."""
@@ -225,11 +234,14 @@ class Checkpoint:
             return
         R, C = e.piece_shape  # HF (C, R): its rows [a, b) are columns [a, b) of the piece, transposed
         for _, (a, b) in blocks.blocks(e.hf_shape, src.itemsize):
-            yield dtypes.cast(blocks.transposed_columns(lambda r0, r1: self.canonical_block(e, index, (r0, r1)),
-                                                        R, C, a, b, src), dtype)
+            yield dtypes.cast(
+                blocks.transposed_columns(lambda r0, r1: self.canonical_block(e, index, (r0, r1)), R, C, a, b, src),
+                dtype,
+            )
 
-    def load(self, dtype: np.dtype | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> dict[str, np.ndarray]:
+    def load(
+        self, dtype: np.dtype | None = None, progress: Callable[[int, int, str], None] | None = None
+    ) -> dict[str, np.ndarray]:
         """Every canonical tensor in memory (for building a model); progress(bytes read, total, key) per chunk."""
         out = {}
         total = sum(int(np.prod(e.shape)) * self.dtype(e).itemsize for e in self.entries()) if progress else 0
@@ -275,8 +287,8 @@ def _native_npz(path: str) -> tuple[NpzReader, str, dict, dict]:
         odd = next(k for k, p in zip(keys, prefixed) if not p)
         raise CheckpointError(describe(path, odd, "every key under params/ (or none)", "a mix"))
     prefix = spec.NPZ_PREFIX if all(prefixed) else ""
-    shapes = {k[len(prefix):]: m.shape for k, m in r.members.items()}
-    dts = {k[len(prefix):]: m.dtype for k, m in r.members.items()}
+    shapes = {k[len(prefix) :]: m.shape for k, m in r.members.items()}
+    dts = {k[len(prefix) :]: m.dtype for k, m in r.members.items()}
     return r, prefix, shapes, dts
 
 
@@ -304,16 +316,26 @@ def _native_st(path: str, notes: list[str]) -> tuple[SafetensorsReader, dict, di
             for a in range(0, n, step):
                 rows = (a, min(n, a + step))
                 if not np.array_equal(r.read(lm_head, rows), r.read(keymap[emb], rows)):
-                    raise CheckpointError(describe(path, lm_head, "a copy of embed_tokens (tied)", "other values",
-                                                   "PaliGemma ties lm_head to the embedding"))
+                    raise CheckpointError(
+                        describe(
+                            path,
+                            lm_head,
+                            "a copy of embed_tokens (tied)",
+                            "other values",
+                            "PaliGemma ties lm_head to the embedding",
+                        )
+                    )
             notes.append(f"{lm_head} is a tied copy of embed_tokens; not read")
         else:
-            raise CheckpointError(describe(path, lm_head, shapes.get(emb), r.tensors[lm_head].shape,
-                                           "lm_head must be tied to embed_tokens"))
+            raise CheckpointError(
+                describe(
+                    path, lm_head, shapes.get(emb), r.tensors[lm_head].shape, "lm_head must be tied to embed_tokens"
+                )
+            )
     return r, keymap, shapes, dts
 
 
-def _native_orbax(path: str, notes: list[str]) -> tuple["orbax_io.OrbaxReader", dict, dict]:
+def _native_orbax(path: str, notes: list[str]) -> tuple[orbax_io.OrbaxReader, dict, dict]:
     r = orbax_io.OrbaxReader(path)
     if r.prefix:
         notes.append("tree has a top-level `params` key; read under it")
@@ -367,17 +389,27 @@ def infer_config(shapes: dict) -> PaliGemmaConfig | None:
         return None
     gemma2 = "llm/layers/post_attention_norm/scale" in shapes
     g2 = dict(gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096) if gemma2 else {}
-    side = int(round(T ** 0.5))
+    side = int(round(T**0.5))
     try:
-        text = TextConfig(width=D, depth=L, mlp_dim=F, num_heads=N, num_kv_heads=K, head_dim=H, vocab_size=V,
-                          query_scale=QueryScale.HEAD_DIM, **g2)
+        text = TextConfig(
+            width=D,
+            depth=L,
+            mlp_dim=F,
+            num_heads=N,
+            num_kv_heads=K,
+            head_dim=H,
+            vocab_size=V,
+            query_scale=QueryScale.HEAD_DIM,
+            **g2,
+        )
         return PaliGemmaConfig("inferred", VisionConfig(Dv, Lv, Fv, Nv, kern[0], side * kern[0]), text)
     except ValueError:
         return None
 
 
-def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | None = None,
-                    strict: bool = True) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike, config: PaliGemmaConfig | str | None = None, strict: bool = True
+) -> Checkpoint:
     """Open `path` (or a hub reference, see converters.hub), resolve its config and check every tensor against the
     spec (CheckpointError/ConfigError)."""
     path = hub.resolve(path)
@@ -407,8 +439,10 @@ def open_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | Non
         elif not strict:
             cfg, source = None, "unknown"
         else:
-            what = ("shapes match no known variant; give --config NAME or the path of a config.json "
-                    f"(variants: {', '.join(ALL_VARIANTS)})")
+            what = (
+                "shapes match no known variant; give --config NAME or the path of a config.json "
+                f"(variants: {', '.join(ALL_VARIANTS)})"
+            )
             raise ConfigError(describe(path, what=what))
     ck = Checkpoint(path, fmt, cfg, source, shapes, dts, notes, npz, st, ob, prefix, keymap)
     if strict:
@@ -442,8 +476,9 @@ def _config_beside(path: str, fmt: str, ob) -> tuple[PaliGemmaConfig | None, str
     return None, ""
 
 
-def load_checkpoint(path: str | os.PathLike, config: PaliGemmaConfig | str | None = None,
-                    dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, np.ndarray]]:
+def load_checkpoint(
+    path: str | os.PathLike, config: PaliGemmaConfig | str | None = None, dtype: str | None = None
+) -> tuple[PaliGemmaConfig, dict[str, np.ndarray]]:
     """(config, canonical params) of any supported checkpoint; what both implementations load through."""
     with open_checkpoint(path, config) as ck:
         return ck.config, ck.load(dtypes.FLOAT_DTYPES[dtype] if dtype else None)

@@ -6,6 +6,7 @@ the destination and renamed when complete, so a failure leaves nothing behind. n
 vocabulary padding rows (the mean embedding row; see `parity.spec.pad_rows_for`); safetensors -> npz/orbax drops
 them: the one lossy step, reported in `notes`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -85,8 +86,9 @@ def background(items: Iterator, depth: int = 2) -> Iterator:
             t.join(0.05)
 
 
-def _take(stream: Iterator[np.ndarray], nbytes: int, progress: Progress | None, counter: list[int], total: int,
-          key: str) -> Iterator[np.ndarray]:
+def _take(
+    stream: Iterator[np.ndarray], nbytes: int, progress: Progress | None, counter: list[int], total: int, key: str
+) -> Iterator[np.ndarray]:
     """The next `nbytes` worth of chunks from `stream` (one tensor's), reporting progress."""
     got = 0
     while got < nbytes:
@@ -127,8 +129,9 @@ def write_orbax(ck: Checkpoint, tmpdir: str, dtype: str, progress: Progress | No
     return len(ents), sum(sizes)
 
 
-def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | None,
-                      progress: Progress | None) -> tuple[int, int, list[str]]:
+def write_safetensors(
+    ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | None, progress: Progress | None
+) -> tuple[int, int, list[str]]:
     plan = []  # (hf key, dtype, shape, entry, addr)
     for e in ck.entries():
         dt = _target_dtype(ck, e, dtype)
@@ -145,8 +148,11 @@ def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | 
     with contextlib.closing(stream):
         for name, idx in zip(names, shards):
             with open(os.path.join(tmpdir, name), "wb") as f:
-                safetensors_io.write_file(f, [specs[i] for i in idx], (
-                    _take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx))
+                safetensors_io.write_file(
+                    f,
+                    [specs[i] for i in idx],
+                    (_take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx),
+                )
             weight_map.update({specs[i][0]: name for i in idx})
     if len(names) > 1:
         with open(os.path.join(tmpdir, safetensors_io.INDEX_NAME), "w") as f:
@@ -154,9 +160,16 @@ def write_safetensors(ck: Checkpoint, tmpdir: str, dtype: str, max_shard: int | 
     return len(specs), total, names
 
 
-def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = None, dtype: str = "keep",
-            max_shard_size: str | int | None = None, overwrite: bool = False,
-            progress: Progress | None = None) -> dict:
+def convert(
+    src: str,
+    dst: str,
+    to: str,
+    config: PaliGemmaConfig | str | None = None,
+    dtype: str = "keep",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
     """Convert `src` (any supported format) to `to` ('npz', 'safetensors' or 'orbax') at `dst`; returns a
     report."""
     if to not in FORMATS:
@@ -179,14 +192,18 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
         cfg = ck.config
         notes += ck.notes
         src_dtypes = sorted({dtypes.name(ck.dtype(e)) for e in ck.entries()})
-        if dtype != "keep" and any(dtypes.FLOAT_DTYPES[d].itemsize > dtypes.FLOAT_DTYPES[dtype].itemsize
-                                   or (d, dtype) in (("float16", "bfloat16"), ("bfloat16", "float16"))
-                                   for d in src_dtypes):
+        if dtype != "keep" and any(
+            dtypes.FLOAT_DTYPES[d].itemsize > dtypes.FLOAT_DTYPES[dtype].itemsize
+            or (d, dtype) in (("float16", "bfloat16"), ("bfloat16", "float16"))
+            for d in src_dtypes
+        ):
             notes.append(f"lossy: values rounded from {'/'.join(src_dtypes)} to {dtype}")
         if to in ("npz", "orbax") and ck.format == "safetensors":
-            notes.append(f"lossy: dropped the {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding "
-                             f"rows of embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}, incl. "
-                         f"<image>); big_vision's table has {cfg.text.vocab_size} rows")
+            notes.append(
+                f"lossy: dropped the {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding "
+                f"rows of embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}, incl. "
+                f"<image>); big_vision's table has {cfg.text.vocab_size} rows"
+            )
         if to == "npz":
             side = sidecar_path(dst)
             if os.path.lexists(side) and not overwrite:
@@ -204,23 +221,34 @@ def convert(src: str, dst: str, to: str, config: PaliGemmaConfig | str | None = 
             files = [dst]
         else:
             if ck.format != "safetensors":
-                notes.append(f"added {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding rows to "
-                             f"embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}), each the mean "
-                             f"embedding row; converting back drops them")
+                notes.append(
+                    f"added {cfg.hf_vocab_rows - cfg.text.vocab_size} HF vocabulary padding rows to "
+                    f"embed_tokens (ids {cfg.text.vocab_size}..{cfg.hf_vocab_rows - 1}), each the mean "
+                    f"embedding row; converting back drops them"
+                )
             out_dtype = dtype if dtype != "keep" else src_dtypes[0] if len(src_dtypes) == 1 else "float32"
             with atomic_output(dst, True, overwrite) as tmp:
                 n, nbytes, names = write_safetensors(ck, tmp, dtype, max_shard, progress)
                 ck.verify_read()
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(to_hf_config(cfg, out_dtype), f, indent=2)
-            files = [os.path.join(dst, x) for x in names + (["model.safetensors.index.json"] if len(names) > 1
-                                                            else [])] + [os.path.join(dst, "config.json")]
+            files = [
+                os.path.join(dst, x) for x in names + (["model.safetensors.index.json"] if len(names) > 1 else [])
+            ] + [os.path.join(dst, "config.json")]
         return {
             "source": {"path": os.path.abspath(src), "format": ck.format, "dtypes": src_dtypes},
-            "destination": {"path": dst, "format": to, "files": files,
-                            "dtype": dtype if dtype != "keep" else "/".join(src_dtypes)},
-            "config": cfg.name, "config_source": ck.config_source,
-            "tensors": n, "bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3), "notes": notes,
+            "destination": {
+                "path": dst,
+                "format": to,
+                "files": files,
+                "dtype": dtype if dtype != "keep" else "/".join(src_dtypes),
+            },
+            "config": cfg.name,
+            "config_source": ck.config_source,
+            "tensors": n,
+            "bytes": nbytes,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "notes": notes,
             "lossy": any(x.startswith("lossy: ") for x in notes),
-            "lossy_steps": [x[len("lossy: "):] for x in notes if x.startswith("lossy: ")],
+            "lossy_steps": [x[len("lossy: ") :] for x in notes if x.startswith("lossy: ")],
         }

@@ -1,4 +1,5 @@
 """Dtypes of checkpoint tensors: numpy <-> safetensors names, bfloat16 as a first-class dtype (via ml_dtypes)."""
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -10,10 +11,19 @@ ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", BF16: "BF1
 ST_DTYPES = {v: k for k, v in ST_NAMES.items()}
 # Every dtype the safetensors format names (inputs files hold integers; float8 via ml_dtypes, refused for weights).
 ST_ALL_DTYPES = {
-    **ST_DTYPES, "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    **ST_DTYPES,
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 
 

@@ -3,6 +3,7 @@
 Written so that `PaliGemmaForConditionalGeneration.from_pretrained(dir)` builds exactly our model with no missing
 and no unexpected keys; read from any hub or `save_pretrained` config.json.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,21 +30,27 @@ def to_hf_config(config: PaliGemmaConfig, dtype: str = "float32") -> dict[str, A
         "rope_theta": t.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_base},
         "max_position_embeddings": 8192,
-        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
         "tie_word_embeddings": True,
         "attention_bias": False,
         "dtype": HF_DTYPES[dtype],
     }
     if t.gemma2:
-        text.update({
-            "query_pre_attn_scalar": (t.width // t.num_heads if t.query_scale is QueryScale.WIDTH_PER_HEAD
-                                      else t.head_dim),
-            "attn_logit_softcapping": t.attn_softcap,
-            "final_logit_softcapping": t.final_softcap,
-            "sliding_window": t.sliding_window,
-            "layer_types": ["sliding_attention" if t.is_local_layer(i) else "full_attention"
-                            for i in range(t.depth)],
-        })
+        text.update(
+            {
+                "query_pre_attn_scalar": (
+                    t.width // t.num_heads if t.query_scale is QueryScale.WIDTH_PER_HEAD else t.head_dim
+                ),
+                "attn_logit_softcapping": t.attn_softcap,
+                "final_logit_softcapping": t.final_softcap,
+                "sliding_window": t.sliding_window,
+                "layer_types": [
+                    "sliding_attention" if t.is_local_layer(i) else "full_attention" for i in range(t.depth)
+                ],
+            }
+        )
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": v.width,
@@ -66,7 +73,9 @@ def to_hf_config(config: PaliGemmaConfig, dtype: str = "float32") -> dict[str, A
         "vocab_size": config.hf_vocab_rows,
         "projection_dim": t.width,
         "hidden_size": t.width,
-        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
         "tie_word_embeddings": True,
         "dtype": HF_DTYPES[dtype],
         "text_config": text,
@@ -97,8 +106,15 @@ def _check_float(where: str, x: Any, optional: bool = False) -> float | None:
 
 
 def _jtype(x: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "the integer",
-            float: "the number", type(None): "null"}.get(type(x), type(x).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "the integer",
+        float: "the number",
+        type(None): "null",
+    }.get(type(x), type(x).__name__)
 
 
 def _obj(where: str, x: Any) -> dict[str, Any]:
@@ -142,8 +158,7 @@ def config_from_dict(d: Any) -> PaliGemmaConfig:
     try:
         cfg = PaliGemmaConfig.from_dict(_obj("the config", d))
     except ArithmeticError as e:  # TextConfig checks num_heads % num_kv_heads first
-        raise ValueError(f"not a paligemma-parity config: text.num_kv_heads must be a positive integer ({e})") \
-            from None
+        raise ValueError(f"not a paligemma-parity config: text.num_kv_heads must be a positive integer ({e})") from None
     for k, want in (("vision", VisionConfig), ("text", TextConfig)):
         if not isinstance(getattr(cfg, k), want):
             raise ValueError(f"{k} must be an object")
@@ -178,25 +193,41 @@ def from_hf_config(d: dict[str, Any], name: str = "from-config.json") -> PaliGem
     image_token = _check_int("image_token_index", d.get("image_token_index", d.get("image_token_id", 257152)))
     qscalar = t.get("query_pre_attn_scalar", head_dim) if gemma2 else head_dim
     if type(qscalar) not in (int, float) or qscalar not in (head_dim, width // heads):
-        raise ValueError(f"query_pre_attn_scalar {qscalar!r} is neither head_dim {head_dim} nor "
-                         f"hidden_size/num_attention_heads {width // heads}")
+        raise ValueError(
+            f"query_pre_attn_scalar {qscalar!r} is neither head_dim {head_dim} nor "
+            f"hidden_size/num_attention_heads {width // heads}"
+        )
     rope = _obj("text_config.rope_parameters", t.get("rope_parameters") or {})
     text = TextConfig(
-        width=width, depth=_check_int("text_config.num_hidden_layers", need(t, "text_config.", "num_hidden_layers"),
-                                      hi=MAX_DEPTH),
+        width=width,
+        depth=_check_int("text_config.num_hidden_layers", need(t, "text_config.", "num_hidden_layers"), hi=MAX_DEPTH),
         mlp_dim=_check_int("text_config.intermediate_size", need(t, "text_config.", "intermediate_size")),
         num_heads=heads,
         num_kv_heads=_check_int("text_config.num_key_value_heads", t.get("num_key_value_heads", heads)),
-        head_dim=head_dim, vocab_size=image_token, gemma2=gemma2,
-        attn_softcap=_check_float("text_config.attn_logit_softcapping", t.get("attn_logit_softcapping", 50.0),
-                                  optional=True) if gemma2 else None,
-        final_softcap=_check_float("text_config.final_logit_softcapping", t.get("final_logit_softcapping", 30.0),
-                                   optional=True) if gemma2 else None,
-        sliding_window=(None if t.get("sliding_window", 4096) is None else
-                        _check_int("text_config.sliding_window", t.get("sliding_window", 4096))) if gemma2 else None,
+        head_dim=head_dim,
+        vocab_size=image_token,
+        gemma2=gemma2,
+        attn_softcap=_check_float(
+            "text_config.attn_logit_softcapping", t.get("attn_logit_softcapping", 50.0), optional=True
+        )
+        if gemma2
+        else None,
+        final_softcap=_check_float(
+            "text_config.final_logit_softcapping", t.get("final_logit_softcapping", 30.0), optional=True
+        )
+        if gemma2
+        else None,
+        sliding_window=(
+            None
+            if t.get("sliding_window", 4096) is None
+            else _check_int("text_config.sliding_window", t.get("sliding_window", 4096))
+        )
+        if gemma2
+        else None,
         query_scale=(QueryScale.HEAD_DIM if qscalar == head_dim else QueryScale.WIDTH_PER_HEAD),
-        rope_base=_check_float("text_config.rope_parameters.rope_theta",
-                               rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+        rope_base=_check_float(
+            "text_config.rope_parameters.rope_theta", rope.get("rope_theta", t.get("rope_theta", 10000.0))
+        ),
         norm_eps=_check_float("text_config.rms_norm_eps", t.get("rms_norm_eps", 1e-6)),
     )
     vision = VisionConfig(

@@ -6,6 +6,7 @@
 Both clients honour their caches and offline settings (HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT; KAGGLEHUB_CACHE),
 so already-downloaded checkpoints resolve without a network. Anything else is returned unchanged (a local path).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,16 +28,18 @@ def resolve(src: str | os.PathLike) -> str:
     try:
         if scheme == "hf":
             from huggingface_hub import snapshot_download
+
             repo, _, revision = ref.partition("@")
-            return snapshot_download(repo, revision=revision or None,
-                                     allow_patterns=["*.safetensors", "*.json"])
+            return snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
         import kagglehub
+
         path = kagglehub.model_download(ref)
     except ImportError as e:
         raise CheckpointError(f"{src}: needs the hub clients: pip install 'paligemma-parity[hub]' ({e})") from None
     except Exception as e:  # the clients raise many types (HTTP, offline, not found): one line for the user
-        raise CheckpointError(f"{src}: cannot resolve ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                              ) from None
+        raise CheckpointError(
+            f"{src}: cannot resolve ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if os.path.isdir(path):
         npz = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
         if len(npz) == 1:

@@ -1,4 +1,5 @@
 """`inspect`: what a checkpoint is, and every way in which it departs from the spec."""
+
 from __future__ import annotations
 
 import os
@@ -11,13 +12,13 @@ from converters.convert import Progress
 from parity import spec
 from parity.config import PaliGemmaConfig
 
-
 NOT_READ = "headers only: tensor data was not read (no CRC-32 or value check); --verify reads every byte"
 VERIFIED = "every byte read (--verify): npz CRC-32 checked, safetensors offsets checked, NaN/inf values counted"
 
 
-def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool = False,
-            progress: Progress | None = None) -> dict:
+def inspect(
+    path: str, config: PaliGemmaConfig | str | None = None, verify: bool = False, progress: Progress | None = None
+) -> dict:
     """A report: format, config (and how it was found), dtypes, parameter count, per-tensor rows, departures.
 
     By default only headers are read. `verify` reads every byte: the CRC-32 of every npz member (a mismatch is a
@@ -32,20 +33,35 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
         exp = expected_shapes(cfg, ck.format) if cfg is not None else {}
         rows = []
         for k, shape in ck.shapes.items():
-            status = "ok" if k in exp and tuple(exp[k]) == tuple(shape) else (
-                "unexpected" if k not in exp else f"expected {list(exp[k])}")
-            rows.append({"key": k, "shape": list(shape), "dtype": dtypes.name(ck.native_dtypes[k]),
-                         "status": status})
-        deps = [{"key": k, "expected": _j(e), "found": _j(f), "what": w}
-                for k, e, f, w in (departures(ck.shapes, cfg, ck.format) if cfg is not None else [])]
-        deps += [{"key": k, "expected": "finite values", "found": f"{n} NaN or infinite values",
-                  "what": "non-finite values"} for k, n in nonfinite.items()]
+            status = (
+                "ok"
+                if k in exp and tuple(exp[k]) == tuple(shape)
+                else ("unexpected" if k not in exp else f"expected {list(exp[k])}")
+            )
+            rows.append({"key": k, "shape": list(shape), "dtype": dtypes.name(ck.native_dtypes[k]), "status": status})
+        deps = [
+            {"key": k, "expected": _j(e), "found": _j(f), "what": w}
+            for k, e, f, w in (departures(ck.shapes, cfg, ck.format) if cfg is not None else [])
+        ]
+        deps += [
+            {"key": k, "expected": "finite values", "found": f"{n} NaN or infinite values", "what": "non-finite values"}
+            for k, n in nonfinite.items()
+        ]
         if cfg is None:
-            deps.append({"key": None, "expected": "a known variant", "found": "unknown shapes",
-                         "what": "config could not be determined; pass --config"})
+            deps.append(
+                {
+                    "key": None,
+                    "expected": "a known variant",
+                    "found": "unknown shapes",
+                    "what": "config could not be determined; pass --config",
+                }
+            )
         n_params = int(sum(np.prod(s) for s in ck.shapes.values()))
-        padding = (cfg.hf_vocab_rows - cfg.text.vocab_size) * cfg.text.width if (
-            cfg is not None and ck.format == "safetensors") else 0
+        padding = (
+            (cfg.hf_vocab_rows - cfg.text.vocab_size) * cfg.text.width
+            if (cfg is not None and ck.format == "safetensors")
+            else 0
+        )
         report = {
             "path": os.path.abspath(path),
             "format": ck.format,
@@ -58,8 +74,14 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
             "spec_parameters": spec.param_count(cfg) if cfg is not None else None,
             # file parameters = spec parameters + HF vocabulary padding rows (safetensors) + departures
             "vocab_padding_parameters": padding,
-            "notes": list(ck.notes) + [VERIFIED if verified else NOT_READ if not verify else
-                                       f"--verify is not available for {ck.format} checkpoints: data not read"],
+            "notes": list(ck.notes)
+            + [
+                VERIFIED
+                if verified
+                else NOT_READ
+                if not verify
+                else f"--verify is not available for {ck.format} checkpoints: data not read"
+            ],
             "data_verified": verified,
             "departures": deps,
             "conforms": not deps,
@@ -68,8 +90,10 @@ def inspect(path: str, config: PaliGemmaConfig | str | None = None, verify: bool
         if cfg is not None:
             report["config_fields"] = cfg.to_dict()
         if ck.format == "safetensors" and cfg is not None:
-            report["notes"].append(f"embed_tokens has {cfg.hf_vocab_rows} rows: {cfg.text.vocab_size} real + "
-                                   f"{cfg.hf_vocab_rows - cfg.text.vocab_size} HF padding rows (dropped in npz)")
+            report["notes"].append(
+                f"embed_tokens has {cfg.hf_vocab_rows} rows: {cfg.text.vocab_size} real + "
+                f"{cfg.hf_vocab_rows - cfg.text.vocab_size} HF padding rows (dropped in npz)"
+            )
         return report
 
 
@@ -91,7 +115,7 @@ def verify_data(ck, progress: Progress | None = None) -> dict[str, int] | None:
 
     if ck._npz is not None:
         for k in ck._npz.keys():
-            ck._npz.verify(k, visit=lambda b, k=k: count(k[len(ck._npz_prefix):], b))
+            ck._npz.verify(k, visit=lambda b, k=k: count(k[len(ck._npz_prefix) :], b))
     elif ck._st is not None:
         keys = {v: n for n, v in ck._st_keys.items()}
         for k, t in ck._st.tensors.items():

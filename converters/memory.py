@@ -7,6 +7,7 @@ PaliGemma 2 3B benchmark (warm cache, 2 cores) this cut npz -> safetensors from 
 npz from 9.0 s to 6.4 s. Process-wide and irreversible (glibc has no getter), so only the converter entry point
 calls it (before any converter thread starts); elsewhere (musl, macOS, Windows) it does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,5 +30,8 @@ def reuse_large_allocations(mmap_threshold: int = 256 << 20, trim_threshold: int
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena: with per-thread arenas (the reader thread, tensorstore's pool) each would keep its own freed
     # blocks, and retained memory would grow with the number of threads (measured: 253 -> 445 MB reading orbax).
-    return (bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
-            and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)))
+    return (
+        bool(mallopt(M_ARENA_MAX, 1))
+        and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+        and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    )

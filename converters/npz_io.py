@@ -7,6 +7,7 @@ back (which the converters do), so corrupt data is caught without a second pass;
 what was read out of order or not at all. The directory is cross-checked against every local header, so a crafted
 archive is refused exactly where np.load would refuse it (never read as another member).
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,8 +16,9 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -81,8 +83,11 @@ class NpzReader:
                 infos, start_dir = zf.infolist(), getattr(zf, "start_dir", self._size)
         except Exception as e:  # zipfile raises BadZipFile, but also OSError, UnicodeDecodeError, NotImplementedError,
             # struct.error, ValueError, EOFError on crafted directories: all mean the same to us
-            raise CheckpointError(describe(self.path, what=f"not a readable npz/zip archive, truncated or corrupt "
-                                                           f"({type(e).__name__}: {e})")) from None
+            raise CheckpointError(
+                describe(
+                    self.path, what=f"not a readable npz/zip archive, truncated or corrupt ({type(e).__name__}: {e})"
+                )
+            ) from None
         finally:
             f.close()
         if not infos:
@@ -92,43 +97,81 @@ class NpzReader:
     def _add(self, info: zipfile.ZipInfo, start_dir: int) -> None:
         name = info.filename
         if not name.endswith(".npy"):
-            raise CheckpointError(describe(self.path, name, "an .npy member", "another file",
-                                           "not an npz checkpoint"))
+            raise CheckpointError(describe(self.path, name, "an .npy member", "another file", "not an npz checkpoint"))
         key = name[:-4]
         if key in self.members:
-            raise CheckpointError(describe(self.path, key, what="corrupt zip: the member appears twice in the "
-                                                                 "central directory"))
+            raise CheckpointError(
+                describe(self.path, key, what="corrupt zip: the member appears twice in the central directory")
+            )
         if info.flag_bits & (_ENCRYPTED | _STRONG):
-            raise CheckpointError(describe(self.path, key, "an unencrypted member", "the encrypted flag",
-                                           "encrypted npz members are not supported"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    "an unencrypted member",
+                    "the encrypted flag",
+                    "encrypted npz members are not supported",
+                )
+            )
         if info.flag_bits & _PATCHED:
             raise CheckpointError(describe(self.path, key, what="corrupt zip: compressed patched data (flag bit 5)"))
         deflated = info.compress_type == zipfile.ZIP_DEFLATED and self._any_numeric
         if info.compress_type != zipfile.ZIP_STORED and not deflated:
-            raise CheckpointError(describe(self.path, key, "an uncompressed (np.savez) member",
-                                           f"compression method {info.compress_type}",
-                                           "compressed members cannot be streamed; re-save with np.savez"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    "an uncompressed (np.savez) member",
+                    f"compression method {info.compress_type}",
+                    "compressed members cannot be streamed; re-save with np.savez",
+                )
+            )
         if info.compress_size != info.file_size and not deflated:
-            raise CheckpointError(describe(self.path, key, f"a stored size equal to the size {info.file_size}",
-                                           info.compress_size, "corrupt zip directory"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    f"a stored size equal to the size {info.file_size}",
+                    info.compress_size,
+                    "corrupt zip directory",
+                )
+            )
         start = self._check_local_header(info, key)
         if start + info.compress_size > min(self._size, start_dir):
-            raise CheckpointError(describe(
-                self.path, key, f"{info.compress_size} bytes of data at offset {start}",
-                f"{max(0, min(self._size, start_dir) - start)} before the end of the member area",
-                "truncated or corrupt member"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    f"{info.compress_size} bytes of data at offset {start}",
+                    f"{max(0, min(self._size, start_dir) - start)} before the end of the member area",
+                    "truncated or corrupt member",
+                )
+            )
         if deflated:
             head = self._inflate(key, start, info.compress_size, min(12 + _MAX_NPY_HEADER, info.file_size))
         else:
             head = pread_exact(self._fd, min(12 + _MAX_NPY_HEADER, info.file_size), start, self.path, key)
         dtype, shape, hlen = _parse_npy_header(head, self.path, key, self._any_numeric)
-        m = Member(key, dtype, shape, start + hlen, info.CRC, _header=head[:hlen],
-                   _span=(info.header_offset, start + info.compress_size),
-                   _deflated=(start, info.compress_size, hlen) if deflated else None)
+        m = Member(
+            key,
+            dtype,
+            shape,
+            start + hlen,
+            info.CRC,
+            _header=head[:hlen],
+            _span=(info.header_offset, start + info.compress_size),
+            _deflated=(start, info.compress_size, hlen) if deflated else None,
+        )
         if hlen + m.nbytes != info.file_size:
-            raise CheckpointError(describe(
-                self.path, key, f"{hlen + m.nbytes} bytes for {dtypes.name(dtype)}{list(shape)}",
-                f"{info.file_size} bytes", "truncated or corrupt member"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    f"{hlen + m.nbytes} bytes for {dtypes.name(dtype)}{list(shape)}",
+                    f"{info.file_size} bytes",
+                    "truncated or corrupt member",
+                )
+            )
         m._crc_val = crc32(m._header)
         m._crc_pos = 0
         self.members[key] = m
@@ -147,23 +190,53 @@ class NpzReader:
         except UnicodeDecodeError:
             local_name = repr(raw_name)
         if local_name != info.orig_filename:
-            raise CheckpointError(describe(self.path, key, f"local header name {info.orig_filename!r}",
-                                           repr(local_name), "corrupt zip: directory and local header differ"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    f"local header name {info.orig_filename!r}",
+                    repr(local_name),
+                    "corrupt zip: directory and local header differ",
+                )
+            )
         if method != info.compress_type:
-            raise CheckpointError(describe(self.path, key, f"compression method {info.compress_type}", method,
-                                           "corrupt zip: directory and local header differ"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    f"compression method {info.compress_type}",
+                    method,
+                    "corrupt zip: directory and local header differ",
+                )
+            )
         if flags & (_ENCRYPTED | _STRONG):
-            raise CheckpointError(describe(self.path, key, "an unencrypted member", "the encrypted flag",
-                                           "encrypted npz members are not supported"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    key,
+                    "an unencrypted member",
+                    "the encrypted flag",
+                    "encrypted npz members are not supported",
+                )
+            )
         if not flags & _DATA_DESCRIPTOR:  # sizes and CRC are in the local header too: they must agree
             if 0xFFFFFFFF in (csize, usize):
                 usize, csize = _zip64_sizes(extra, usize, csize)
-            for what, local, central in (("CRC-32", crc, info.CRC), ("size", usize, info.file_size),
-                                         ("stored size", csize, info.compress_size)):
+            for what, local, central in (
+                ("CRC-32", crc, info.CRC),
+                ("size", usize, info.file_size),
+                ("stored size", csize, info.compress_size),
+            ):
                 if local != central:
-                    raise CheckpointError(describe(self.path, key, f"the directory's {what} {central}",
-                                                   f"{local} in the local header",
-                                                   "corrupt zip: directory and local header differ"))
+                    raise CheckpointError(
+                        describe(
+                            self.path,
+                            key,
+                            f"the directory's {what} {central}",
+                            f"{local} in the local header",
+                            "corrupt zip: directory and local header differ",
+                        )
+                    )
         return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
     def _inflate(self, key: str, start: int, csize: int, limit: int) -> bytes:
@@ -178,8 +251,15 @@ class NpzReader:
         spans = sorted((m._span, k) for k, m in self.members.items())
         for ((_, e0), k0), ((b1, _), k1) in zip(spans, spans[1:]):
             if b1 < e0:
-                raise CheckpointError(describe(self.path, k1, f"a member starting after {k0}'s end {e0}",
-                                               f"offset {b1}", "corrupt zip: overlapping members"))
+                raise CheckpointError(
+                    describe(
+                        self.path,
+                        k1,
+                        f"a member starting after {k0}'s end {e0}",
+                        f"offset {b1}",
+                        "corrupt zip: overlapping members",
+                    )
+                )
 
     def keys(self) -> list[str]:
         return list(self.members)
@@ -188,7 +268,7 @@ class NpzReader:
         """The member, its sub-array `array[index]` for leading integer indices, or rows [a, b) of the first
         axis after them, read from disk."""
         m = self.members[key]
-        sub = m.shape[len(index):]
+        sub = m.shape[len(index) :]
         count = math.prod(sub)
         flat = 0
         for i, n in zip(index, m.shape):
@@ -207,8 +287,9 @@ class NpzReader:
             at, csize, hlen = m._deflated
             raw = self._inflate(key, at, csize, hlen + m.nbytes + 1)
             if len(raw) != hlen + m.nbytes:
-                raise CheckpointError(describe(self.path, key, f"{hlen + m.nbytes} bytes", f"{len(raw)}",
-                                               "corrupt compressed member"))
+                raise CheckpointError(
+                    describe(self.path, key, f"{hlen + m.nbytes} bytes", f"{len(raw)}", "corrupt compressed member")
+                )
             m._crc_pos, m._crc_val = 0, crc32(m._header)
             self._crc_update(m, 0, memoryview(raw)[hlen:])
             n = count * m.dtype.itemsize
@@ -225,8 +306,9 @@ class NpzReader:
         m._crc_pos += len(data)
         if m._crc_pos == m.nbytes:
             if m._crc_val != m.crc:
-                raise CheckpointError(describe(self.path, m.key, f"CRC-32 {m.crc:08x}", f"{m._crc_val:08x}",
-                                               "corrupt member data"))
+                raise CheckpointError(
+                    describe(self.path, m.key, f"CRC-32 {m.crc:08x}", f"{m._crc_val:08x}", "corrupt member data")
+                )
             m.verified = True
 
     def verify(self, key: str, visit: Callable[[np.ndarray], None] | None = None) -> None:
@@ -282,10 +364,10 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int) -> tuple[int, int]:
     """(uncompressed, compressed) sizes from a local header's zip64 extra field (only those stored as 0xFFFFFFFF)."""
     i = 0
     while i + 4 <= len(extra):
-        tag, n = struct.unpack("<HH", extra[i:i + 4])
+        tag, n = struct.unpack("<HH", extra[i : i + 4])
         if tag == 1:
-            body = extra[i + 4:i + 4 + n]
-            vals = [struct.unpack("<Q", body[j:j + 8])[0] for j in range(0, len(body) - 7, 8)]
+            body = extra[i + 4 : i + 4 + n]
+            vals = [struct.unpack("<Q", body[j : j + 8])[0] for j in range(0, len(body) - 7, 8)]
             if usize == 0xFFFFFFFF and vals:
                 usize = vals.pop(0)
             if csize == 0xFFFFFFFF and vals:
@@ -295,8 +377,9 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int) -> tuple[int, int]:
     return usize, csize
 
 
-def _parse_npy_header(head: bytes, path: str, key: str, any_numeric: bool = False
-                      ) -> tuple[np.dtype, tuple[int, ...], int]:
+def _parse_npy_header(
+    head: bytes, path: str, key: str, any_numeric: bool = False
+) -> tuple[np.dtype, tuple[int, ...], int]:
     """(dtype, shape, header length) of an npy member, checked as strictly as numpy's own reader."""
     if head[:6] != b"\x93NUMPY" or len(head) < 10:
         raise CheckpointError(describe(path, key, "an npy header", repr(head[:6]), "corrupt member"))
@@ -306,23 +389,41 @@ def _parse_npy_header(head: bytes, path: str, key: str, any_numeric: bool = Fals
     elif (major, minor) in ((2, 0), (3, 0)) and len(head) >= 12:
         hlen, base, enc = struct.unpack("<I", head[8:12])[0], 12, "latin1" if major == 2 else "utf8"
     else:
-        raise CheckpointError(describe(path, key, "npy format 1.0, 2.0 or 3.0", f"version {major}.{minor}",
-                                       "corrupt or unsupported npy member"))
+        raise CheckpointError(
+            describe(
+                path, key, "npy format 1.0, 2.0 or 3.0", f"version {major}.{minor}", "corrupt or unsupported npy member"
+            )
+        )
     if hlen > _MAX_NPY_HEADER or base + hlen > len(head):
-        raise CheckpointError(describe(path, key, f"an npy header of at most {min(_MAX_NPY_HEADER, len(head) - base)}"
-                                                  f" bytes", f"{hlen} bytes", "corrupt member"))
+        raise CheckpointError(
+            describe(
+                path,
+                key,
+                f"an npy header of at most {min(_MAX_NPY_HEADER, len(head) - base)} bytes",
+                f"{hlen} bytes",
+                "corrupt member",
+            )
+        )
     try:
-        d = ast.literal_eval(head[base:base + hlen].decode(enc))
+        d = ast.literal_eval(head[base : base + hlen].decode(enc))
     except Exception as e:  # SyntaxError, ValueError, UnicodeDecodeError, MemoryError, RecursionError
         raise CheckpointError(describe(path, key, what=f"unreadable npy header ({type(e).__name__})")) from None
     if not isinstance(d, dict) or set(d) != _NPY_KEYS:
         found = sorted(map(repr, d)) if isinstance(d, dict) else type(d).__name__
-        raise CheckpointError(describe(path, key, "an npy header with exactly the keys descr, fortran_order, shape",
-                                       found, "corrupt member (numpy refuses it)"))
+        raise CheckpointError(
+            describe(
+                path,
+                key,
+                "an npy header with exactly the keys descr, fortran_order, shape",
+                found,
+                "corrupt member (numpy refuses it)",
+            )
+        )
     shape, fortran = d["shape"], d["fortran_order"]
     if not isinstance(shape, tuple) or not all(type(s) is int and s >= 0 for s in shape):
-        raise CheckpointError(describe(path, key, "a shape of non-negative integers", repr(shape),
-                                       "corrupt npy header"))
+        raise CheckpointError(
+            describe(path, key, "a shape of non-negative integers", repr(shape), "corrupt npy header")
+        )
     if type(fortran) is not bool:
         raise CheckpointError(describe(path, key, "fortran_order True or False", repr(fortran), "corrupt npy header"))
     try:
@@ -330,11 +431,11 @@ def _parse_npy_header(head: bytes, path: str, key: str, any_numeric: bool = Fals
     except Exception:
         raw_dtype = None
     if raw_dtype is None:
-        raise CheckpointError(describe(path, key, "a numpy dtype string", repr(d["descr"])[:80],
-                                       "unreadable npy header"))
+        raise CheckpointError(
+            describe(path, key, "a numpy dtype string", repr(d["descr"])[:80], "unreadable npy header")
+        )
     if raw_dtype.hasobject:
-        raise CheckpointError(describe(path, key, "a numeric array", "an object array",
-                                       "refusing to unpickle"))
+        raise CheckpointError(describe(path, key, "a numeric array", "an object array", "refusing to unpickle"))
     if fortran:
         raise CheckpointError(describe(path, key, "C order", "Fortran order"))
     dtype = dtypes.from_npy_descr(raw_dtype, any_numeric)
@@ -346,7 +447,7 @@ def _parse_npy_header(head: bytes, path: str, key: str, any_numeric: bool = Fals
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """An npy v1.0 header exactly as np.save writes it (bfloat16 as '<V2')."""
-    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (dtypes.to_npy_descr(dtype), tuple(shape))
+    d = f"{{'descr': {dtypes.to_npy_descr(dtype)!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     pad = 64 - (10 + len(d) + 1) % 64
     d = d + " " * (pad % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
@@ -378,7 +479,7 @@ class NpzWriter:
         self._time, self._date = _DOS_EPOCH
         self._closed = False
 
-    def __enter__(self) -> "NpzWriter":
+    def __enter__(self) -> NpzWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -392,8 +493,21 @@ class NpzWriter:
         if any(n == name for n, *_ in self._entries):
             raise ValueError(f"{key}: written twice")
         f, offset = self._f, self._f.tell()
-        f.write(_LOCAL_HEADER.pack(b"PK\x03\x04", _ZIP64_VERSION, 0, zipfile.ZIP_STORED, self._time, self._date, 0,
-                                   _MAX32, _MAX32, len(name), _LOCAL_ZIP64.size))
+        f.write(
+            _LOCAL_HEADER.pack(
+                b"PK\x03\x04",
+                _ZIP64_VERSION,
+                0,
+                zipfile.ZIP_STORED,
+                self._time,
+                self._date,
+                0,
+                _MAX32,
+                _MAX32,
+                len(name),
+                _LOCAL_ZIP64.size,
+            )
+        )
         f.write(name)
         f.write(_LOCAL_ZIP64.pack(1, 16, 0, 0))
         sink = _CrcSink(f, npy_header(dtype, shape))
@@ -414,18 +528,40 @@ class NpzWriter:
         f, start = self._f, self._f.tell()
         for name, offset, size, crc in self._entries:
             extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
-            f.write(_CENTRAL.pack(b"PK\x01\x02", _ZIP64_VERSION, _UNIX, _ZIP64_VERSION, 0, 0, zipfile.ZIP_STORED,
-                                  self._time, self._date, crc, _MAX32, _MAX32, len(name), len(extra), 0, 0, 0,
-                                  0o600 << 16, _MAX32))
+            f.write(
+                _CENTRAL.pack(
+                    b"PK\x01\x02",
+                    _ZIP64_VERSION,
+                    _UNIX,
+                    _ZIP64_VERSION,
+                    0,
+                    0,
+                    zipfile.ZIP_STORED,
+                    self._time,
+                    self._date,
+                    crc,
+                    _MAX32,
+                    _MAX32,
+                    len(name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0o600 << 16,
+                    _MAX32,
+                )
+            )
             f.write(name)
             f.write(extra)
         n, cd_size, cd_end = len(self._entries), f.tell() - start, f.tell()
         if n >= _MAX16 or cd_size >= _MAX32 or start >= _MAX32:
-            f.write(_END64.pack(b"PK\x06\x06", _END64.size - 12, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, n, n, cd_size,
-                                start))
+            f.write(
+                _END64.pack(b"PK\x06\x06", _END64.size - 12, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, n, n, cd_size, start)
+            )
             f.write(_END64_LOCATOR.pack(b"PK\x06\x07", 0, cd_end, 1))
-        f.write(_END.pack(b"PK\x05\x06", 0, 0, min(n, _MAX16), min(n, _MAX16), min(cd_size, _MAX32),
-                          min(start, _MAX32), 0))
+        f.write(
+            _END.pack(b"PK\x05\x06", 0, 0, min(n, _MAX16), min(n, _MAX16), min(cd_size, _MAX32), min(start, _MAX32), 0)
+        )
         f.flush()
 
     def abort(self) -> None:

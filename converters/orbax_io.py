@@ -10,8 +10,8 @@ Layout we write (what `ocp.StandardCheckpointer().save(path, params)` writes for
 Chunks are stored uncompressed (zarr `"compressor": null`; orbax reads any zarr compressor): on random-like bf16
 weights orbax's default zstd level 1 saves little and made reading 2-4x slower here (`compression="zstd"` writes it).
 The nested keys are the spec's canonical keys split at `/` (stacked layers, the 257152-row embedding). Arrays are
-chunked in the converters' blocks (converters.blocks, at most 64 MiB) (a layer, a layer piece, or row blocks of one), so a layer or a row block
-is read without decoding anything else.
+chunked in the converters' blocks (converters.blocks, at most 64 MiB) (a layer, a layer piece, or row blocks of
+one), so a layer or a row block is read without decoding anything else.
 
 Read: StandardCheckpointer / PyTreeCheckpointer output, OCDBT or per-array zarr directories, zarr v2 or v3, with or
 without a top-level `params` key, float32 / float16 / bfloat16. Arrays whose chunks are larger than what is asked
@@ -22,14 +22,15 @@ array, verified whenever an array is read front to back (as the converters do), 
 tensorstore is imported only here, and only when an orbax path is touched; orbax itself is never needed to read or
 write (tests restore our output with orbax, and read orbax's output with this module).
 """
+
 from __future__ import annotations
 
 import ast
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -47,29 +48,35 @@ CUSTOM_KEY = "paligemma_parity"
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint not yet committed
 PARAMS = "params"
 ZARR_DTYPES = {np.dtype(np.float32): "<f4", np.dtype(np.float16): "<f2", dtypes.BF16: "bfloat16"}
-_OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100000000,
-                 "version_tree_arity_log2": 4, "compression": {"id": "zstd"}}  # orbax's settings
+_OCDBT_CONFIG = {
+    "max_inline_value_bytes": 1024,
+    "max_decoded_node_bytes": 100000000,
+    "version_tree_arity_log2": 4,
+    "compression": {"id": "zstd"},
+}  # orbax's settings
 
 
 def is_orbax_dir(path: str) -> bool:
     """A directory holding orbax's tree metadata (stdlib only: detection never imports tensorstore)."""
-    return os.path.isdir(path) and (os.path.exists(os.path.join(path, METADATA))
-                                    or os.path.exists(os.path.join(path, CHECKPOINT_METADATA)))
+    return os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, METADATA)) or os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
+    )
 
 
 def _ts():
     try:
         import tensorstore
     except ImportError as e:
-        raise CheckpointError(f"orbax checkpoints need tensorstore: pip install 'paligemma-parity[jax]' ({e})"
-                              ) from None
+        raise CheckpointError(
+            f"orbax checkpoints need tensorstore: pip install 'paligemma-parity[jax]' ({e})"
+        ) from None
     return tensorstore
 
 
 def _box(shape: tuple[int, ...], start: int, count: int) -> tuple[slice, ...] | None:
     """The index box of elements [start, start + count) of a C-order array, if that range is one box."""
     for k in range(len(shape)):
-        inner = int(np.prod(shape[k + 1:], dtype=np.int64))
+        inner = int(np.prod(shape[k + 1 :], dtype=np.int64))
         if count % inner or start % inner:
             continue
         outer, a = divmod(start // inner, shape[k])
@@ -112,21 +119,34 @@ class OrbaxReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(path))
         if TMP_MARKER in os.path.basename(self.path):
-            raise CheckpointError(describe(self.path, what="an orbax checkpoint that was never committed "
-                                                            f"(name contains {TMP_MARKER}); interrupted write"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    what="an orbax checkpoint that was never committed "
+                    f"(name contains {TMP_MARKER}); interrupted write",
+                )
+            )
         meta = self._json(METADATA)
         tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
         if not isinstance(tree, dict) or not tree:
-            raise CheckpointError(describe(self.path, METADATA, "an orbax tree_metadata object", "none",
-                                           "not an orbax PyTree checkpoint"))
+            raise CheckpointError(
+                describe(self.path, METADATA, "an orbax tree_metadata object", "none", "not an orbax PyTree checkpoint")
+            )
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         if self.use_ocdbt and not os.path.exists(os.path.join(self.path, OCDBT_MANIFEST)):
-            raise CheckpointError(describe(self.path, OCDBT_MANIFEST, "an OCDBT manifest", "absent",
-                                           "truncated or uncommitted orbax checkpoint"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    OCDBT_MANIFEST,
+                    "an OCDBT manifest",
+                    "absent",
+                    "truncated or uncommitted orbax checkpoint",
+                )
+            )
         paths = [self._tree_path(k, v) for k, v in tree.items()]
         self.prefix = PARAMS + "/" if all(p[0] == PARAMS and len(p) > 1 for p in paths) else ""
-        self.names = {"/".join(p)[len(self.prefix):]: ".".join(p) for p in paths}
+        self.names = {"/".join(p)[len(self.prefix) :]: ".".join(p) for p in paths}
         ts = _ts()
         self._ts = ts
         self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 2}})
@@ -145,8 +165,9 @@ class OrbaxReader:
             with open(p) as f:
                 return json.load(f)
         except FileNotFoundError:
-            raise CheckpointError(describe(self.path, name, "orbax metadata file", "absent",
-                                           "truncated or not an orbax checkpoint")) from None
+            raise CheckpointError(
+                describe(self.path, name, "orbax metadata file", "absent", "truncated or not an orbax checkpoint")
+            ) from None
         except (OSError, ValueError) as e:
             raise CheckpointError(describe(p, what=f"unreadable orbax metadata ({e})")) from None
 
@@ -158,12 +179,22 @@ class OrbaxReader:
             except (ValueError, SyntaxError):
                 raise CheckpointError(describe(self.path, text, what="unreadable tree path in _METADATA")) from None
         if not keys or any(not isinstance(k, dict) or k.get("key_type", 2) != 2 for k in keys):
-            raise CheckpointError(describe(self.path, text, "nested dicts of parameter names", "a sequence index",
-                                           "not a PaliGemma parameter tree"))
+            raise CheckpointError(
+                describe(
+                    self.path,
+                    text,
+                    "nested dicts of parameter names",
+                    "a sequence index",
+                    "not a PaliGemma parameter tree",
+                )
+            )
         vt = (v.get("value_metadata") or {}).get("value_type", "np.ndarray")
         if vt not in ("np.ndarray", "jax.Array"):
-            raise CheckpointError(describe(self.path, "/".join(str(k["key"]) for k in keys), "an array", vt,
-                                           "not a PaliGemma parameter tree"))
+            raise CheckpointError(
+                describe(
+                    self.path, "/".join(str(k["key"]) for k in keys), "an array", vt, "not a PaliGemma parameter tree"
+                )
+            )
         return tuple(str(k["key"]) for k in keys)
 
     def _spec(self, name: str) -> dict:
@@ -178,12 +209,14 @@ class OrbaxReader:
         try:
             t = self._ts.open(self._spec(name), open=True, read=True, context=self._ctx).result()
         except Exception as e:  # tensorstore raises ValueError/RuntimeError with a long status text
-            raise CheckpointError(describe(self.path, key, what="array missing or unreadable in the checkpoint "
-                                                                f"({_first_line(e)})")) from None
+            raise CheckpointError(
+                describe(self.path, key, what=f"array missing or unreadable in the checkpoint ({_first_line(e)})")
+            ) from None
         dt = np.dtype(t.dtype.numpy_dtype)
         if dt not in ZARR_DTYPES:
-            raise CheckpointError(describe(self.path, key, "float32, float16 or bfloat16", str(dt),
-                                           "unsupported dtype"))
+            raise CheckpointError(
+                describe(self.path, key, "float32, float16 or bfloat16", str(dt), "unsupported dtype")
+            )
         self._stores[key] = t
         chunks = tuple(int(c) for c in t.chunk_layout.read_chunk.shape or t.shape)
         return ArrayInfo(name, dt, tuple(int(s) for s in t.shape), chunks)
@@ -221,7 +254,7 @@ class OrbaxReader:
                 self._cache = (key, outer, self._read_box(key, outer))
             sl = tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(box, outer))
             out = np.array(self._cache[2][sl])
-        out = out.reshape(tuple(hi - lo for lo, hi in box[len(index):]) + a.shape[len(box):])
+        out = out.reshape(tuple(hi - lo for lo, hi in box[len(index) :]) + a.shape[len(box) :])
         if key in self._crc:
             self._crc_update(key, a, box, out)
         return out
@@ -232,14 +265,15 @@ class OrbaxReader:
         start = 0
         for (lo, _), n in zip(box, a.shape):
             start = start * n + lo
-        start *= int(np.prod(a.shape[len(box):], dtype=np.int64)) * a.dtype.itemsize
+        start *= int(np.prod(a.shape[len(box) :], dtype=np.int64)) * a.dtype.itemsize
         if start != state[1]:
             return
         state[2] = crc32(memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8)), state[2])
         state[1] += out.nbytes
         if state[1] == int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize and state[2] != state[0]:
-            raise CheckpointError(describe(self.path, key, f"CRC-32 {state[0]:08x}", f"{state[2]:08x}",
-                                           "corrupt array data"))
+            raise CheckpointError(
+                describe(self.path, key, f"CRC-32 {state[0]:08x}", f"{state[2]:08x}", "corrupt array data")
+            )
 
     def _read_box(self, key: str, box) -> np.ndarray:
         """The region `box` ((lo, hi) per leading axis) of array `key`. The next region of the same shape in C
@@ -257,8 +291,9 @@ class OrbaxReader:
                 self._ahead[(key, nxt)] = self._start(key, nxt)
             x = fut.result()
         except Exception as e:
-            raise CheckpointError(describe(self.path, key, what=f"corrupt or truncated array data "
-                                                                f"({_first_line(e)})")) from None
+            raise CheckpointError(
+                describe(self.path, key, what=f"corrupt or truncated array data ({_first_line(e)})")
+            ) from None
         return np.asarray(x)
 
     def _start(self, key: str, box):
@@ -305,11 +340,21 @@ class OrbaxWriter:
         dtype = np.dtype(dtype)
         tree_path = tuple(key.split("/"))
         name = ".".join(tree_path)
-        meta = {"shape": list(shape), "chunks": list(block_shape(tuple(shape), dtype.itemsize)),
-                "dtype": ZARR_DTYPES[dtype], "compressor": self._compressor, "fill_value": None, "order": "C",
-                "filters": None, "dimension_separator": "."}
-        t = self._ts.open({"driver": "zarr", "kvstore": dict(self._kv, path=name + "/"), "metadata": meta},
-                          create=True, context=self._ctx).result()
+        meta = {
+            "shape": list(shape),
+            "chunks": list(block_shape(tuple(shape), dtype.itemsize)),
+            "dtype": ZARR_DTYPES[dtype],
+            "compressor": self._compressor,
+            "fill_value": None,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": ".",
+        }
+        t = self._ts.open(
+            {"driver": "zarr", "kvstore": dict(self._kv, path=name + "/"), "metadata": meta},
+            create=True,
+            context=self._ctx,
+        ).result()
         total = int(np.prod(shape, dtype=np.int64))
         done, pending, crc = 0, [], 0
         for c in chunks:
@@ -320,7 +365,7 @@ class OrbaxWriter:
                 raise ValueError(f"{key}: a chunk of {c.size} elements at {done} is not a block of {list(shape)}")
             c = np.ascontiguousarray(c)
             crc = crc32(memoryview(c.reshape(-1).view(np.uint8)), crc)
-            pending.append(t[box].write(c.reshape(tuple(s.stop - s.start for s in box) + tuple(shape[len(box):]))))
+            pending.append(t[box].write(c.reshape(tuple(s.stop - s.start for s in box) + tuple(shape[len(box) :]))))
             done += c.size
             while len(pending) > self._in_flight:
                 pending.pop(0).result()
@@ -336,16 +381,34 @@ class OrbaxWriter:
         """`custom_metadata` goes into _CHECKPOINT_METADATA, with the arrays' CRC-32s under CUSTOM_KEY."""
         custom_metadata = dict(custom_metadata or {})
         custom_metadata[CUSTOM_KEY] = dict(custom_metadata.get(CUSTOM_KEY, {}), crc32=self.crc32)
-        tree = {str(p): {"key_metadata": [{"key": k, "key_type": 2} for k in p],
-                         "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-                for p in self._keys}
-        _write_json(os.path.join(self.path, METADATA),
-                    {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
-                     "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
-        _write_json(os.path.join(self.path, CHECKPOINT_METADATA),
-                    {"item_handlers": HANDLER, "metrics": {}, "performance_metrics": {},
-                     "init_timestamp_nsecs": self._t0, "commit_timestamp_nsecs": time.time_ns(),
-                     "custom_metadata": custom_metadata or {}})
+        tree = {
+            str(p): {
+                "key_metadata": [{"key": k, "key_type": 2} for k in p],
+                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+            }
+            for p in self._keys
+        }
+        _write_json(
+            os.path.join(self.path, METADATA),
+            {
+                "tree_metadata": tree,
+                "use_ocdbt": True,
+                "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True,
+                "custom_metadata": None,
+            },
+        )
+        _write_json(
+            os.path.join(self.path, CHECKPOINT_METADATA),
+            {
+                "item_handlers": HANDLER,
+                "metrics": {},
+                "performance_metrics": {},
+                "init_timestamp_nsecs": self._t0,
+                "commit_timestamp_nsecs": time.time_ns(),
+                "custom_metadata": custom_metadata or {},
+            },
+        )
         with open(os.path.join(self.path, COMMIT), "w") as f:
             f.write("Checkpoint commit was successful")
 

@@ -8,12 +8,14 @@ Hostile input rules that hold for every reader built on this module:
 - JSON is parsed strictly (`read_json`, `loads_strict`): no duplicate keys, no NaN/Infinity, bounded size,
   UTF-8 only; every failure is one `ParityError` line.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import stat
-from typing import Any, BinaryIO, Iterable
+from collections.abc import Iterable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -23,6 +25,7 @@ try:  # ISA-L's CRC-32 (same polynomial and values as zlib's, ~7x faster here): 
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values, slower
     import zlib
+
     crc32 = zlib.crc32
 
 _CHUNK = 64 << 20
@@ -51,9 +54,13 @@ def open_regular(path: str | os.PathLike, error: type[ParityError] = CheckpointE
 
 
 def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -85,8 +92,9 @@ def pread_exact(fd: int, n: int, offset: int, path: str, key: str | None = None)
     except (OSError, OverflowError) as e:
         raise CheckpointError(describe(path, key, what=f"cannot read at offset {offset} ({_why(e)})")) from None
     if len(b) != n:
-        raise CheckpointError(describe(path, key, f"{n} bytes at offset {offset}", f"{len(b)}",
-                                       "unexpected end of file (truncated)"))
+        raise CheckpointError(
+            describe(path, key, f"{n} bytes at offset {offset}", f"{len(b)}", "unexpected end of file (truncated)")
+        )
     return b
 
 
@@ -96,7 +104,7 @@ def pread_into(fd: int, buf: np.ndarray, offset: int, path: str, key: str) -> No
     view, done = memoryview(buf), 0
     try:
         while done < len(view):
-            n = os.preadv(fd, [view[done:done + _CHUNK]], offset + done)
+            n = os.preadv(fd, [view[done : done + _CHUNK]], offset + done)
             if n <= 0:
                 raise CheckpointError(describe(path, key, what="unexpected end of file (truncated)"))
             done += n
@@ -160,8 +168,12 @@ def loads_strict(data: bytes | str) -> Any:
         raise JSONProblem(f"invalid JSON ({e})") from None
 
 
-def read_json(path: str | os.PathLike, error: type[ParityError] = CheckpointError, what: str = "JSON file",
-              object_only: bool = True) -> Any:
+def read_json(
+    path: str | os.PathLike,
+    error: type[ParityError] = CheckpointError,
+    what: str = "JSON file",
+    object_only: bool = True,
+) -> Any:
     """A strict JSON document from a regular file of at most MAX_JSON_BYTES; one-line `error` otherwise."""
     data = read_regular(path, MAX_JSON_BYTES, error)
     try:
@@ -169,12 +181,17 @@ def read_json(path: str | os.PathLike, error: type[ParityError] = CheckpointErro
     except JSONProblem as e:
         raise error(describe(path, what=f"unreadable {what}: {e}")) from None
     if object_only and not isinstance(d, dict):
-        raise error(describe(path, expected="a JSON object at the top level", found=json_type(d),
-                             what=f"not a {what}"))
+        raise error(describe(path, expected="a JSON object at the top level", found=json_type(d), what=f"not a {what}"))
     return d
 
 
 def json_type(x: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(x), type(x).__name__)
-
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(x), type(x).__name__)

@@ -5,6 +5,7 @@
 Released-style files: every key under `params/`, layers stacked, bf16 stored as numpy void |V2 (PaliGemma 2 ships
 only `*.b16.npz`). The values are random (no real weights can be shipped or fetched here).
 """
+
 from __future__ import annotations
 
 import os

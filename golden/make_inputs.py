@@ -3,6 +3,7 @@ synthetic images and prompts with different prefix lengths (row 1 is right-padde
 
     python golden/make_inputs.py
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ def images() -> list[np.ndarray]:
 
 def main() -> None:
     tok = Tokenizer(os.path.join(HERE, "tokenizer.model"))
-    batch = build_inputs(images(), ["caption en", "answer en where is the cat in this picture?"],
-                         tokenizer=tok, config=TINY_VARIANTS["tiny-pg2-gqa"])
+    batch = build_inputs(
+        images(),
+        ["caption en", "answer en where is the cat in this picture?"],
+        tokenizer=tok,
+        config=TINY_VARIANTS["tiny-pg2-gqa"],
+    )
     path = os.path.join(HERE, "tiny-inputs.npz")
     save_inputs(path, batch)
     print(f"wrote {path}: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))

@@ -11,6 +11,7 @@ output is the same bytes on every run (`--check` verifies this against an existi
 
 With exactly 512 pieces Hugging Face's `PaliGemmaProcessor` gives `<image>` the id 512 = `config.image_token_id`.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,12 +76,30 @@ def train(vocab_size: int = VOCAB_SIZE) -> bytes:
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", control_symbols=["<mask>"], user_defined_symbols=["\n"],
-        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity", character_coverage=1.0,
-        num_threads=1, minloglevel=2, hard_vocab_limit=True,
+        sentence_iterator=iter(CORPUS),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        control_symbols=["<mask>"],
+        user_defined_symbols=["\n"],
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+        hard_vocab_limit=True,
     )
     return out.getvalue()
 

@@ -15,6 +15,7 @@ before it keeps the text positions). There is no 28B keras-hub bundle: keras-hub
 
 The checkpoints come from golden/make_checkpoints.py (random values from parity.spec.random_params).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ BUNDLES = {  # bundle -> checkpoint: PaliGemma 1 (MQA); PaliGemma 2 (GQA, softca
     "tiny-pg2-gqa.bundle": "tiny-pg2-gqa.b16.npz",
     "tiny-pg2-28b.bundle": "tiny-pg2-28b.b16.npz",
 }
-KERAS_BUNDLES = {"tiny-pg1-mqa.keras_hub.bundle": "tiny-pg1-mqa.npz",
-                 "tiny-pg2-gqa.keras_hub.bundle": "tiny-pg2-gqa.b16.npz"}
+KERAS_BUNDLES = {
+    "tiny-pg1-mqa.keras_hub.bundle": "tiny-pg1-mqa.npz",
+    "tiny-pg2-gqa.keras_hub.bundle": "tiny-pg2-gqa.b16.npz",
+}
 INPUTS = os.path.join(HERE, "tiny-inputs.npz")
 STEPS = 8
 
@@ -44,8 +47,15 @@ STEPS = 8
 def record_transformers() -> None:
     for bundle, ckpt in BUNDLES.items():
         out = os.path.join(HERE, bundle)
-        rep = golden.record(os.path.join(HERE, ckpt), INPUTS, out, impl="transformers", convention="transformers",
-                            steps=STEPS, update=os.path.exists(out))
+        rep = golden.record(
+            os.path.join(HERE, ckpt),
+            INPUTS,
+            out,
+            impl="transformers",
+            convention="transformers",
+            steps=STEPS,
+            update=os.path.exists(out),
+        )
         golden.render_record(rep)
 
 
@@ -64,8 +74,7 @@ def keras_runner(ckpt: str, inputs: str, steps: int):
     import importlib.metadata
 
     import keras
-    from keras_oracle import keras_backbone, keras_decode, keras_forward, keras_generate, \
-        keras_logits_all_positions
+    from keras_oracle import keras_backbone, keras_decode, keras_forward, keras_generate, keras_logits_all_positions
 
     from converters.checkpoint import load_checkpoint
     from parity import points as pts
@@ -83,22 +92,34 @@ def keras_runner(ckpt: str, inputs: str, steps: int):
         fwd = keras_forward(cfg, bb, batch)
         full = keras_logits_all_positions(cfg, bb, batch)
         # keras-hub's own logits (PaliGemmaCausalLM) are the text positions of the full-position ones
-        np.testing.assert_array_equal(full[:, cfg.num_image_tokens:], fwd[pts.LOGITS])
+        np.testing.assert_array_equal(full[:, cfg.num_image_tokens :], fwd[pts.LOGITS])
         fwd[pts.LOGITS] = full
         order = [p for p in pts.forward_points(cfg) if p in fwd]
         manifest = {
-            "config": cfg.to_dict(), "conventions": PRESETS["keras_hub"].to_dict(), "impl": "keras_hub",
-            "dtype": "float32", "compute_dtype": "float32", "device": "cpu (keras-hub, jax backend)",
+            "config": cfg.to_dict(),
+            "conventions": PRESETS["keras_hub"].to_dict(),
+            "impl": "keras_hub",
+            "dtype": "float32",
+            "compute_dtype": "float32",
+            "device": "cpu (keras-hub, jax backend)",
             "precision": "default",
             "libraries": {**library_versions(), **{n: importlib.metadata.version(n) for n in ("keras", "keras-hub")}},
             "checkpoint": {"path": os.path.abspath(ckpt), "sha256": file_sha256(ckpt)},
-            "inputs": {"path": os.path.abspath(inputs), "sha256": inputs_sha256(batch),
-                       "file_sha256": file_sha256(inputs), "shapes": {k: list(v.shape) for k, v in batch.items()}},
+            "inputs": {
+                "path": os.path.abspath(inputs),
+                "sha256": inputs_sha256(batch),
+                "file_sha256": file_sha256(inputs),
+                "shapes": {k: list(v.shape) for k, v in batch.items()},
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         cap = os.path.join(scratch, "run.capture.safetensors")
-        write_capture(cap, {k: np.ascontiguousarray(fwd[k], np.float32) for k in order},
-                      {**manifest, "points": order, "run_seconds": round(time.perf_counter() - t0, 3)}, True)
+        write_capture(
+            cap,
+            {k: np.ascontiguousarray(fwd[k], np.float32) for k in order},
+            {**manifest, "points": order, "run_seconds": round(time.perf_counter() - t0, 3)},
+            True,
+        )
         t0 = time.perf_counter()
         tokens = keras_generate(bb, batch, steps)
         rows = keras_decode(cfg, bb, batch, tokens)  # teacher-forced with its own picks: its step logits, caches
@@ -114,28 +135,47 @@ def keras_runner(ckpt: str, inputs: str, steps: int):
             for r, (_, caches) in enumerate(rows):
                 n = int(batch["mask_input"][r].sum())
                 buf[r, : t_img + n] = caches[name][: t_img + n]
-                buf[r, p: p + steps - 1] = caches[name][t_img + n: t_img + n + steps - 1]
+                buf[r, p : p + steps - 1] = caches[name][t_img + n : t_img + n + steps - 1]
             gen[name] = buf
         assert all((np.argmax(lg, -1) == tokens[r]).all() for r, (lg, _) in enumerate(rows))  # its own picks
         path = os.path.join(scratch, "run.generation.safetensors")
-        write_capture(path, gen, {**manifest, "points": list(gen), "run_seconds": round(time.perf_counter() - t0, 3),
-                                  "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
-                                  "decode_path": "keras-hub PaliGemmaCausalLM.generate (greedy), step logits and "
-                                                 "cache from its _build_cache + call_with_cache fed those tokens",
-                                  "forced_tokens": False}, True)
+        write_capture(
+            path,
+            gen,
+            {
+                **manifest,
+                "points": list(gen),
+                "run_seconds": round(time.perf_counter() - t0, 3),
+                "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
+                "decode_path": "keras-hub PaliGemmaCausalLM.generate (greedy), step logits and "
+                "cache from its _build_cache + call_with_cache fed those tokens",
+                "forced_tokens": False,
+            },
+            True,
+        )
         return cap, path, manifest
+
     return run
 
 
 def record_keras_hub() -> None:
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix="parity-keras-inputs-") as d:
         inputs = os.path.join(d, "tiny-inputs-prefix.npz")
         prefix_only_inputs(inputs)
         for bundle, ckpt in KERAS_BUNDLES.items():
             out, path = os.path.join(HERE, bundle), os.path.join(HERE, ckpt)
-            rep = golden.record(path, inputs, out, impl="keras_hub", convention="keras_hub", steps=STEPS,
-                                update=os.path.exists(out), runner=keras_runner(path, inputs, STEPS))
+            rep = golden.record(
+                path,
+                inputs,
+                out,
+                impl="keras_hub",
+                convention="keras_hub",
+                steps=STEPS,
+                update=os.path.exists(out),
+                runner=keras_runner(path, inputs, STEPS),
+            )
             golden.render_record(rep)
 
 

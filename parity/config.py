@@ -6,6 +6,7 @@ Axis letters used throughout the project (the legend of every einsum and every s
   vision:  Lv depth, Dv width, Fv mlp width, Nv heads, Hv head dim, P patch size, T image tokens
   text:    L depth, D width, F mlp width, N query heads, K kv heads, H head dim, V vocabulary rows
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import math
 from typing import Any
 
 
-class QueryScale(str, enum.Enum):
+class QueryScale(str, enum.Enum):  # noqa: UP042 (StrEnum would change str() in recorded manifests)
     """How attention queries are scaled before the logits (big_vision `query_pre_attn_norm`)."""
 
     HEAD_DIM = "rsqrt_head_dim"  # 1/sqrt(H): every variant except PaliGemma 2 28B
@@ -113,11 +114,25 @@ class PaliGemmaConfig:
     def symbols(self) -> dict[str, int]:
         """Values of the axis letters (module docstring) for this config."""
         v, t = self.vision, self.text
-        return dict(Lv=v.depth, Dv=v.width, Fv=v.mlp_dim, Nv=v.num_heads, Hv=v.head_dim, P=v.patch_size,
-                    T=v.num_patches, L=t.depth, D=t.width, F=t.mlp_dim, N=t.num_heads, K=t.num_kv_heads,
-                    H=t.head_dim, V=t.vocab_size, Vhf=self.hf_vocab_rows)
+        return dict(
+            Lv=v.depth,
+            Dv=v.width,
+            Fv=v.mlp_dim,
+            Nv=v.num_heads,
+            Hv=v.head_dim,
+            P=v.patch_size,
+            T=v.num_patches,
+            L=t.depth,
+            D=t.width,
+            F=t.mlp_dim,
+            N=t.num_heads,
+            K=t.num_kv_heads,
+            H=t.head_dim,
+            V=t.vocab_size,
+            Vhf=self.hf_vocab_rows,
+        )
 
-    def with_name(self, name: str) -> "PaliGemmaConfig":
+    def with_name(self, name: str) -> PaliGemmaConfig:
         return dataclasses.replace(self, name=name)
 
     # -- serialisation (the sidecar JSON, capture manifests, golden files) --------------------------------------
@@ -127,7 +142,7 @@ class PaliGemmaConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PaliGemmaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PaliGemmaConfig:
         try:
             text = dict(d["text"])
             text["query_scale"] = QueryScale(text.get("query_scale", QueryScale.HEAD_DIM.value))
@@ -144,16 +159,29 @@ GEMMA_2B = TextConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_h
 _GEMMA2 = dict(gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
 GEMMA2_2B = TextConfig(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256, **_GEMMA2)
 GEMMA2_9B = TextConfig(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256, **_GEMMA2)
-GEMMA2_27B = TextConfig(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16, head_dim=128,
-                        query_scale=QueryScale.WIDTH_PER_HEAD, **_GEMMA2)
+GEMMA2_27B = TextConfig(
+    width=4608,
+    depth=46,
+    mlp_dim=36864,
+    num_heads=32,
+    num_kv_heads=16,
+    head_dim=128,
+    query_scale=QueryScale.WIDTH_PER_HEAD,
+    **_GEMMA2,
+)
 
 RESOLUTIONS = (224, 448, 896)
-_LLMS = {"paligemma-3b": GEMMA_2B, "paligemma2-3b": GEMMA2_2B, "paligemma2-10b": GEMMA2_9B,
-         "paligemma2-28b": GEMMA2_27B}
+_LLMS = {
+    "paligemma-3b": GEMMA_2B,
+    "paligemma2-3b": GEMMA2_2B,
+    "paligemma2-10b": GEMMA2_9B,
+    "paligemma2-28b": GEMMA2_27B,
+}
 
 VARIANTS: dict[str, PaliGemmaConfig] = {
     f"{llm}-{res}": PaliGemmaConfig(f"{llm}-{res}", VisionConfig(image_size=res), text)
-    for llm, text in _LLMS.items() for res in RESOLUTIONS
+    for llm, text in _LLMS.items()
+    for res in RESOLUTIONS
 }
 
 # -- tiny variants for tests: between them MQA, GQA, K == N (fused qkv), N*H != D, the 28B query scale,
@@ -161,22 +189,57 @@ VARIANTS: dict[str, PaliGemmaConfig] = {
 TINY_VISION = VisionConfig(width=32, depth=2, mlp_dim=48, num_heads=4, patch_size=7, image_size=28)
 TINY_VOCAB = 512
 TINY_VARIANTS: dict[str, PaliGemmaConfig] = {
-    c.name: c for c in [
+    c.name: c
+    for c in [
         # PaliGemma 1 shapes: MQA (K = 1), N*H == D.
-        PaliGemmaConfig("tiny-pg1-mqa", TINY_VISION, TextConfig(
-            width=64, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=TINY_VOCAB)),
+        PaliGemmaConfig(
+            "tiny-pg1-mqa",
+            TINY_VISION,
+            TextConfig(width=64, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=TINY_VOCAB),
+        ),
         # K == N: big_vision stores a fused qkv_einsum; N*H != D.
-        PaliGemmaConfig("tiny-pg1-kn", TINY_VISION, TextConfig(
-            width=48, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=2, head_dim=16, vocab_size=TINY_VOCAB)),
+        PaliGemmaConfig(
+            "tiny-pg1-kn",
+            TINY_VISION,
+            TextConfig(width=48, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=2, head_dim=16, vocab_size=TINY_VOCAB),
+        ),
         # PaliGemma 2 shapes: GQA, N*H != D, post-norms, softcaps, sliding window 8 (< test sequences).
-        PaliGemmaConfig("tiny-pg2-gqa", TINY_VISION, TextConfig(
-            width=48, depth=3, mlp_dim=96, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=TINY_VOCAB,
-            gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=8)),
+        PaliGemmaConfig(
+            "tiny-pg2-gqa",
+            TINY_VISION,
+            TextConfig(
+                width=48,
+                depth=3,
+                mlp_dim=96,
+                num_heads=4,
+                num_kv_heads=2,
+                head_dim=16,
+                vocab_size=TINY_VOCAB,
+                gemma2=True,
+                attn_softcap=50.0,
+                final_softcap=30.0,
+                sliding_window=8,
+            ),
+        ),
         # The 28B query scale 1/sqrt(D/N) with D/N != H.
-        PaliGemmaConfig("tiny-pg2-28b", TINY_VISION, TextConfig(
-            width=72, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=TINY_VOCAB,
-            gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=8,
-            query_scale=QueryScale.WIDTH_PER_HEAD)),
+        PaliGemmaConfig(
+            "tiny-pg2-28b",
+            TINY_VISION,
+            TextConfig(
+                width=72,
+                depth=2,
+                mlp_dim=96,
+                num_heads=4,
+                num_kv_heads=2,
+                head_dim=8,
+                vocab_size=TINY_VOCAB,
+                gemma2=True,
+                attn_softcap=50.0,
+                final_softcap=30.0,
+                sliding_window=8,
+                query_scale=QueryScale.WIDTH_PER_HEAD,
+            ),
+        ),
     ]
 }
 

@@ -4,6 +4,7 @@ Every capture, comparison and golden file records the Conventions it was made wi
 reference can be reproduced exactly. Presets: `big_vision`, `transformers` (transformers 5.x, eager attention) and
 `keras_hub` (keras-hub 0.32 PaliGemmaCausalLM, checked against it by tests/test_keras_hub.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,13 +42,17 @@ class Conventions:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Conventions":
+    def from_dict(cls, d: dict[str, Any]) -> Conventions:
         return cls(**d)
 
     def __post_init__(self):
-        checks = {"position_origin": (0, 1), "final_softcap": ("always", "never", "decode_only"),
-                  "sliding_window": ("off", "transformers", "keras_hub"), "attn_softcap": (True, False),
-                  "normalizer_dtype": ("param", "float32")}
+        checks = {
+            "position_origin": (0, 1),
+            "final_softcap": ("always", "never", "decode_only"),
+            "sliding_window": ("off", "transformers", "keras_hub"),
+            "attn_softcap": (True, False),
+            "normalizer_dtype": ("param", "float32"),
+        }
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"convention {field}={getattr(self, field)!r}; allowed: {allowed}")
@@ -82,7 +87,8 @@ def with_settings(base: Conventions, settings: list[str] | tuple[str, ...]) -> C
         default = fields[name].default
         if isinstance(default, bool):
             value: Any = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
-                raw.lower(), raw)
+                raw.lower(), raw
+            )
         elif isinstance(default, int):
             value = int(raw) if raw.lstrip("-").isdigit() else raw
         else:

@@ -3,6 +3,7 @@
 A message built by `describe` remembers the file and key it names, so the CLI's `--json` error object can give them
 as fields (`ParityError.file`, `.key`) without parsing the line.
 """
+
 from __future__ import annotations
 
 

@@ -21,6 +21,7 @@ bundle. Its decoding is fed the bundle's tokens (teacher-forced: every step stay
 implementation would pick another token is still reported), so the step logits and the caches are compared at
 every step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,15 +30,16 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from parity import points as pts
 from parity.compare import tolerances as tol
-from parity.config import PaliGemmaConfig
 from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
+from parity.config import PaliGemmaConfig
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
 
 SCHEMA = "parity.golden/1"
@@ -74,7 +76,7 @@ class Bundle:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str) -> "Bundle":
+    def open(cls, path: str) -> Bundle:
         mpath = os.path.join(path, MANIFEST)
         if not os.path.isdir(path) or not os.path.isfile(mpath):
             raise InputsError(describe(path, what=f"not a golden bundle (a directory holding {MANIFEST})"))
@@ -112,27 +114,43 @@ class Bundle:
 
         def distance(e: Expectation) -> tuple[int, int]:
             return (e.device_class != dev_class, abs(tol.ORDER.index(e.profile) - tol.ORDER.index(profile)))
+
         best = min(exps, key=lambda e: (distance(e), DEVICE_CLASSES.index(e.device_class)))
         note = None
         if best.key != (dev_class, profile):
-            note = (f"no expectation for {dev_class}/{profile} in this bundle; using the closest, "
-                    f"{best.device_class}/{best.profile}")
+            note = (
+                f"no expectation for {dev_class}/{profile} in this bundle; using the closest, "
+                f"{best.device_class}/{best.profile}"
+            )
         return best, note
 
 
 # -- running one expectation ------------------------------------------------------------------------------------
-def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str, name: str, *,
-                    dtype: str = "float32", device: str = "cpu", precision: str = "highest",
-                    config: str | None = None, steps: int | None = None, forced_tokens: np.ndarray | None = None,
-                    progress: Callable[[str], None] | None = None) -> tuple[str, str | None, dict[str, Any]]:
+def run_expectation(
+    ckpt: str,
+    inputs: str,
+    impl: str,
+    convention,
+    out_dir: str,
+    name: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    precision: str = "highest",
+    config: str | None = None,
+    steps: int | None = None,
+    forced_tokens: np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[str, str | None, dict[str, Any]]:
     """Capture every point of one run (and decode `steps` greedy tokens, fed `forced_tokens` when given) into
     NAME.capture.safetensors / NAME.generation.safetensors in out_dir. Returns (capture, generation, manifest)."""
     from parity import run
 
     say = progress or (lambda msg: None)
     say(f"loading {os.path.basename(ckpt)} ({impl})")
-    api, model, cfg, batch, manifest = run.prepare(ckpt, inputs, impl, convention, dtype, device, config,
-                                                   precision=precision)
+    api, model, cfg, batch, manifest = run.prepare(
+        ckpt, inputs, impl, convention, dtype, device, config, precision=precision
+    )
     say("forward pass")
     wanted = pts.forward_points(cfg)
     t0 = time.perf_counter()
@@ -147,26 +165,54 @@ def run_expectation(ckpt: str, inputs: str, impl: str, convention, out_dir: str,
     if steps:
         say(f"decoding {steps} steps")
         t0 = time.perf_counter()
-        g = api.generate(model, batch, steps, greedy=True, return_logits=True, capture=list(pts.cache_points(cfg)),
-                         ignore_eos=True, **({"forced_tokens": forced_tokens} if forced_tokens is not None else {}))
-        garrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32),
-                   "logits": np.ascontiguousarray(g["logits"], np.float32)}
+        g = api.generate(
+            model,
+            batch,
+            steps,
+            greedy=True,
+            return_logits=True,
+            capture=list(pts.cache_points(cfg)),
+            ignore_eos=True,
+            **({"forced_tokens": forced_tokens} if forced_tokens is not None else {}),
+        )
+        garrays = {
+            "tokens": np.ascontiguousarray(g["tokens"], np.int32),
+            "logits": np.ascontiguousarray(g["logits"], np.float32),
+        }
         garrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
         gen = os.path.join(out_dir, f"{name}.generation.safetensors")
-        run.write_capture(gen, garrays, {**manifest, "points": list(garrays),
-                                  "run_seconds": round(time.perf_counter() - t0, 3),
-                                  "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
-                                  "decode_path": g.get("decode_path"),
-                                  "forced_tokens": forced_tokens is not None}, True)
+        run.write_capture(
+            gen,
+            garrays,
+            {
+                **manifest,
+                "points": list(garrays),
+                "run_seconds": round(time.perf_counter() - t0, 3),
+                "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
+                "decode_path": g.get("decode_path"),
+                "forced_tokens": forced_tokens is not None,
+            },
+            True,
+        )
     return cap, gen, manifest
 
 
 # -- record -----------------------------------------------------------------------------------------------------
-def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention: str | None = None,
-           steps: int | None = None, dtype: str = "float32", device: str = "cpu", precision: str = "highest",
-           config: str | None = None, update: bool = False,
-           progress: Callable[[str], None] | None = None,
-           runner: Callable[[str], tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any]:
+def record(
+    ckpt: str,
+    inputs: str,
+    output: str,
+    impl: str = "torch",
+    convention: str | None = None,
+    steps: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    precision: str = "highest",
+    config: str | None = None,
+    update: bool = False,
+    progress: Callable[[str], None] | None = None,
+    runner: Callable[[str], tuple[str, str | None, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     """Record (or with `update`, add / replace) the expectation of this run's device class and profile in the
     bundle at `output`. Returns a report: the bundle manifest, the expectation written and, on update, what changed
     against the bundle's previous expectation.
@@ -180,8 +226,11 @@ def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention:
     old = None
     if os.path.lexists(output):
         if not update:
-            raise OutputError(describe(output, what="golden bundle exists; pass --update to re-record it (the "
-                                                    "report says what changed)"))
+            raise OutputError(
+                describe(
+                    output, what="golden bundle exists; pass --update to re-record it (the report says what changed)"
+                )
+            )
         old = Bundle.open(output)
     if not os.path.isdir(os.path.dirname(output)):
         raise OutputError(describe(output, what=f"output directory {os.path.dirname(output)} does not exist"))
@@ -195,24 +244,45 @@ def record(ckpt: str, inputs: str, output: str, impl: str = "torch", convention:
         if runner is not None:
             cap, gen, manifest = runner(scratch)
         else:
-            cap, gen, manifest = run_expectation(ckpt, inputs, impl, convention, scratch, "run", dtype=dtype,
-                                                 device=device, precision=precision, config=config, steps=steps,
-                                                 progress=progress)
-        exp = Expectation(device_class(manifest["device"]), tol.precision_class(manifest), "", None, impl,
-                          manifest["created"])
+            cap, gen, manifest = run_expectation(
+                ckpt,
+                inputs,
+                impl,
+                convention,
+                scratch,
+                "run",
+                dtype=dtype,
+                device=device,
+                precision=precision,
+                config=config,
+                steps=steps,
+                progress=progress,
+            )
+        exp = Expectation(
+            device_class(manifest["device"]), tol.precision_class(manifest), "", None, impl, manifest["created"]
+        )
         name = f"{exp.device_class}-{exp.profile}"
-        exp = dataclasses.replace(exp, capture=f"{name}.capture.safetensors",
-                                  generation=f"{name}.generation.safetensors" if gen else None)
+        exp = dataclasses.replace(
+            exp, capture=f"{name}.capture.safetensors", generation=f"{name}.generation.safetensors" if gen else None
+        )
         rel = os.path.relpath(os.path.abspath(ckpt), output).replace(os.sep, "/")
-        bm = {"schema": SCHEMA, "config": manifest["config"]["name"],
-              "checkpoint": {"path": rel, "sha256": manifest["checkpoint"]["sha256"]},
-              "inputs": "inputs" + suffix, "inputs_sha256": manifest["inputs"]["sha256"],
-              "conventions": manifest["conventions"], "convention": convention if isinstance(convention, str)
-              else None, "generate": steps, "expectations": []}
+        bm = {
+            "schema": SCHEMA,
+            "config": manifest["config"]["name"],
+            "checkpoint": {"path": rel, "sha256": manifest["checkpoint"]["sha256"]},
+            "inputs": "inputs" + suffix,
+            "inputs_sha256": manifest["inputs"]["sha256"],
+            "conventions": manifest["conventions"],
+            "convention": convention if isinstance(convention, str) else None,
+            "generate": steps,
+            "expectations": [],
+        }
         changes, replacing = None, old is not None
         if old is not None and any(old.manifest.get(k) != bm[k] for k in ("inputs_sha256", "config", "conventions")):
-            changes = {"note": "the old bundle was recorded on other inputs, another model or other conventions: "
-                               "replaced whole"}
+            changes = {
+                "note": "the old bundle was recorded on other inputs, another model or other conventions: "
+                "replaced whole"
+            }
             old = None
         elif old is not None:
             changes = _changes(old, cap, gen, exp, inputs)
@@ -241,21 +311,30 @@ def _changes(old: Bundle, cap: str, gen: str | None, exp: Expectation, inputs: s
     every point whose values moved (with its max abs / max rel), the rows whose tokens changed."""
     prev, note = old.closest(exp.device_class, exp.profile)
     c = compare_captures(old.file(prev.capture), cap, inputs=inputs, allow_convention_mismatch=True)
-    moved = [{"point": r.point, "max_abs": r.stats.max_abs, "max_rel": r.stats.max_rel}
-             for r in c.records if r.stats is not None and r.stats.max_abs > 0]
-    out: dict[str, Any] = {"against": f"{prev.device_class}/{prev.profile}", "note": note,
-                           "manifest": c.differences, "points_changed": moved,
-                           "points_unchanged": sum(1 for r in c.records if r.stats is not None and not r.stats.max_abs)}
+    moved = [
+        {"point": r.point, "max_abs": r.stats.max_abs, "max_rel": r.stats.max_rel}
+        for r in c.records
+        if r.stats is not None and r.stats.max_abs > 0
+    ]
+    out: dict[str, Any] = {
+        "against": f"{prev.device_class}/{prev.profile}",
+        "note": note,
+        "manifest": c.differences,
+        "points_changed": moved,
+        "points_unchanged": sum(1 for r in c.records if r.stats is not None and not r.stats.max_abs),
+    }
     if gen and prev.generation:
         from parity.run import read_capture
+
         ta, _ = read_capture(old.file(prev.generation))
         tb, _ = read_capture(gen)
         if ta["tokens"].shape == tb["tokens"].shape:
             out["tokens_changed_rows"] = [int(r) for r in np.flatnonzero((ta["tokens"] != tb["tokens"]).any(1))]
         else:
             out["tokens_changed_rows"] = f"steps {ta['tokens'].shape[1]} -> {tb['tokens'].shape[1]}"
-        out["step_logits_max_abs_change"] = (float(np.abs(ta["logits"] - tb["logits"]).max())
-                                             if ta["logits"].shape == tb["logits"].shape else None)
+        out["step_logits_max_abs_change"] = (
+            float(np.abs(ta["logits"] - tb["logits"]).max()) if ta["logits"].shape == tb["logits"].shape else None
+        )
     return out
 
 
@@ -283,15 +362,30 @@ class GoldenCheck:
         return self.capture.first_divergence or (self.generation.first_divergence if self.generation else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": CHECK_SCHEMA, "passed": bool(self), "first_divergence": self.first_divergence,
-                "bundle": self.bundle, "expectation": dataclasses.asdict(self.expectation),
-                "checkpoint": self.checkpoint, "notes": list(self.notes), "capture": self.capture.to_dict(),
-                "generation": self.generation.to_dict() if self.generation else None}
+        return {
+            "schema": CHECK_SCHEMA,
+            "passed": bool(self),
+            "first_divergence": self.first_divergence,
+            "bundle": self.bundle,
+            "expectation": dataclasses.asdict(self.expectation),
+            "checkpoint": self.checkpoint,
+            "notes": list(self.notes),
+            "capture": self.capture.to_dict(),
+            "generation": self.generation.to_dict() if self.generation else None,
+        }
 
 
-def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profile: str | None = None,
-          policy: str | None = None, dtype: str = "float32", device: str = "cpu", precision: str = "highest",
-          progress: Callable[[str], None] | None = None) -> GoldenCheck:
+def check(
+    bundle: str,
+    impl: str = "torch",
+    checkpoint: str | None = None,
+    profile: str | None = None,
+    policy: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    precision: str = "highest",
+    progress: Callable[[str], None] | None = None,
+) -> GoldenCheck:
     """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
     and compare it with the closest expectation (see the module docstring)."""
     from parity.run import conventions, file_sha256, impl_api, read_capture
@@ -305,13 +399,25 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
     if checkpoint is None:
         ckpt = b.checkpoint
         if not os.path.exists(ckpt):
-            raise CheckpointError(describe(ckpt, what=f"the bundle's checkpoint ({b.manifest['checkpoint']['path']} "
-                                                      f"relative to the bundle) is missing; pass --checkpoint"))
+            raise CheckpointError(
+                describe(
+                    ckpt,
+                    what=f"the bundle's checkpoint ({b.manifest['checkpoint']['path']} "
+                    f"relative to the bundle) is missing; pass --checkpoint",
+                )
+            )
         found = file_sha256(ckpt)
         if found != b.manifest["checkpoint"]["sha256"]:
-            raise CheckpointError(describe(ckpt, "sha256", b.manifest["checkpoint"]["sha256"], found,
-                                           "not the checkpoint this bundle was recorded from; pass --checkpoint "
-                                           "to check another one against it"))
+            raise CheckpointError(
+                describe(
+                    ckpt,
+                    "sha256",
+                    b.manifest["checkpoint"]["sha256"],
+                    found,
+                    "not the checkpoint this bundle was recorded from; pass --checkpoint "
+                    "to check another one against it",
+                )
+            )
         ck = {"path": ckpt, "sha256_verified": True}
     else:
         ckpt, ck = checkpoint, {"path": os.path.abspath(checkpoint), "sha256_verified": False}
@@ -320,10 +426,21 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
     if exp.generation:
         forced = read_capture(b.file(exp.generation))[0]["tokens"]
     with tempfile.TemporaryDirectory(prefix="parity-golden-check-") as scratch:
-        cap, gen, _ = run_expectation(ckpt, b.inputs, impl, conv, scratch, "run", dtype=dtype, device=device,
-                                      precision=precision, config=None,
-                                      steps=forced.shape[1] if forced is not None else None, forced_tokens=forced,
-                                      progress=progress)
+        cap, gen, _ = run_expectation(
+            ckpt,
+            b.inputs,
+            impl,
+            conv,
+            scratch,
+            "run",
+            dtype=dtype,
+            device=device,
+            precision=precision,
+            config=None,
+            steps=forced.shape[1] if forced is not None else None,
+            forced_tokens=forced,
+            progress=progress,
+        )
         if progress:
             progress("comparing")
         held, held_manifest = capture_header(b.file(exp.capture))
@@ -332,23 +449,38 @@ def check(bundle: str, impl: str = "torch", checkpoint: str | None = None, profi
         full = pts.forward_points(PaliGemmaConfig.from_dict(held_manifest["config"]))
         short = [p for p in full if p not in held]
         if short and exp.impl not in PARTIAL_REFERENCES:
-            raise InputsError(describe(b.file(exp.capture), short[0], f"all {len(full)} capture points of a "
-                                       f"{exp.impl} expectation", f"{len(full) - len(short)} ({len(short)} absent)"))
+            raise InputsError(
+                describe(
+                    b.file(exp.capture),
+                    short[0],
+                    f"all {len(full)} capture points of a {exp.impl} expectation",
+                    f"{len(full) - len(short)} ({len(short)} absent)",
+                )
+            )
         partial = held if short else None
         if partial:  # an outside reference that exposes some points only (keras-hub): those are compared
-            notes.append(f"the expectation holds {len(partial)} of the {len(full)} "
-                         f"capture points ({exp.impl} exposes no others); those are compared")
-        c = compare_captures(b.file(exp.capture), cap, inputs=b.inputs, profile=profile, policy=policy,
-                             points=partial)
-        c = dataclasses.replace(c, sides={"A": {**c.sides["A"], "spec": f"golden {b.path} ({exp.device_class}/"
-                                                f"{exp.profile}, {exp.impl})"},
-                                          "B": {**c.sides["B"], "spec": f"{impl} {device} {dtype}", "kind": "run"}})
+            notes.append(
+                f"the expectation holds {len(partial)} of the {len(full)} "
+                f"capture points ({exp.impl} exposes no others); those are compared"
+            )
+        c = compare_captures(b.file(exp.capture), cap, inputs=b.inputs, profile=profile, policy=policy, points=partial)
+        c = dataclasses.replace(
+            c,
+            sides={
+                "A": {**c.sides["A"], "spec": f"golden {b.path} ({exp.device_class}/{exp.profile}, {exp.impl})"},
+                "B": {**c.sides["B"], "spec": f"{impl} {device} {dtype}", "kind": "run"},
+            },
+        )
         g = None
         if gen:
-            g = compare_generation_files(b.file(exp.generation), gen, None, True, profile, policy,
-                                         inputs=b.inputs)
-            g = dataclasses.replace(g, sides={"A": {**g.sides["A"], "spec": c.sides["A"]["spec"]},
-                                              "B": {**g.sides["B"], "spec": c.sides["B"]["spec"], "kind": "run"}})
+            g = compare_generation_files(b.file(exp.generation), gen, None, True, profile, policy, inputs=b.inputs)
+            g = dataclasses.replace(
+                g,
+                sides={
+                    "A": {**g.sides["A"], "spec": c.sides["A"]["spec"]},
+                    "B": {**g.sides["B"], "spec": c.sides["B"]["spec"], "kind": "run"},
+                },
+            )
     return GoldenCheck(b.path, exp, ck, tuple(notes), c, g)
 
 
@@ -359,41 +491,53 @@ def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
     """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
     from converters import safetensors_io
     from parity.run import CAPTURE_DTYPES, capture_manifest
+
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
         return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
 
 
 def _conventions(d: dict[str, Any]):
     from parity.conventions import Conventions
+
     return Conventions.from_dict(d)
 
 
 def render(r: GoldenCheck, console=None) -> None:
+    import sys
+
     from rich.console import Console
 
     from parity.compare import generation, report
-    import sys
+
     con = console or Console(width=None if sys.stdout.isatty() else 150)
     e = r.expectation
-    con.print(f"[bold]golden[/bold] {r.bundle}: expectation {e.device_class}/{e.profile} recorded from {e.impl} "
-              f"({e.recorded}); checkpoint {r.checkpoint['path']}"
-              + (" (sha256 verified)" if r.checkpoint["sha256_verified"] else " (given, not verified)"))
+    con.print(
+        f"[bold]golden[/bold] {r.bundle}: expectation {e.device_class}/{e.profile} recorded from {e.impl} "
+        f"({e.recorded}); checkpoint {r.checkpoint['path']}"
+        + (" (sha256 verified)" if r.checkpoint["sha256_verified"] else " (given, not verified)")
+    )
     for n in r.notes:
         con.print(f"note: {n}")
     report.render(r.capture, con)
     if r.generation is not None:
         generation.render(r.generation, con)
-    con.print("[green]matches the golden bundle[/green]" if r else
-              f"[bold red]golden check failed[/bold red]: first divergence {r.first_divergence}")
+    con.print(
+        "[green]matches the golden bundle[/green]"
+        if r
+        else f"[bold red]golden check failed[/bold red]: first divergence {r.first_divergence}"
+    )
 
 
 def render_record(rep: dict[str, Any], console=None) -> None:
     from rich.console import Console
+
     con = console or Console()
     e = rep["expectation"]
-    con.print(f"recorded {e['device_class']}/{e['profile']} from {e['impl']} into {rep['bundle']} "
-              f"(checkpoint {rep['manifest']['checkpoint']['path']}, {len(rep['manifest']['expectations'])} "
-              f"expectation(s))")
+    con.print(
+        f"recorded {e['device_class']}/{e['profile']} from {e['impl']} into {rep['bundle']} "
+        f"(checkpoint {rep['manifest']['checkpoint']['path']}, {len(rep['manifest']['expectations'])} "
+        f"expectation(s))"
+    )
     ch = rep.get("changes")
     if ch is None:
         return
@@ -407,5 +551,7 @@ def render_record(rep: dict[str, Any], console=None) -> None:
         con.print(f"  {p['point']}: max abs {p['max_abs']:.3g}, max rel {p['max_rel']:.3g}")
     con.print(f"  {ch['points_unchanged']} points unchanged (bit-identical)")
     if "tokens_changed_rows" in ch:
-        con.print(f"  generated tokens changed in rows: {ch['tokens_changed_rows'] or 'none'}; step logits max abs "
-                  f"change {ch['step_logits_max_abs_change']}")
+        con.print(
+            f"  generated tokens changed in rows: {ch['tokens_changed_rows'] or 'none'}; step logits max abs "
+            f"change {ch['step_logits_max_abs_change']}"
+        )

@@ -9,6 +9,7 @@ transformers is imported inside the functions: nothing here is loaded unless thi
 Logits: transformers scores the padded vocabulary (config.hf_vocab_rows). `forward` returns the real rows, and
 `side_notes` says whether the argmax at any real position ever fell in the padding rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,11 @@ from parity.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
-_RENAMES = (("vision_tower.vision_model.", "model.vision_tower."),
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-            ("language_model.model.", "model.language_model."))
+_RENAMES = (
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+)
 
 
 @dataclasses.dataclass
@@ -58,24 +61,34 @@ def hf_module(cfg: PaliGemmaConfig, params: dict[str, np.ndarray]):
     for key, x in spec.to_hf(cfg, params).items():
         for old, new in _RENAMES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
         state[key] = to_torch(x).to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or not set(missing) <= {"lm_head.weight"}:
-        raise AssertionError(f"spec.to_hf does not cover transformers' PaliGemma: missing {missing}, "
-                             f"unexpected {unexpected}")
+        raise AssertionError(
+            f"spec.to_hf does not cover transformers' PaliGemma: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     return model
 
 
-def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
-                params: dict[str, np.ndarray] | None = None, precision: str = "highest", **impl_kw) -> HFModel:
+def build_model(
+    config: PaliGemmaConfig,
+    conventions: Conventions,
+    dtype: str = "float32",
+    device: str = "cpu",
+    params: dict[str, np.ndarray] | None = None,
+    precision: str = "highest",
+    **impl_kw,
+) -> HFModel:
     """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes."""
     import torch
 
     if conventions != PRESETS["transformers"]:
-        raise ConfigError(f"the transformers side runs under the 'transformers' convention only, got "
-                          f"{conventions.to_dict()}; pass --convention transformers")
+        raise ConfigError(
+            f"the transformers side runs under the 'transformers' convention only, got "
+            f"{conventions.to_dict()}; pass --convention transformers"
+        )
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if impl_kw:
@@ -97,10 +110,12 @@ def hf_batch(cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], device: str = 
     ids = np.concatenate([np.full((b, t), cfg.image_token_id), inputs["text"]], axis=1)
     mask = np.concatenate([np.ones((b, t)), inputs.get("mask_input", np.ones_like(inputs["text"]))], axis=1)
     ttype = np.concatenate([np.zeros((b, t)), inputs["mask_ar"]], axis=1)
-    return dict(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
-                pixel_values=torch.as_tensor(inputs["image"], device=device).permute(0, 3, 1, 2).contiguous(),
-                attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
-                token_type_ids=torch.as_tensor(ttype, dtype=torch.long, device=device))
+    return dict(
+        input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+        pixel_values=torch.as_tensor(inputs["image"], device=device).permute(0, 3, 1, 2).contiguous(),
+        attention_mask=torch.as_tensor(mask, dtype=torch.long, device=device),
+        token_type_ids=torch.as_tensor(ttype, dtype=torch.long, device=device),
+    )
 
 
 def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
@@ -110,6 +125,7 @@ def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
     def record(mod, name, fn=lambda o: o):
         def hook(_m, _args, output):
             out[name] = fn(output[0] if isinstance(output, tuple) else output)
+
         hooks.append(mod.register_forward_hook(hook))
 
     vt, lm = module.model.vision_tower, module.model.language_model
@@ -120,8 +136,11 @@ def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
         record(layer, points.img_block_out(i))
     record(vt.post_layernorm, points.IMG_FINAL_NORM)
     record(module.model.multi_modal_projector, points.PROJECTOR)
-    hooks.append(lm.register_forward_pre_hook(
-        lambda _m, _a, kw: out.__setitem__(points.LLM_INPUT, kw["inputs_embeds"]), with_kwargs=True))
+    hooks.append(
+        lm.register_forward_pre_hook(
+            lambda _m, _a, kw: out.__setitem__(points.LLM_INPUT, kw["inputs_embeds"]), with_kwargs=True
+        )
+    )
     for i, layer in enumerate(lm.layers):
         record(layer.post_attention_layernorm if cfg.text.gemma2 else layer.self_attn, points.llm_block_attn(i))
         record(layer.post_feedforward_layernorm if cfg.text.gemma2 else layer.mlp, points.llm_block_mlp(i))
@@ -130,8 +149,9 @@ def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
     return hooks
 
 
-def forward(model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[str] | None = None
-            ) -> dict[str, np.ndarray]:
+def forward(
+    model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """The wanted points (None = logits only) that have a counterpart in transformers, as float32 numpy; logits
     restricted to the real vocabulary rows. Notes the padding-row argmax check in `model.notes`."""
     import torch
@@ -151,12 +171,15 @@ def forward(model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[s
         for h in hooks:
             h.remove()
     out[points.LOGITS] = padded[..., : cfg.text.vocab_size]
-    valid = np.concatenate([np.ones((padded.shape[0], cfg.num_image_tokens), bool),
-                            inputs["mask_input"].astype(bool)], axis=1)
+    valid = np.concatenate(
+        [np.ones((padded.shape[0], cfg.num_image_tokens), bool), inputs["mask_input"].astype(bool)], axis=1
+    )
     in_padding = (padded.argmax(-1).cpu().numpy() >= cfg.text.vocab_size) & valid
     model.notes["vocab_padding"] = {
-        "rows": int(padded.shape[-1] - cfg.text.vocab_size), "positions": int(valid.sum()),
-        "argmax_in_padding": int(in_padding.sum())}
+        "rows": int(padded.shape[-1] - cfg.text.vocab_size),
+        "positions": int(valid.sum()),
+        "argmax_in_padding": int(in_padding.sum()),
+    }
     return {k: out[k].detach().float().cpu().numpy() for k in wanted if k in out}
 
 
@@ -168,6 +191,7 @@ def side_notes(model: HFModel) -> dict:
 def resolve_device(device: str) -> str:
     """transformers runs on torch: torch's device rules (parity.torch_impl.api.resolve_device where present)."""
     from parity.torch_impl import api as torch_api
+
     return torch_api.resolve_device(device) if hasattr(torch_api, "resolve_device") else device
 
 
@@ -175,16 +199,28 @@ def device_description(device: str) -> str:
     import platform
 
     from parity.torch_impl import api as torch_api
+
     if hasattr(torch_api, "device_description"):
         return torch_api.device_description(device)
     return f"{device} ({platform.processor() or platform.machine()})"
 
 
-def generate(model: HFModel, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None, ignore_eos: bool = False,
-             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
+def generate(
+    model: HFModel,
+    inputs: dict[str, np.ndarray],
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int = 1,
+    return_logits: bool = False,
+    capture: list[str] | None = None,
+    compile: str | None = None,
+    ignore_eos: bool = False,
+    forced_tokens: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Greedy decoding as transformers defines it, row by row (batch 1, no padding, so transformers' own positions
     and masks apply): step t is the last-position logits of a full forward of the row's real prompt plus the tokens
     fed so far (its own picks, or `forced_tokens`); generated tokens are suffix (token_type 1, causal). Cache points
@@ -198,8 +234,9 @@ def generate(model: HFModel, inputs: dict[str, np.ndarray], max_new_tokens: int,
     from parity.inputs import validate_inputs
 
     if not greedy:
-        raise ConfigError("the transformers side decodes greedily only (sampled streams differ between "
-                          "implementations anyway)")
+        raise ConfigError(
+            "the transformers side decodes greedily only (sampled streams differ between implementations anyway)"
+        )
     cfg = model.config
     inputs = validate_inputs(inputs, cfg, "inputs")
     capture = list(capture or ())
@@ -216,22 +253,27 @@ def generate(model: HFModel, inputs: dict[str, np.ndarray], max_new_tokens: int,
     steps = max_new_tokens
     for row in range(b):
         n_real = int(inputs["mask_input"][row].sum())
-        one = {"image": inputs["image"][row:row + 1], "text": inputs["text"][row:row + 1, :n_real],
-               "mask_ar": inputs["mask_ar"][row:row + 1, :n_real]}
+        one = {
+            "image": inputs["image"][row : row + 1],
+            "text": inputs["text"][row : row + 1, :n_real],
+            "mask_ar": inputs["mask_ar"][row : row + 1, :n_real],
+        }
         one["mask_input"] = np.ones_like(one["text"])
         fed: list[int] = []
         for t in range(max_new_tokens):
             batch = hf_batch(cfg, one, device)
             extra = torch.as_tensor([fed], dtype=torch.long, device=device).reshape(1, -1)
-            batch = {"input_ids": torch.cat([batch["input_ids"], extra], 1), "pixel_values": batch["pixel_values"],
-                     "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1),
-                     "token_type_ids": torch.cat([batch["token_type_ids"], torch.ones_like(extra)], 1)}
+            batch = {
+                "input_ids": torch.cat([batch["input_ids"], extra], 1),
+                "pixel_values": batch["pixel_values"],
+                "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1),
+                "token_type_ids": torch.cat([batch["token_type_ids"], torch.ones_like(extra)], 1),
+            }
             last = t == max_new_tokens - 1
             cache = transformers.DynamicCache() if last and capture else None
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # past_key_values renamed in later releases
-                out = model.module(**batch, use_cache=cache is not None, past_key_values=cache,
-                                   logits_to_keep=1)
+                out = model.module(**batch, use_cache=cache is not None, past_key_values=cache, logits_to_keep=1)
             step = out.logits[0, -1, : cfg.text.vocab_size].float().cpu().numpy()
             logits[row, t] = step
             tokens[row, t] = int(step.argmax())
@@ -239,12 +281,14 @@ def generate(model: HFModel, inputs: dict[str, np.ndarray], max_new_tokens: int,
             if cache is not None:
                 prompt = t_img + n_real
                 for i in range(t_cfg.depth):
-                    for name, kv in ((points.llm_k_cache(i), cache.layers[i].keys),
-                                     (points.llm_v_cache(i), cache.layers[i].values)):
+                    for name, kv in (
+                        (points.llm_k_cache(i), cache.layers[i].keys),
+                        (points.llm_v_cache(i), cache.layers[i].values),
+                    ):
                         if name in caches:
                             x = kv[0].transpose(0, 1).float().cpu().numpy()  # [S_row, K, H]
                             caches[name][row, :prompt] = x[:prompt]
-                            caches[name][row, t_img + length:t_img + length + t] = x[prompt:]
+                            caches[name][row, t_img + length : t_img + length + t] = x[prompt:]
     if not ignore_eos:  # stop rows at eos as the implementations do: zeros after it, steps while any row runs
         done = np.zeros(b, bool)
         for t in range(max_new_tokens):

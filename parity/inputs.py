@@ -5,17 +5,19 @@
     mask_ar     int32[B, T]          0: prefix (full attention among c = 0 tokens); 1: suffix (starts a causal step)
     mask_input  int32[B, T]          optional; 1: token, 0: padding (only at the end of a row); default all ones
 
-(architecture.md §2.4.) A file is `.npz` (never unpickled; read by converters.npz_io) or `.safetensors`; the format is detected from the bytes,
-not the suffix. `validate_inputs` returns the arrays in exactly these dtypes, with mask_input filled in, or raises
-`InputsError` with one line naming the file, the key, and what was expected and found.
+(architecture.md §2.4.) A file is `.npz` (never unpickled; read by converters.npz_io) or `.safetensors`; the format
+is detected from the bytes, not the suffix. `validate_inputs` returns the arrays in exactly these dtypes, with
+mask_input filled in, or raises `InputsError` with one line naming the file, the key, and what was expected and found.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +41,9 @@ _INT32 = np.iinfo(np.int32)
 
 
 # -- reading and writing ------------------------------------------------------------------------------------------
-def load_inputs(path: str | os.PathLike, config: PaliGemmaConfig | None = None, *,
-                validate: bool = True) -> dict[str, np.ndarray]:
+def load_inputs(
+    path: str | os.PathLike, config: PaliGemmaConfig | None = None, *, validate: bool = True
+) -> dict[str, np.ndarray]:
     """Read an npz or safetensors inputs file; validated against `config` (see `validate_inputs`) unless told not.
 
     Both formats go through the checkpoint readers (converters.npz_io / safetensors_io): regular files only,
@@ -64,8 +67,14 @@ def load_inputs(path: str | os.PathLike, config: PaliGemmaConfig | None = None, 
         reader = _open(lambda: SafetensorsReader([os.fspath(path)], allowed=dtypes.ST_ALL_DTYPES))
         shapes = {k: t.shape for k, t in reader.tensors.items()}
     else:
-        raise InputsError(describe(path, expected="an npz (zip) or safetensors file", found=f"first bytes {head!r}",
-                                   what="unknown inputs format"))
+        raise InputsError(
+            describe(
+                path,
+                expected="an npz (zip) or safetensors file",
+                found=f"first bytes {head!r}",
+                what="unknown inputs format",
+            )
+        )
     with reader:
         if validate:
             _check_before_reading(shapes, config, path)
@@ -85,15 +94,22 @@ def _check_before_reading(shapes: Mapping[str, tuple[int, ...]], config: PaliGem
     """What the header alone can refuse: unknown keys, and an image whose shape differs from the config's."""
     extra = [k for k in shapes if k not in KEYS]
     if extra:
-        raise InputsError(describe(path, extra[0], f"only keys {', '.join(KEYS)}", f"keys {', '.join(shapes)}",
-                                   "unexpected key"))
+        raise InputsError(
+            describe(path, extra[0], f"only keys {', '.join(KEYS)}", f"keys {', '.join(shapes)}", "unexpected key")
+        )
     img = shapes.get("image")
     if config is not None and img is not None:
         s = config.vision.image_size
         if len(img) != 4 or tuple(img[1:]) != (s, s, 3):
-            raise InputsError(describe(path, "image", f"float32[B, {s}, {s}, 3] in [-1, 1]",
-                                       f"shape [{', '.join(map(str, img))}]",
-                                       f"image shape differs from config {config.name}"))
+            raise InputsError(
+                describe(
+                    path,
+                    "image",
+                    f"float32[B, {s}, {s}, 3] in [-1, 1]",
+                    f"shape [{', '.join(map(str, img))}]",
+                    f"image shape differs from config {config.name}",
+                )
+            )
 
 
 def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite: bool = True) -> Path:
@@ -105,8 +121,14 @@ def save_inputs(path: str | os.PathLike, inputs: Mapping[str, Any], *, overwrite
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
-        raise OutputError(describe(path, expected=" or ".join(SUFFIXES), found=repr(path.suffix) or "no suffix",
-                                   what="unknown inputs format"))
+        raise OutputError(
+            describe(
+                path,
+                expected=" or ".join(SUFFIXES),
+                found=repr(path.suffix) or "no suffix",
+                what="unknown inputs format",
+            )
+        )
     if path.exists() and not overwrite:
         raise OutputError(describe(path, what="exists; pass overwrite to replace it"))
     arrays = validate_inputs(inputs, path=path)
@@ -145,21 +167,27 @@ def inputs_sha256(inputs: Mapping[str, Any]) -> str:
 
 
 # -- validation -------------------------------------------------------------------------------------------------
-def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig | None = None,
-                    path: str | os.PathLike = "<inputs>") -> dict[str, np.ndarray]:
+def validate_inputs(
+    inputs: Mapping[str, Any], config: PaliGemmaConfig | None = None, path: str | os.PathLike = "<inputs>"
+) -> dict[str, np.ndarray]:
     """Check keys, shapes, dtypes and values; return {image: float32, text/mask_ar/mask_input: int32}.
 
     Integer dtypes (and bool masks) are accepted when the values fit int32; float16/bfloat16 images always, float64
     images when every value is exactly a float32 (anything else would silently change pixels). With a config, the
     image size and the token range [0, vocab_size) are checked too.
     """
+
     def fail(key, expected, found, what=""):
         raise InputsError(describe(path, key, expected, found, what))
 
     missing = [k for k in REQUIRED_KEYS if k not in inputs]
     if missing:
-        fail(missing[0], f"keys {', '.join(REQUIRED_KEYS)} (+ optional {', '.join(OPTIONAL_KEYS)})",
-             f"keys {', '.join(map(str, inputs)) or 'none'}", "missing key")
+        fail(
+            missing[0],
+            f"keys {', '.join(REQUIRED_KEYS)} (+ optional {', '.join(OPTIONAL_KEYS)})",
+            f"keys {', '.join(map(str, inputs)) or 'none'}",
+            "missing key",
+        )
     extra = [k for k in inputs if k not in KEYS]
     if extra:
         fail(extra[0], f"only keys {', '.join(KEYS)}", f"keys {', '.join(map(str, inputs))}", "unexpected key")
@@ -170,8 +198,12 @@ def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig | None = 
     if b == 0 or t == 0:
         fail("text", "int32[B, T] with B >= 1 and T >= 1", _sig(text), "empty batch or empty rows")
     if image.shape[0] != b:
-        fail("image", f"batch size {b} (from 'text')", f"batch size {image.shape[0]} ({_sig(image)})",
-             "batch sizes disagree")
+        fail(
+            "image",
+            f"batch size {b} (from 'text')",
+            f"batch size {image.shape[0]} ({_sig(image)})",
+            "batch sizes disagree",
+        )
     masks = {}
     for key in ("mask_ar", "mask_input"):
         if key not in inputs:
@@ -196,8 +228,12 @@ def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig | None = 
             fail("mask_input", "at least one token (1) per row", f"row {i} all padding", "a row with no tokens")
         if not row[:n].all():
             j = int(np.argmin(row))  # first padding position, followed by a token
-            fail("mask_input", "1...1 then 0...0 (right padding)",
-                 f"row {i}: padding at {j}, token at {j + int(np.argmax(row[j:]))}", "padding not only at the end")
+            fail(
+                "mask_input",
+                "1...1 then 0...0 (right padding)",
+                f"row {i}: padding at {j}, token at {j + int(np.argmax(row[j:]))}",
+                "padding not only at the end",
+            )
         if text[i, 0] != BOS_ID:
             fail("text", f"first token <bos> = {BOS_ID}", f"{text[i, 0]} in row {i}", "row does not start with <bos>")
 
@@ -210,8 +246,12 @@ def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig | None = 
         bad = np.argwhere(text >= v)
         if bad.size:
             i, j = bad[0]
-            fail("text", f"token ids < vocab_size {v} ({config.name})", f"{text[i, j]} at [{i}, {j}]",
-                 "token id out of range")
+            fail(
+                "text",
+                f"token ids < vocab_size {v} ({config.name})",
+                f"{text[i, j]} at [{i}, {j}]",
+                "token id out of range",
+            )
     return {"image": image, "text": text, "mask_ar": mask_ar, "mask_input": mask_input}
 
 
@@ -255,8 +295,12 @@ def _image(x: Any, config: PaliGemmaConfig | None, fail) -> np.ndarray:
     if a.size == 0:
         fail("image", expected, _sig(a), "empty image batch")
     if a.dtype.kind in "iub":
-        fail("image", expected, _sig(a),
-             "integer pixels; normalise to [-1, 1] first (x/127.5 - 1, parity.processor.load_image)")
+        fail(
+            "image",
+            expected,
+            _sig(a),
+            "integer pixels; normalise to [-1, 1] first (x/127.5 - 1, parity.processor.load_image)",
+        )
     if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
         fail("image", expected, _sig(a), "wrong dtype")
     img = np.ascontiguousarray(a, dtype=np.float32)
@@ -265,18 +309,30 @@ def _image(x: Any, config: PaliGemmaConfig | None, fail) -> np.ndarray:
             inexact = (img.astype(a.dtype) != a) & np.isfinite(a)
         if inexact.any():
             idx = tuple(int(i) for i in np.argwhere(inexact)[0])
-            fail("image", expected, f"{_sig(a)} with {a[idx]!r} at {list(idx)} (not a float32 value)",
-                 "wrong dtype; cast to float32 explicitly")
+            fail(
+                "image",
+                expected,
+                f"{_sig(a)} with {a[idx]!r} at {list(idx)} (not a float32 value)",
+                "wrong dtype; cast to float32 explicitly",
+            )
     if config is not None and img.shape[1:3] != (config.vision.image_size,) * 2:
         fail("image", expected, _sig(img), f"image size differs from config {config.name}")
     finite = np.isfinite(img)
     if not finite.all():
         idx = [int(i) for i in np.argwhere(~finite)[0]]
-        fail("image", expected, f"{img[tuple(idx)]} at {idx} ({int((~finite).sum())} non-finite values)",
-             "non-finite pixel")
+        fail(
+            "image",
+            expected,
+            f"{img[tuple(idx)]} at {idx} ({int((~finite).sum())} non-finite values)",
+            "non-finite pixel",
+        )
     lo, hi = float(img.min()), float(img.max())
     if lo < -1 - IMAGE_TOLERANCE or hi > 1 + IMAGE_TOLERANCE:
         hint = "; pixels in [0, 255]? use x/127.5 - 1" if hi > 2 and lo >= 0 else ""
-        fail("image", f"values in [-1, 1] (± {IMAGE_TOLERANCE:g})", f"min {lo:.6g}, max {hi:.6g}",
-             f"pixel values out of range{hint}")
+        fail(
+            "image",
+            f"values in [-1, 1] (± {IMAGE_TOLERANCE:g})",
+            f"min {lo:.6g}, max {hi:.6g}",
+            f"pixel values out of range{hint}",
+        )
     return img

@@ -9,11 +9,12 @@ worker stops at its next `tick` (implementations call it after every block and e
 A reporter installed with `reporting(...)` receives each count. Both are no-ops when nothing is installed, so the
 implementations stay usable (and fast) from plain Python.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 cancelled = threading.Event()
 _reporter: list[Callable[[str], None]] = []

@@ -8,6 +8,7 @@ same tensor in PyTorch and in JAX. Shapes (B batch, T image tokens, S = T + text
   LOGITS          float[B, S, V]
   llm/layerNN/k_cache, v_cache   float[B, S_cache, K, H]   (generation only)
 """
+
 from __future__ import annotations
 
 import difflib
@@ -74,14 +75,16 @@ def cache_points(config: PaliGemmaConfig) -> list[str]:
     return [p for i in range(config.text.depth) for p in (llm_k_cache(i), llm_v_cache(i))]
 
 
-def shapes(config: PaliGemmaConfig, batch: int | str = "B", text_len: int | str = "L",
-           new_tokens: int | str = "N") -> dict[str, tuple[int | str, ...]]:
+def shapes(
+    config: PaliGemmaConfig, batch: int | str = "B", text_len: int | str = "L", new_tokens: int | str = "N"
+) -> dict[str, tuple[int | str, ...]]:
     """Every point (forward points, then the generation-only cache points) with its shape; an axis is a number, or
     a letter/sum when not given (B batch, L text length, N new tokens)."""
     t, v, d = config.num_image_tokens, config.vision.width, config.text.width
     s = t + text_len if isinstance(text_len, int) else f"{t}+{text_len}"
-    cache = (t + text_len + new_tokens if isinstance(text_len, int) and isinstance(new_tokens, int)
-             else f"{s}+{new_tokens}")
+    cache = (
+        t + text_len + new_tokens if isinstance(text_len, int) and isinstance(new_tokens, int) else f"{s}+{new_tokens}"
+    )
     out: dict[str, tuple[int | str, ...]] = {}
     for name in forward_points(config):
         if name == LOGITS:
@@ -118,8 +121,10 @@ def select(points: list[str], patterns: str | list[str] | None) -> list[str]:
         return list(points)
     pats = [p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip()]
     if not pats:
-        raise ConfigError(f"--points {patterns!r} names no pattern (e.g. 'llm/layer0*/attn', 'img/*'; "
-                          f"`parity points CKPT` lists them)")
+        raise ConfigError(
+            f"--points {patterns!r} names no pattern (e.g. 'llm/layer0*/attn', 'img/*'; "
+            f"`parity points CKPT` lists them)"
+        )
     for g in pats:
         if not any(fnmatch.fnmatchcase(p, g) for p in points):
             near = suggest(g, points)

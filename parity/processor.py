@@ -11,11 +11,13 @@ they cannot (text that spells a special token such as `"<eos>"`, `"<image>"` or 
 Images are squashed to size×size with PIL (no aspect preservation, like big_vision and transformers) and mapped to
 [-1, 1] with exactly transformers' arithmetic (see `PIXEL_VALUES`).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +34,7 @@ RESAMPLE = ("bilinear", "bicubic")
 # Computing `x/127.5 - 1` (or `(x/255 - 0.5)/0.5`) wholly in float64 and casting at the end does NOT: it differs for
 # x = 64…191 (128 of 256 values), by up to 5.92e-8 (< 2^-24; up to 127 ulps of the small values near x = 127.5),
 # because it skips the float32 rounding of x/255 that every real pipeline performs.
-PIXEL_VALUES = (((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5))
-                / np.float32(0.5))
+PIXEL_VALUES = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
 PIXEL_VALUES.setflags(write=False)
 
 
@@ -61,8 +62,14 @@ def load_image(image: str | os.PathLike | np.ndarray | Any, size: int, resample:
     else:
         a = np.asarray(image)
         if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-            raise InputsError(describe(name, "image", "uint8[H, W], uint8[H, W, 3] or uint8[H, W, 4]",
-                                       f"{a.dtype}[{', '.join(map(str, a.shape))}]"))
+            raise InputsError(
+                describe(
+                    name,
+                    "image",
+                    "uint8[H, W], uint8[H, W, 3] or uint8[H, W, 4]",
+                    f"{a.dtype}[{', '.join(map(str, a.shape))}]",
+                )
+            )
         pil = Image.fromarray(a)
     pil = pil.convert("RGB")
     if pil.size != (size, size):
@@ -109,9 +116,16 @@ def tokenize(tokenizer: Tokenizer, prefix: str, suffix: str | None = None) -> tu
     return head + tail, [0] * len(head) + [1] * len(tail)
 
 
-def build_inputs(images: Sequence[Any], prefixes: Sequence[str] | str, suffixes: Sequence[str | None] | None = None,
-                 *, tokenizer: Tokenizer, config: PaliGemmaConfig, resample: str = "bilinear",
-                 text_len: int | None = None) -> dict[str, np.ndarray]:
+def build_inputs(
+    images: Sequence[Any],
+    prefixes: Sequence[str] | str,
+    suffixes: Sequence[str | None] | None = None,
+    *,
+    tokenizer: Tokenizer,
+    config: PaliGemmaConfig,
+    resample: str = "bilinear",
+    text_len: int | None = None,
+) -> dict[str, np.ndarray]:
     """One example per image → validated {image, text, mask_ar, mask_input} (see `parity.inputs`).
 
     `images` are anything `load_image` takes; a suffix of None (or `suffixes=None`) means no suffix and no <eos>
@@ -123,13 +137,26 @@ def build_inputs(images: Sequence[Any], prefixes: Sequence[str] | str, suffixes:
     if suffixes is None or isinstance(suffixes, str):
         suffixes = [suffixes] * len(prefixes)
     if not (len(images) == len(prefixes) == len(suffixes)):
-        raise InputsError(describe("<build_inputs>", "prefixes", "one image, prefix and suffix per example",
-                                   f"{len(images)} images, {len(prefixes)} prefixes, {len(suffixes)} suffixes"))
+        raise InputsError(
+            describe(
+                "<build_inputs>",
+                "prefixes",
+                "one image, prefix and suffix per example",
+                f"{len(images)} images, {len(prefixes)} prefixes, {len(suffixes)} suffixes",
+            )
+        )
     if not prefixes:
         raise InputsError(describe("<build_inputs>", "prefixes", "at least one example", "none"))
     if tokenizer.vocab_size > config.text.vocab_size:
-        raise InputsError(describe(tokenizer.path, "vocab_size", f"<= {config.text.vocab_size} ({config.name})",
-                                   tokenizer.vocab_size, "tokenizer larger than the model's vocabulary"))
+        raise InputsError(
+            describe(
+                tokenizer.path,
+                "vocab_size",
+                f"<= {config.text.vocab_size} ({config.name})",
+                tokenizer.vocab_size,
+                "tokenizer larger than the model's vocabulary",
+            )
+        )
     rows = [tokenize(tokenizer, p, s) for p, s in zip(prefixes, suffixes)]
     longest = max(len(t) for t, _ in rows)
     t_len = longest if text_len is None else text_len
@@ -140,16 +167,17 @@ def build_inputs(images: Sequence[Any], prefixes: Sequence[str] | str, suffixes:
     mask_ar = np.ones((b, t_len), np.int32)
     mask_input = np.zeros((b, t_len), np.int32)
     for i, (tokens, ar) in enumerate(rows):
-        text[i, :len(tokens)], mask_ar[i, :len(ar)], mask_input[i, :len(tokens)] = tokens, ar, 1
+        text[i, : len(tokens)], mask_ar[i, : len(ar)], mask_input[i, : len(tokens)] = tokens, ar, 1
     size = config.vision.image_size
     image = np.stack([load_image(im, size, resample) for im in images])
-    return validate_inputs(dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input), config,
-                           path="<build_inputs>")
+    return validate_inputs(
+        dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input), config, path="<build_inputs>"
+    )
 
 
 def decode_tokens(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray) -> str:
     """Text of generated ids, cut before the first <eos> (big_vision `to_str`); pad/bos decode to nothing."""
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if EOS_ID in ids:
-        ids = ids[:ids.index(EOS_ID)]
+        ids = ids[: ids.index(EOS_ID)]
     return tokenizer.decode(ids)

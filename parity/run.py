@@ -5,6 +5,7 @@ The implementation is chosen by name (`impl`); only the chosen framework is impo
 warnings and model building go through its api module (parity.torch_impl.api, parity.jax_impl.api).
 Every option is checked before the checkpoint is read, so a typo costs nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,8 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +33,12 @@ from parity.conventions import Conventions, get_conventions, with_settings
 from parity.errors import CheckpointError, ConfigError, OutputError, UsageError, describe
 from parity.inputs import inputs_sha256, load_inputs
 
-IMPLS = {"torch": "parity.torch_impl.api", "jax": "parity.jax_impl.api",
-         "transformers": "parity.hf_side"}  # transformers: an optional outside side
-LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers",
-             "safetensors")
+IMPLS = {
+    "torch": "parity.torch_impl.api",
+    "jax": "parity.jax_impl.api",
+    "transformers": "parity.hf_side",
+}  # transformers: an optional outside side
+LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers", "safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_SUFFIX = ".safetensors"
 
@@ -46,8 +50,11 @@ Progress = Callable[[str, float | None, float | None], None]
 def file_sha256(path: str) -> str:
     """sha256 of a file, or of a directory's files (sorted names and contents)."""
     h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else [
-        os.path.join(d, f) for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
+    paths = (
+        [path]
+        if os.path.isfile(path)
+        else [os.path.join(d, f) for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
+    )
     for p in paths:
         if os.path.isdir(path):
             h.update(os.path.relpath(p, path).encode() + b"\0")
@@ -97,8 +104,9 @@ def check_dtypes(dtype: str, compute_dtype: str | None) -> str:
 MAX_SEED = 2**63 - 1
 
 
-def check_sampling(greedy: bool, temperature: float | None, top_k: int | None, top_p: float | None,
-                   seed: int = 0) -> None:
+def check_sampling(
+    greedy: bool, temperature: float | None, top_k: int | None, top_p: float | None, seed: int = 0
+) -> None:
     """Refuse values that cannot mean anything, and greedy decoding combined with sampling options."""
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
@@ -108,8 +116,7 @@ def check_sampling(greedy: bool, temperature: float | None, top_k: int | None, t
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
-    given = [f for f, v in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p))
-             if v is not None]
+    given = [f for f, v in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p)) if v is not None]
     if greedy and given:
         raise UsageError(f"--greedy contradicts {', '.join(given)} (sampling options); drop them or pass --sample")
 
@@ -118,9 +125,14 @@ def check_output(output: str, overwrite: bool) -> str:
     """Absolute path of a safetensors output that may be written (refused before any work)."""
     output = os.path.abspath(output)
     if not output.endswith(OUTPUT_SUFFIX):
-        raise OutputError(describe(output, expected=f"a {OUTPUT_SUFFIX} name",
-                                   found=repr(os.path.splitext(output)[1] or "no suffix"),
-                                   what="outputs are safetensors files (manifest in the header)"))
+        raise OutputError(
+            describe(
+                output,
+                expected=f"a {OUTPUT_SUFFIX} name",
+                found=repr(os.path.splitext(output)[1] or "no suffix"),
+                what="outputs are safetensors files (manifest in the header)",
+            )
+        )
     if os.path.lexists(output) and not overwrite:
         raise OutputError(describe(output, what="output exists; pass --overwrite to replace it"))
     if not os.path.isdir(os.path.dirname(output)):
@@ -139,7 +151,7 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
     def work():
         try:
             box["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:
             box["error"] = e
 
     worker = threading.Thread(target=work, name="parity-run", daemon=True)
@@ -159,15 +171,32 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
 def _jax_manifest(model) -> dict[str, Any]:
     """What a jax run adds to the manifest: backend, device kind, mesh, the persistent compilation cache (if any)."""
     import jax
-    return {"backend": model.backend, "device_kind": model.device_kind, "mesh": model.mesh_spec,
-            "compile_cache": jax.config.jax_compilation_cache_dir or None}
+
+    return {
+        "backend": model.backend,
+        "device_kind": model.device_kind,
+        "mesh": model.mesh_spec,
+        "compile_cache": jax.config.jax_compilation_cache_dir or None,
+    }
 
 
-def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Conventions, dtype: str, device: str,
-            config: PaliGemmaConfig | str | None = None, *, settings: list[str] | tuple[str, ...] = (),
-            compute_dtype: str | None = None, progress: Progress | None = None,
-            warn: Callable[[str], None] | None = None, check: Callable[[PaliGemmaConfig], Any] | None = None,
-            precision: str = "highest", mesh: str | None = None):
+def prepare(
+    ckpt: str,
+    inputs_path: str,
+    impl: str,
+    convention: str | Conventions,
+    dtype: str,
+    device: str,
+    config: PaliGemmaConfig | str | None = None,
+    *,
+    settings: list[str] | tuple[str, ...] = (),
+    compute_dtype: str | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+    check: Callable[[PaliGemmaConfig], Any] | None = None,
+    precision: str = "highest",
+    mesh: str | None = None,
+):
     """Check the options, load checkpoint and inputs (validated against the config) and build the model.
     `check(config)` runs before any tensor is read (e.g. to validate capture points).
     Returns (api, model, config, inputs, manifest)."""
@@ -187,6 +216,7 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
         monitor.check()
         if progress:
             progress("loading", done, total)
+
     with open_checkpoint(ckpt, config) as ck:
         cfg = ck.config
         inputs = load_inputs(inputs_path, cfg)
@@ -197,19 +227,29 @@ def prepare(ckpt: str, inputs_path: str, impl: str, convention: str | Convention
         params = ck.load(FLOAT_DTYPES[dtype] if compute != dtype else None, on_chunk)
     if progress:
         progress("building", None, None)
-    model = api.build_model(cfg, conv, dtype=compute, device=device, params=params, precision=precision,
-                            **({"mesh": mesh} if mesh else {}))
+    model = api.build_model(
+        cfg, conv, dtype=compute, device=device, params=params, precision=precision, **({"mesh": mesh} if mesh else {})
+    )
     del params
     if progress:
         progress("hashing", None, None)
     manifest = {
-        "config": cfg.to_dict(), "conventions": conv.to_dict(), "impl": impl, "dtype": dtype,
-        "compute_dtype": compute, "device": api.device_description(device), "precision": precision,
-        **(_jax_manifest(model) if impl == "jax" else {}), "libraries": library_versions(),
+        "config": cfg.to_dict(),
+        "conventions": conv.to_dict(),
+        "impl": impl,
+        "dtype": dtype,
+        "compute_dtype": compute,
+        "device": api.device_description(device),
+        "precision": precision,
+        **(_jax_manifest(model) if impl == "jax" else {}),
+        "libraries": library_versions(),
         "checkpoint": {"path": os.path.abspath(ckpt), "sha256": file_sha256(ckpt)},
-        "inputs": {"path": os.path.abspath(inputs_path), "sha256": inputs_sha256(inputs),
-                   "file_sha256": file_sha256(inputs_path),
-                   "shapes": {k: list(v.shape) for k, v in inputs.items()}},
+        "inputs": {
+            "path": os.path.abspath(inputs_path),
+            "sha256": inputs_sha256(inputs),
+            "file_sha256": file_sha256(inputs_path),
+            "shapes": {k: list(v.shape) for k, v in inputs.items()},
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_seconds": round(time.perf_counter() - t0, 3),
     }
@@ -231,6 +271,7 @@ def _counting(cfg: PaliGemmaConfig, progress: Progress | None, decode_total: int
         elif unit == "block" and state["tokens"] == 0 and state["blocks"] < blocks:
             state["blocks"] += 1
             progress("forward", state["blocks"], blocks)
+
     return report
 
 
@@ -240,28 +281,57 @@ def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, ov
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in arrays.items()]
     with atomic_output(output, False, overwrite) as tmp:
         with open(tmp, "wb") as f:
-            safetensors_io.write_file(f, specs, ([np.ascontiguousarray(v)] for v in arrays.values()),
-                                      metadata={"format": "np", "parity_manifest": json.dumps(manifest)})
+            safetensors_io.write_file(
+                f,
+                specs,
+                ([np.ascontiguousarray(v)] for v in arrays.values()),
+                metadata={"format": "np", "parity_manifest": json.dumps(manifest)},
+            )
 
 
 def _tensor_fields(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
 
 
-def capture(ckpt: str, inputs: str, output: str, impl: str = "torch", convention: str | Conventions = "big_vision",
-            dtype: str = "float32", device: str = "cpu", points: str | list[str] | None = None,
-            config: PaliGemmaConfig | str | None = None, overwrite: bool = False, *,
-            settings: list[str] | tuple[str, ...] = (), compute_dtype: str | None = None,
-            progress: Progress | None = None, warn: Callable[[str], None] | None = None,
-            precision: str = "highest", mesh: str | None = None) -> dict[str, Any]:
+def capture(
+    ckpt: str,
+    inputs: str,
+    output: str,
+    impl: str = "torch",
+    convention: str | Conventions = "big_vision",
+    dtype: str = "float32",
+    device: str = "cpu",
+    points: str | list[str] | None = None,
+    config: PaliGemmaConfig | str | None = None,
+    overwrite: bool = False,
+    *,
+    settings: list[str] | tuple[str, ...] = (),
+    compute_dtype: str | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+    precision: str = "highest",
+    mesh: str | None = None,
+) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
     metadata holds the manifest under "parity_manifest". Returns the manifest (with "output")."""
     t0 = time.perf_counter()
     output = check_output(output, overwrite)
-    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config,
-                                               settings=settings, compute_dtype=compute_dtype, progress=progress,
-                                               warn=warn, check=lambda c: pts.select(pts.forward_points(c), points),
-                                               precision=precision, mesh=mesh)
+    api, model, cfg, batch, manifest = prepare(
+        ckpt,
+        inputs,
+        impl,
+        convention,
+        dtype,
+        device,
+        config,
+        settings=settings,
+        compute_dtype=compute_dtype,
+        progress=progress,
+        warn=warn,
+        check=lambda c: pts.select(pts.forward_points(c), points),
+        precision=precision,
+        mesh=mesh,
+    )
     wanted = pts.select(pts.forward_points(cfg), points)
     t1 = time.perf_counter()
     with monitor.reporting(_counting(cfg, progress)):
@@ -287,8 +357,9 @@ def capture_manifest(path: str, raw: str) -> dict[str, Any]:
     except JSONProblem as e:
         raise CheckpointError(describe(path, "parity_manifest", what=f"unreadable capture manifest: {e}")) from None
     if not isinstance(manifest, dict):
-        raise CheckpointError(describe(path, "parity_manifest", "a JSON object", type(manifest).__name__,
-                                       "unreadable capture manifest"))
+        raise CheckpointError(
+            describe(path, "parity_manifest", "a JSON object", type(manifest).__name__, "unreadable capture manifest")
+        )
     return manifest
 
 
@@ -304,15 +375,33 @@ def read_capture(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {k: r.read(k) for k in order}, manifest
 
 
-def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
-             convention: str | Conventions = "big_vision", dtype: str = "float32", device: str = "cpu",
-             greedy: bool = True, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, tokenizer: str | None = None,
-             config: PaliGemmaConfig | str | None = None, compile: str | None = None, *,
-             output: str | None = None, overwrite: bool = False, settings: list[str] | tuple[str, ...] = (),
-             compute_dtype: str | None = None, progress: Progress | None = None,
-             warn: Callable[[str], None] | None = None, precision: str = "highest", mesh: str | None = None,
-             ignore_eos: bool = False) -> dict[str, Any]:
+def generate(
+    ckpt: str,
+    inputs: str,
+    max_new_tokens: int,
+    impl: str = "torch",
+    convention: str | Conventions = "big_vision",
+    dtype: str = "float32",
+    device: str = "cpu",
+    greedy: bool = True,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    tokenizer: str | None = None,
+    config: PaliGemmaConfig | str | None = None,
+    compile: str | None = None,
+    *,
+    output: str | None = None,
+    overwrite: bool = False,
+    settings: list[str] | tuple[str, ...] = (),
+    compute_dtype: str | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+    precision: str = "highest",
+    mesh: str | None = None,
+    ignore_eos: bool = False,
+) -> dict[str, Any]:
     """Generated token ids per row (and text when a SentencePiece tokenizer file is given), with the manifest.
 
     greedy=False samples with temperature (default 1.0), top_k, top_p, seed; passing any of those with greedy=True
@@ -327,16 +416,39 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
     tok = None
     if tokenizer is not None:
         from parity.processor import Tokenizer, decode_tokens
+
         tok = Tokenizer(tokenizer)
-    api, model, cfg, batch, manifest = prepare(ckpt, inputs, impl, convention, dtype, device, config,
-                                               settings=settings, compute_dtype=compute_dtype, progress=progress,
-                                               warn=warn, precision=precision, mesh=mesh)
+    api, model, cfg, batch, manifest = prepare(
+        ckpt,
+        inputs,
+        impl,
+        convention,
+        dtype,
+        device,
+        config,
+        settings=settings,
+        compute_dtype=compute_dtype,
+        progress=progress,
+        warn=warn,
+        precision=precision,
+        mesh=mesh,
+    )
     temperature = 1.0 if temperature is None else temperature
     t1 = time.perf_counter()
     with monitor.reporting(_counting(cfg, progress, max_new_tokens)):
-        g = api.generate(model, batch, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, compile=compile, return_logits=output is not None,
-                         ignore_eos=ignore_eos)
+        g = api.generate(
+            model,
+            batch,
+            max_new_tokens,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            compile=compile,
+            return_logits=output is not None,
+            ignore_eos=ignore_eos,
+        )
     run_seconds = time.perf_counter() - t1
     rows = []
     for b, ids in enumerate(g["tokens"].tolist()):
@@ -345,13 +457,24 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
         if tok is not None:
             row["text"] = decode_tokens(tok, ids)
         rows.append(row)
-    manifest.update(sampling={"greedy": greedy, "temperature": None if greedy else temperature,
-                              "top_k": top_k, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
-                              "ignore_eos": ignore_eos},
-                    decode_path=g.get("decode_path"), run_seconds=round(run_seconds, 3))
+    manifest.update(
+        sampling={
+            "greedy": greedy,
+            "temperature": None if greedy else temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "ignore_eos": ignore_eos,
+        },
+        decode_path=g.get("decode_path"),
+        run_seconds=round(run_seconds, 3),
+    )
     if output is not None:
-        arrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32),
-                  "logits": np.ascontiguousarray(g["logits"], np.float32)}
+        arrays = {
+            "tokens": np.ascontiguousarray(g["tokens"], np.int32),
+            "logits": np.ascontiguousarray(g["logits"], np.float32),
+        }
         manifest["tensors"] = _tensor_fields(arrays)
         if progress:
             progress("writing", None, None)
@@ -361,11 +484,13 @@ def generate(ckpt: str, inputs: str, max_new_tokens: int, impl: str = "torch",
     return {"rows": rows, "manifest": manifest}
 
 
-def list_points(ckpt: str, config: PaliGemmaConfig | str | None = None, inputs: str | None = None,
-                max_new_tokens: int | None = None) -> dict[str, Any]:
+def list_points(
+    ckpt: str, config: PaliGemmaConfig | str | None = None, inputs: str | None = None, max_new_tokens: int | None = None
+) -> dict[str, Any]:
     """Every capture point of a checkpoint's config (or of a variant name given as `ckpt`) with its shape:
     concrete batch and text length when an inputs file is given, letters otherwise."""
     from converters.checkpoint import resolve_config
+
     if config is None and not os.path.exists(ckpt) and ":" not in ckpt:
         try:
             cfg = resolve_config(ckpt)
@@ -382,6 +507,10 @@ def list_points(ckpt: str, config: PaliGemmaConfig | str | None = None, inputs: 
         batch, text_len = arrays["text"].shape
     generation = set(pts.cache_points(cfg))
     shapes = pts.shapes(cfg, batch, text_len, max_new_tokens if max_new_tokens is not None else "N")
-    return {"config": cfg.name, "points": [
-        {"name": k, "shape": list(v), "dtype": "float32", "when": "generate" if k in generation else "forward"}
-        for k, v in shapes.items()]}
+    return {
+        "config": cfg.name,
+        "points": [
+            {"name": k, "shape": list(v), "dtype": "float32", "when": "generate" if k in generation else "forward"}
+            for k, v in shapes.items()
+        ],
+    }

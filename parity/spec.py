@@ -15,11 +15,12 @@ A row of TABLE reads:
       "PAD Vhf"   append rows up to Vhf rows (HF vocabulary padding; the inverse drops them: the one lossy step)
 - when: the row exists only for configs where this predicate holds (see WHEN).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -42,8 +43,9 @@ class Row:
 
 
 def _r(key: str, shape: str, hf: str, ops: str = "", when: str = "always") -> Row:
-    return Row(key, tuple(shape.split()), tuple(hf.split()), tuple(o.strip() for o in ops.split(";") if o.strip()),
-               when)
+    return Row(
+        key, tuple(shape.split()), tuple(hf.split()), tuple(o.strip() for o in ops.split(";") if o.strip()), when
+    )
 
 
 # fmt: off
@@ -325,21 +327,23 @@ def from_hf(config: PaliGemmaConfig, tensors: dict[str, np.ndarray]) -> dict[str
 
 def assemble(e: Entry, pieces: dict[tuple[int | None, int | None], np.ndarray]) -> np.ndarray:
     """Stack per-(layer, piece) canonical pieces back into the canonical tensor."""
+
     def layer(i):
         if len(e.hf_templates) > 1:
             return np.stack([pieces[(i, j)] for j in range(len(e.hf_templates))])
         return pieces[(i, None)]
+
     if e.layers is None:
         return layer(None)
     return np.stack([layer(i) for i in range(e.layers)])
 
 
-def random_params(config: PaliGemmaConfig, seed: int = 0, dtype=np.float32, scale: float = 0.3
-                  ) -> dict[str, np.ndarray]:
+def random_params(
+    config: PaliGemmaConfig, seed: int = 0, dtype=np.float32, scale: float = 0.3
+) -> dict[str, np.ndarray]:
     """Deterministic random canonical parameters (tests and the shipped tiny checkpoint), generated from the spec."""
     rng = np.random.default_rng(seed)
-    return {e.key: (rng.standard_normal(e.shape, dtype=np.float32) * scale).astype(dtype)
-            for e in entries(config)}
+    return {e.key: (rng.standard_normal(e.shape, dtype=np.float32) * scale).astype(dtype) for e in entries(config)}
 
 
 def check_params(config: PaliGemmaConfig, params, source: str = "params") -> None:
@@ -356,5 +360,8 @@ def check_params(config: PaliGemmaConfig, params, source: str = "params") -> Non
             raise CheckpointError(describe(source, key, shape, found, f"wrong shape for {config.name}"))
     for key in params:
         if key not in expected:
-            raise CheckpointError(describe(source, key, "no such key", tuple(np.shape(params[key])),
-                                           f"unexpected parameter for {config.name}"))
+            raise CheckpointError(
+                describe(
+                    source, key, "no such key", tuple(np.shape(params[key])), f"unexpected parameter for {config.name}"
+                )
+            )

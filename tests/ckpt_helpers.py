@@ -1,4 +1,5 @@
 """Tiny checkpoints generated from the spec (never hand-written), for the converter tests."""
+
 import os
 
 import ml_dtypes
@@ -20,8 +21,10 @@ def write_npz(path, cfg, dtype=np.float32, seed=0, prefix=True):
 @pytest.fixture
 def tiny_npz(tmp_path):
     """Factory: (config name, dtype, prefix) -> (path, params)."""
+
     def make(name="tiny-pg2-gqa", dtype="float32", prefix=True, seed=0):
         cfg = TINY_VARIANTS[name]
         path = os.path.join(tmp_path, f"{name}.{dtype}.npz")
         return path, write_npz(path, cfg, DTYPES[dtype], seed, prefix)
+
     return make

@@ -4,6 +4,7 @@ Offsets follow the ZIP application note (APPNOTE 4.3.7: local file header, 4.3.1
 4.3.16: end of central directory record) and the safetensors / npy format descriptions; nothing here calls the code
 under test.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,19 @@ import zlib
 import numpy as np
 
 # Field offsets inside a central directory header (signature PK\1\2) and a local file header (PK\3\4).
-CD = dict(extract_version=6, flags=8, method=10, crc=16, csize=20, usize=24, name_len=28, extra_len=30,
-          comment_len=32, offset=42, name=46)
+CD = dict(
+    extract_version=6,
+    flags=8,
+    method=10,
+    crc=16,
+    csize=20,
+    usize=24,
+    name_len=28,
+    extra_len=30,
+    comment_len=32,
+    offset=42,
+    name=46,
+)
 LH = dict(flags=6, method=8, crc=14, csize=18, usize=22, name_len=26, extra_len=28, name=30)
 EOCD_CD_OFFSET = 16
 
@@ -25,10 +37,16 @@ def central_records(data: bytes) -> list[dict]:
     out, i = [], data.find(b"PK\x01\x02")
     while i >= 0:
         n, e, c = struct.unpack_from("<HHH", data, i + CD["name_len"])
-        out.append(dict(pos=i, name=data[i + 46:i + 46 + n].decode("cp437"),
-                        offset=struct.unpack_from("<I", data, i + CD["offset"])[0],
-                        crc=struct.unpack_from("<I", data, i + CD["crc"])[0],
-                        size=struct.unpack_from("<I", data, i + CD["usize"])[0], end=i + 46 + n + e + c))
+        out.append(
+            dict(
+                pos=i,
+                name=data[i + 46 : i + 46 + n].decode("cp437"),
+                offset=struct.unpack_from("<I", data, i + CD["offset"])[0],
+                crc=struct.unpack_from("<I", data, i + CD["crc"])[0],
+                size=struct.unpack_from("<I", data, i + CD["usize"])[0],
+                end=i + 46 + n + e + c,
+            )
+        )
         i = data.find(b"PK\x01\x02", i + 46 + n + e + c)
     return out
 
@@ -57,7 +75,7 @@ def raw_npz(path, members: dict[str, bytes]) -> None:
 def st_split(data: bytes) -> tuple[dict, bytes]:
     """(header dict, data section) of a safetensors file."""
     (n,) = struct.unpack_from("<Q", data)
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def st_join(header, body: bytes, raw: bytes | None = None) -> bytes:

@@ -9,13 +9,13 @@ the logits and `generate` for greedy tokens.
 
 Imported only by tests/test_keras_hub.py, after it has set KERAS_BACKEND=jax and skipped when keras-hub is absent.
 """
+
 from __future__ import annotations
 
 import jax
-import numpy as np
-
-import keras  # noqa: E402  (KERAS_BACKEND is set by the importing test)
+import keras
 import keras_hub
+import numpy as np
 
 from parity import points, spec
 from parity.config import PaliGemmaConfig, QueryScale
@@ -57,8 +57,11 @@ KERAS_NAMES: dict[str, tuple[str, ...]] = {
     "llm/layers/pre_attention_norm/scale": (f"{DEC}/pre_attention_norm/scale",),
     "llm/layers/attn/q_einsum/w": (f"{DEC}/attention/query/kernel",),
     "llm/layers/attn/kv_einsum/w": (f"{DEC}/attention/key/kernel", f"{DEC}/attention/value/kernel"),
-    "llm/layers/attn/qkv_einsum/w": (f"{DEC}/attention/query/kernel", f"{DEC}/attention/key/kernel",
-                                     f"{DEC}/attention/value/kernel"),
+    "llm/layers/attn/qkv_einsum/w": (
+        f"{DEC}/attention/query/kernel",
+        f"{DEC}/attention/key/kernel",
+        f"{DEC}/attention/value/kernel",
+    ),
     "llm/layers/attn/attn_vec_einsum/w": (f"{DEC}/attention/attention_output/kernel",),
     "llm/layers/pre_ffw_norm/scale": (f"{DEC}/pre_ffw_norm/scale",),
     "llm/layers/post_attention_norm/scale": (f"{DEC}/post_attention_norm/scale",),
@@ -75,13 +78,28 @@ def keras_config(cfg: PaliGemmaConfig) -> dict:
     # keras-hub hard-codes these; a config that differs cannot be built there.
     assert t.rope_base == 10_000.0 and v.norm_eps == 1e-6, "keras-hub fixes RoPE base 1e4 and ViT LayerNorm eps 1e-6"
     return dict(
-        vocabulary_size=t.vocab_size, image_size=v.image_size, num_layers=t.depth, num_query_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads, hidden_dim=t.width, intermediate_dim=2 * t.mlp_dim, head_dim=t.head_dim,
-        vit_patch_size=v.patch_size, vit_num_heads=v.num_heads, vit_hidden_dim=v.width, vit_num_layers=v.depth,
-        vit_intermediate_dim=v.mlp_dim, query_head_dim_normalize=t.query_scale is QueryScale.HEAD_DIM,
-        use_post_ffw_norm=t.gemma2, use_post_attention_norm=t.gemma2, attention_logit_soft_cap=t.attn_softcap,
-        final_logit_soft_cap=t.final_softcap, use_sliding_window_attention=t.sliding_window is not None,
-        sliding_window_size=t.sliding_window or 4096, layer_norm_epsilon=t.norm_eps)
+        vocabulary_size=t.vocab_size,
+        image_size=v.image_size,
+        num_layers=t.depth,
+        num_query_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        hidden_dim=t.width,
+        intermediate_dim=2 * t.mlp_dim,
+        head_dim=t.head_dim,
+        vit_patch_size=v.patch_size,
+        vit_num_heads=v.num_heads,
+        vit_hidden_dim=v.width,
+        vit_num_layers=v.depth,
+        vit_intermediate_dim=v.mlp_dim,
+        query_head_dim_normalize=t.query_scale is QueryScale.HEAD_DIM,
+        use_post_ffw_norm=t.gemma2,
+        use_post_attention_norm=t.gemma2,
+        attention_logit_soft_cap=t.attn_softcap,
+        final_logit_soft_cap=t.final_softcap,
+        use_sliding_window_attention=t.sliding_window is not None,
+        sliding_window_size=t.sliding_window or 4096,
+        layer_norm_epsilon=t.norm_eps,
+    )
 
 
 def _merges_adjacent_axes(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
@@ -115,7 +133,7 @@ def keras_backbone(cfg: PaliGemmaConfig, params: dict[str, np.ndarray], dtype: s
     bb = keras_hub.models.PaliGemmaBackbone(**keras_config(cfg), dtype=dtype)
     weights = keras_weights(cfg, params)
     variables = {v.path: v for v in bb.weights}
-    assert set(variables) == set(weights), (sorted(set(variables) ^ set(weights)))
+    assert set(variables) == set(weights), sorted(set(variables) ^ set(weights))
     for path, value in weights.items():
         var = variables[path]
         shape = tuple(var.shape)
@@ -127,9 +145,12 @@ def keras_backbone(cfg: PaliGemmaConfig, params: dict[str, np.ndarray], dtype: s
 def keras_batch(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our inputs as keras-hub's: response_mask marks the causal suffix (mask_ar on real tokens)."""
     mask_input = inputs.get("mask_input", np.ones_like(inputs["text"]))
-    return {"images": inputs["image"].astype(np.float32), "token_ids": inputs["text"].astype(np.int32),
-            "padding_mask": mask_input.astype(np.int32),
-            "response_mask": (inputs["mask_ar"] * mask_input).astype(np.int32)}
+    return {
+        "images": inputs["image"].astype(np.float32),
+        "token_ids": inputs["text"].astype(np.int32),
+        "padding_mask": mask_input.astype(np.int32),
+        "response_mask": (inputs["mask_ar"] * mask_input).astype(np.int32),
+    }
 
 
 def _graph(cfg: PaliGemmaConfig, bb):
@@ -180,8 +201,10 @@ def keras_logits_all_positions(cfg: PaliGemmaConfig, bb, inputs: dict[str, np.nd
     (`backbone.token_embedding(hidden_state, reverse=True)`, the final softcap inside it; then
     `[:, image_sequence_length:]`), on the backbone's graph output: our logits point covers every position."""
     graph = _graph(cfg, bb)
-    return _run(lambda batch: {points.LOGITS: bb.token_embedding(graph(batch)[points.LLM_FINAL_NORM], reverse=True)},
-                keras_batch(inputs))[points.LOGITS]
+    return _run(
+        lambda batch: {points.LOGITS: bb.token_embedding(graph(batch)[points.LLM_FINAL_NORM], reverse=True)},
+        keras_batch(inputs),
+    )[points.LOGITS]
 
 
 def _row(inputs: dict[str, np.ndarray], r: int, size: int) -> tuple[int, dict[str, np.ndarray]]:
@@ -191,7 +214,7 @@ def _row(inputs: dict[str, np.ndarray], r: int, size: int) -> tuple[int, dict[st
     tokens[0, :n] = inputs["text"][r, :n]
     padding = np.zeros_like(tokens)
     padding[0, :n] = 1
-    return n, {"images": inputs["image"][r: r + 1].astype(np.float32), "token_ids": tokens, "padding_mask": padding}
+    return n, {"images": inputs["image"][r : r + 1].astype(np.float32), "token_ids": tokens, "padding_mask": padding}
 
 
 def keras_generate(bb, inputs: dict[str, np.ndarray], max_new: int) -> np.ndarray:
@@ -206,7 +229,7 @@ def keras_generate(bb, inputs: dict[str, np.ndarray], max_new: int) -> np.ndarra
     rows = []
     for r in range(inputs["text"].shape[0]):
         n, batch = _row(inputs, r, inputs["text"].shape[1] + max_new)
-        rows.append(np.asarray(lm.generate(batch, stop_token_ids=None)["token_ids"])[0, n: n + max_new])
+        rows.append(np.asarray(lm.generate(batch, stop_token_ids=None)["token_ids"])[0, n : n + max_new])
     return np.stack(rows).astype(np.int32)
 
 
@@ -228,11 +251,11 @@ def keras_decode(cfg: PaliGemmaConfig, bb, inputs: dict[str, np.ndarray], tokens
     for r in range(tokens.shape[0]):
         n, batch = _row(inputs, r, inputs["text"].shape[1] + new)  # one shape for every row: one compilation
         ids = batch["token_ids"]
-        ids[0, n: n + new] = tokens[r]
+        ids[0, n : n + new] = tokens[r]
         cache = prefill(ids, batch["images"], batch["padding_mask"])
         logits = []
         for t in range(new):
-            out, cache = step(ids[:, n - 1 + t: n + t], cache, t_img + n - 1 + t)
+            out, cache = step(ids[:, n - 1 + t : n + t], cache, t_img + n - 1 + t)
             logits.append(np.asarray(out, dtype=np.float32)[0, 0])
         cache = np.asarray(cache, dtype=np.float32)[0, :, :, : t_img + n + new - 1]  # [L, 2, S, K, H]
         caches = {}

@@ -1,4 +1,5 @@
 """Bad input: a one-line error naming the file, the key, expected and found; exit status 2; nothing left behind."""
+
 import json
 import os
 import struct
@@ -62,7 +63,7 @@ def test_corrupt_zip_directory(tiny_npz, out):
     src, _ = tiny_npz()
     data = bytearray(open(src, "rb").read())
     cd = data.rindex(b"PK\x01\x02")  # a central directory record
-    data[cd:cd + 4] = b"XXXX"
+    data[cd : cd + 4] = b"XXXX"
     open(src, "wb").write(bytes(data))
     code, err, _ = run("convert", src, "-o", out / "x.npz", "--to", "npz")
     assert_one_line_error(code, err, src)
@@ -80,6 +81,7 @@ def test_not_a_checkpoint(tmp_path, out):
 
 def test_npz_of_other_files_is_not_a_checkpoint(tmp_path, out):
     import zipfile
+
     p = tmp_path / "a.npz"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("readme.txt", "x")
@@ -122,8 +124,9 @@ def test_missing_key(tiny_npz, tmp_path, out):
     params.pop("llm/layers/mlp/linear")
     np.savez(tmp_path / "m.npz", **{"params/" + k: v for k, v in params.items()})
     code, err, _ = run("convert", tmp_path / "m.npz", "-o", out / "x", "--to", "safetensors", "--config", cfg.name)
-    assert_one_line_error(code, err, "m.npz", "llm/layers/mlp/linear", "expected (2, 96, 64)", "found absent",
-                          "missing key")
+    assert_one_line_error(
+        code, err, "m.npz", "llm/layers/mlp/linear", "expected (2, 96, 64)", "found absent", "missing key"
+    )
     assert_nothing_left(out, [])
 
 
@@ -133,8 +136,9 @@ def test_unexpected_key(tmp_path, out):
     params["llm/layers/attn/extra/w"] = np.zeros((3, 2), np.float32)
     np.savez(tmp_path / "u.npz", **{"params/" + k: v for k, v in params.items()})
     code, err, _ = run("convert", tmp_path / "u.npz", "-o", out / "x", "--to", "safetensors", "--config", cfg.name)
-    assert_one_line_error(code, err, "u.npz", "llm/layers/attn/extra/w", "expected absent", "found (3, 2)",
-                          "unexpected key")
+    assert_one_line_error(
+        code, err, "u.npz", "llm/layers/attn/extra/w", "expected absent", "found (3, 2)", "unexpected key"
+    )
     assert_nothing_left(out, [])
 
 
@@ -172,8 +176,9 @@ def test_config_does_not_match_shapes(tmp_path, out):
     params["img/pos_embedding"] = np.zeros((1, 64, 32), np.float32)  # a 56 px grid; the config says 28 px
     np.savez(tmp_path / "c.npz", **{"params/" + k: v for k, v in params.items()})
     code, err, _ = run("convert", tmp_path / "c.npz", "-o", out / "x", "--to", "safetensors", "--config", cfg.name)
-    assert_one_line_error(code, err, "c.npz", "img/pos_embedding", "expected (1, 16, 32)", "found (1, 64, 32)",
-                          "tiny-pg1-mqa")
+    assert_one_line_error(
+        code, err, "c.npz", "img/pos_embedding", "expected (1, 16, 32)", "found (1, 64, 32)", "tiny-pg1-mqa"
+    )
     assert_nothing_left(out, [])
 
 
@@ -234,8 +239,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def no_hang():
     """Fail instead of blocking forever (a FIFO opened for reading waits for a writer)."""
+
     def boom(*_):
         raise TimeoutError("blocked: a hang")
+
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(20)
     yield
@@ -253,8 +260,11 @@ def _mutated_npz(tiny_npz, mutate, name="tiny-pg2-gqa"):
 
 def _both_ways(src, out, *must):
     """inspect, inspect --verify and convert all refuse `src` with one line; nothing is left behind."""
-    for args in (["inspect", src], ["inspect", "--verify", src], ["convert", src, "-o", out / "x", "--to",
-                                                                   "safetensors"]):
+    for args in (
+        ["inspect", src],
+        ["inspect", "--verify", src],
+        ["convert", src, "-o", out / "x", "--to", "safetensors"],
+    ):
         code, err, _ = run(*args)
         assert_one_line_error(code, err, *must)
     assert_nothing_left(out, [])
@@ -262,18 +272,21 @@ def _both_ways(src, out, *must):
 
 def test_npz_directory_entry_pointing_at_another_members_header(tiny_npz, out):
     """Silent wrong value before: LayerNorm_0's entry read LayerNorm_1's data (np.load refuses: names differ)."""
+
     def mutate(d):
         a, b = hf.record(d, LN0), hf.record(d, LN1)
         hf.put(d, a["pos"] + hf.CD["offset"], "<I", b["offset"])
         hf.put(d, a["pos"] + hf.CD["crc"], "<I", b["crc"])
+
     src = _mutated_npz(tiny_npz, mutate)
     with pytest.raises(zipfile.BadZipFile, match="differ"):
         np.load(src)[LN0[:-4]]
     _both_ways(src, out, "LayerNorm_0/scale", "directory and local header differ")
 
 
-@pytest.mark.parametrize("case", ["eocd+7", "name 0xff utf8", "version 9.9", "method 99", "encrypted",
-                                  "local name", "local crc"])
+@pytest.mark.parametrize(
+    "case", ["eocd+7", "name 0xff utf8", "version 9.9", "method 99", "encrypted", "local name", "local crc"]
+)
 def test_npz_crafted_zip_structures(tiny_npz, out, case):
     def mutate(d):
         r = hf.record(d, LN0)
@@ -296,23 +309,27 @@ def test_npz_crafted_zip_structures(tiny_npz, out, case):
             d[r["offset"] + hf.LH["name"] + 8] ^= 0x20  # the local header's copy of the name only
         elif case == "local crc":
             d[r["offset"] + hf.LH["crc"]] ^= 0x01
+
     src = _mutated_npz(tiny_npz, mutate)
     if case != "local crc":  # np.load ignores the local copy of the CRC; a disagreement is corruption all the same
-        with pytest.raises(Exception):  # the reference reader refuses every other one too
+        with pytest.raises(Exception):  # noqa: B017 (numpy raises several kinds) the reference reader refuses every other one too
             with np.load(src) as z:
                 [z[k] for k in z.files]
     _both_ways(src, out, src)
 
 
-@pytest.mark.parametrize("header,what", [
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551616,), }", "truncated or corrupt"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'extra': 1, }", "exactly the keys"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4.0,), }", "non-negative integers"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': ('4',), }", "non-negative integers"),
-    ("{'descr': '<f4', 'fortran_order': 0, 'shape': (4,), }", "fortran_order"),
-    ("{'descr': 7, 'fortran_order': False, 'shape': (4,), }", "dtype"),
-    ("[" * 5000 + "]" * 5000, "npy header"),
-])
+@pytest.mark.parametrize(
+    "header,what",
+    [
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551616,), }", "truncated or corrupt"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'extra': 1, }", "exactly the keys"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4.0,), }", "non-negative integers"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': ('4',), }", "non-negative integers"),
+        ("{'descr': '<f4', 'fortran_order': 0, 'shape': (4,), }", "fortran_order"),
+        ("{'descr': 7, 'fortran_order': False, 'shape': (4,), }", "dtype"),
+        ("[" * 5000 + "]" * 5000, "npy header"),
+    ],
+)
 def test_npz_crafted_npy_headers(tmp_path, out, header, what):
     p = tmp_path / "h.npz"
     hf.raw_npz(p, {"params/img/head/bias.npy": hf.npy_bytes(header, b"\0" * 16)})
@@ -322,6 +339,7 @@ def test_npz_crafted_npy_headers(tmp_path, out, header, what):
 def test_npz_crc_failure_found_by_verify_only(tiny_npz, out):
     def mutate(d):
         d[hf.member_data(d, LN0) + 128 + 4] ^= 0x40  # inside the data, past the npy header
+
     src = _mutated_npz(tiny_npz, mutate)
     code, err, stdout = run("inspect", src)
     assert code == 0 and "tensor data was not read" in stdout and "--verify" in stdout
@@ -333,6 +351,7 @@ def test_npz_crc_failure_found_by_verify_only(tiny_npz, out):
 
 def _st_dir(tiny_npz, tmp_path, name="st", max_shard=None):
     from converters.convert import convert as conv
+
     src, _ = tiny_npz()
     conv(src, tmp_path / name, "safetensors", max_shard_size=max_shard)
     return tmp_path / name
@@ -356,11 +375,14 @@ def test_safetensors_relabelled_tensor_leaving_unclaimed_bytes(tiny_npz, tmp_pat
     def fn(h):
         b, e = h[Q0]["data_offsets"]
         half = (e - b) // 2
-        h[Q0]["dtype"], h[Q0]["data_offsets"] = ("F16", [b, b + half]) if relabel.startswith("F16") else \
-            ("BF16", [b + half, e])
+        h[Q0]["dtype"], h[Q0]["data_offsets"] = (
+            ("F16", [b, b + half]) if relabel.startswith("F16") else ("BF16", [b + half, e])
+        )
         return h
+
     _rewrite_header(d / "model.safetensors", fn)
     from safetensors.numpy import load_file
+
     with pytest.raises(Exception, match="offset|covered"):
         load_file(d / "model.safetensors")
     for args in (["convert", d, "-o", out / "x.npz", "--to", "npz"], ["inspect", d]):
@@ -369,30 +391,47 @@ def test_safetensors_relabelled_tensor_leaving_unclaimed_bytes(tiny_npz, tmp_pat
     assert_nothing_left(out, [])
 
 
-@pytest.mark.parametrize("case,must", [
-    ("metadata string", "__metadata__"), ("metadata list", "__metadata__"), ("metadata number", "__metadata__"),
-    ("metadata int value", "__metadata__"), ("shape 2**64", "non-negative integers"),
-    ("shape Infinity", "Infinity is not JSON"), ("shape string", "non-negative integers"),
-    ("shape float", "non-negative integers"), ("offsets strings", "data_offsets"),
-    ("offsets floats", "data_offsets"), ("nested 100000", "nested too deeply"), ("dtype F8_E4M3", "F8_E4M3"),
-    ("trailing bytes", "trailing bytes"), ("duplicate key", "duplicate key"), ("entry not object", "malformed"),
-])
+@pytest.mark.parametrize(
+    "case,must",
+    [
+        ("metadata string", "__metadata__"),
+        ("metadata list", "__metadata__"),
+        ("metadata number", "__metadata__"),
+        ("metadata int value", "__metadata__"),
+        ("shape 2**64", "non-negative integers"),
+        ("shape Infinity", "Infinity is not JSON"),
+        ("shape string", "non-negative integers"),
+        ("shape float", "non-negative integers"),
+        ("offsets strings", "data_offsets"),
+        ("offsets floats", "data_offsets"),
+        ("nested 100000", "nested too deeply"),
+        ("dtype F8_E4M3", "F8_E4M3"),
+        ("trailing bytes", "trailing bytes"),
+        ("duplicate key", "duplicate key"),
+        ("entry not object", "malformed"),
+    ],
+)
 def test_safetensors_crafted_headers(tiny_npz, tmp_path, out, case, must):
     d = _st_dir(tiny_npz, tmp_path)
     f = d / "model.safetensors"
     raw = None
     if case.startswith("metadata"):
         v = {"metadata string": "x", "metadata list": [1], "metadata number": 3, "metadata int value": {"a": 1}}
-        fn = lambda h: {**h, "__metadata__": v[case]}  # noqa: E731
+        fn = lambda h: {**h, "__metadata__": v[case]}
     elif case.startswith("shape") or case.startswith("offsets"):
-        field, val = {"shape 2**64": ("shape", [2**64, 32]), "shape string": ("shape", ["32", 32]),
-                      "shape float": ("shape", [32.0, 32]), "offsets strings": ("data_offsets", ["0", "4096"]),
-                      "offsets floats": ("data_offsets", [0.0, 4096.0]),
-                      "shape Infinity": ("shape", [float("inf"), 32])}[case]
-        fn = lambda h: (h[Q0].__setitem__(field, val), h)[1]  # noqa: E731
+        field, val = {
+            "shape 2**64": ("shape", [2**64, 32]),
+            "shape string": ("shape", ["32", 32]),
+            "shape float": ("shape", [32.0, 32]),
+            "offsets strings": ("data_offsets", ["0", "4096"]),
+            "offsets floats": ("data_offsets", [0.0, 4096.0]),
+            "shape Infinity": ("shape", [float("inf"), 32]),
+        }[case]
+        fn = lambda h: (h[Q0].__setitem__(field, val), h)[1]
     elif case == "nested 100000":
         fn, raw = None, lambda h: b'{"__metadata__": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     elif case == "dtype F8_E4M3":
+
         def fn(h):
             h[Q0]["dtype"] = "F8_E4M3"
             h[Q0]["shape"] = [h[Q0]["shape"][0] * 4, h[Q0]["shape"][1]]
@@ -401,10 +440,14 @@ def test_safetensors_crafted_headers(tiny_npz, tmp_path, out, case, must):
         fn = None
         open(f, "ab").write(b"\0" * 8)
     elif case == "duplicate key":
-        fn, raw = None, lambda h: (lambda s: s[:-1] + ", " + json.dumps(Q0) + ": " + json.dumps(h[Q0]) + "}")(
-            json.dumps(h)).encode()
+        fn, raw = (
+            None,
+            lambda h: (lambda s: s[:-1] + ", " + json.dumps(Q0) + ": " + json.dumps(h[Q0]) + "}")(
+                json.dumps(h)
+            ).encode(),
+        )
     else:
-        fn = lambda h: {**h, Q0: [1, 2]}  # noqa: E731
+        fn = lambda h: {**h, Q0: [1, 2]}
     _rewrite_header(f, fn, raw)
     for args in (["convert", d, "-o", out / "x.npz", "--to", "npz"], ["inspect", "--verify", d]):
         code, err, _ = run(*args)
@@ -412,15 +455,26 @@ def test_safetensors_crafted_headers(tiny_npz, tmp_path, out, case, must):
     assert_nothing_left(out, [])
 
 
-@pytest.mark.parametrize("case,must", [
-    ("top list", "a list"), ("top string", "a string"), ("text_config list", "text_config must be an object"),
-    ("vision_config string", "vision_config must be an object"),
-    ("rope_parameters list", "rope_parameters must be an object"), ("zero heads", "num_attention_heads"),
-    ("zero kv heads", "num_key_value_heads"), ("zero patch", "patch_size"), ("width string", "hidden_size"),
-    ("width float", "hidden_size must be an integer"), ("eps string", "rms_norm_eps"),
-    ("softcap list", "attn_logit_softcapping"), ("depth huge", "num_hidden_layers"),
-    ("invalid json", "unreadable"), ("nested", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "case,must",
+    [
+        ("top list", "a list"),
+        ("top string", "a string"),
+        ("text_config list", "text_config must be an object"),
+        ("vision_config string", "vision_config must be an object"),
+        ("rope_parameters list", "rope_parameters must be an object"),
+        ("zero heads", "num_attention_heads"),
+        ("zero kv heads", "num_key_value_heads"),
+        ("zero patch", "patch_size"),
+        ("width string", "hidden_size"),
+        ("width float", "hidden_size must be an integer"),
+        ("eps string", "rms_norm_eps"),
+        ("softcap list", "attn_logit_softcapping"),
+        ("depth huge", "num_hidden_layers"),
+        ("invalid json", "unreadable"),
+        ("nested", "nested too deeply"),
+    ],
+)
 def test_hf_config_json_hostile(tiny_npz, tmp_path, out, case, must):
     d = _st_dir(tiny_npz, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -458,8 +512,11 @@ def test_hf_config_json_hostile(tiny_npz, tmp_path, out, case, must):
     elif case == "nested":
         text = '{"a": ' + "[" * 100000 + "]" * 100000 + "}"
     (d / "config.json").write_text(text if text is not None else json.dumps(cfg))
-    for args in (["inspect", d], ["convert", d, "-o", out / "x.npz", "--to", "npz"],
-                 ["inspect", tiny_npz()[0], "--config", d / "config.json"]):
+    for args in (
+        ["inspect", d],
+        ["convert", d, "-o", out / "x.npz", "--to", "npz"],
+        ["inspect", tiny_npz()[0], "--config", d / "config.json"],
+    ):
         code, err, _ = run(*args)
         assert_one_line_error(code, err, "config.json", must)
     assert_nothing_left(out, [])
@@ -474,12 +531,22 @@ def test_hub_style_config_json_still_reads(tiny_npz, tmp_path, out):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("case,must", [
-    ("list", "a list"), ("string", "a string"), ("zero kv heads", "num_kv_heads"), ("width float", "text.width"),
-    ("width string", "text"), ("vision list", "vision"), ("gemma2 string", "gemma2"), ("unknown field", "colour"),
-])
+@pytest.mark.parametrize(
+    "case,must",
+    [
+        ("list", "a list"),
+        ("string", "a string"),
+        ("zero kv heads", "num_kv_heads"),
+        ("width float", "text.width"),
+        ("width string", "text"),
+        ("vision list", "vision"),
+        ("gemma2 string", "gemma2"),
+        ("unknown field", "colour"),
+    ],
+)
 def test_sidecar_hostile(tiny_npz, tmp_path, out, case, must):
     from converters.convert import convert as conv
+
     src, _ = tiny_npz()
     conv(src, tmp_path / "ref.npz", "npz")
     side = tmp_path / "ref.npz.parity.json"
@@ -501,18 +568,28 @@ def test_sidecar_hostile(tiny_npz, tmp_path, out, case, must):
     else:
         c["text"]["colour"] = "blue"
     side.write_text(json.dumps(c))
-    for args in (["inspect", tmp_path / "ref.npz"], ["convert", tmp_path / "ref.npz", "-o", out / "x", "--to",
-                                                       "safetensors"]):
+    for args in (
+        ["inspect", tmp_path / "ref.npz"],
+        ["convert", tmp_path / "ref.npz", "-o", out / "x", "--to", "safetensors"],
+    ):
         code, err, _ = run(*args)
         assert_one_line_error(code, err, "parity.json", must)
     assert_nothing_left(out, [])
 
 
-@pytest.mark.parametrize("case,must", [
-    ("list", "weight_map"), ("string", "weight_map"), ("null", "weight_map"), ("value not string", "shard file"),
-    ("path in value", "shard file"), ("top list", "a list"), ("tensor not listed", "does not list"),
-    ("nested", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "case,must",
+    [
+        ("list", "weight_map"),
+        ("string", "weight_map"),
+        ("null", "weight_map"),
+        ("value not string", "shard file"),
+        ("path in value", "shard file"),
+        ("top list", "a list"),
+        ("tensor not listed", "does not list"),
+        ("nested", "nested too deeply"),
+    ],
+)
 def test_index_json_hostile(tiny_npz, tmp_path, out, case, must):
     d = _st_dir(tiny_npz, tmp_path, max_shard="20KB")
     p = d / "model.safetensors.index.json"
@@ -556,10 +633,17 @@ def test_inputs_image_needing_49_tib(tmp_path, out, fmt):
     shape = (1, 2_100_000, 2_100_000, 3)
     p = tmp_path / f"in.{fmt}"
     if fmt == "npz":
-        hf.raw_npz(p, {"image.npy": hf.npy_bytes(f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}",
-                                                 b"\0" * 64),
-                       "text.npy": hf.npy_bytes("{'descr': '<i4', 'fortran_order': False, 'shape': (1, 2), }",
-                                                b"\2\0\0\0\3\0\0\0")})
+        hf.raw_npz(
+            p,
+            {
+                "image.npy": hf.npy_bytes(
+                    f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}", b"\0" * 64
+                ),
+                "text.npy": hf.npy_bytes(
+                    "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 2), }", b"\2\0\0\0\3\0\0\0"
+                ),
+            },
+        )
     else:
         h = {"image": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 64]}}
         p.write_bytes(hf.st_join(h, b"\0" * 64))
@@ -586,11 +670,21 @@ def test_inputs_npz_hostile(tmp_path, out, case):
         with np.load(GOLD_INPUTS) as z:
             arrays = {k: z[k] for k in z.files}
         b = arrays["text"].tobytes()
-        hf.raw_npz(p, {**{f"{k}.npy": hf.npy_bytes(
-            f"{{'descr': '{v.dtype.str}', 'fortran_order': False, 'shape': {v.shape}, }}", v.tobytes())
-            for k, v in arrays.items() if k != "text"},
-            "text.npy": hf.npy_bytes(f"{{'descr': '<i4', 'fortran_order': False, 'shape': {arrays['text'].shape},"
-                                     f" 'x': 0, }}", b)})
+        hf.raw_npz(
+            p,
+            {
+                **{
+                    f"{k}.npy": hf.npy_bytes(
+                        f"{{'descr': '{v.dtype.str}', 'fortran_order': False, 'shape': {v.shape}, }}", v.tobytes()
+                    )
+                    for k, v in arrays.items()
+                    if k != "text"
+                },
+                "text.npy": hf.npy_bytes(
+                    f"{{'descr': '<i4', 'fortran_order': False, 'shape': {arrays['text'].shape}, 'x': 0, }}", b
+                ),
+            },
+        )
     code, err, _ = _capture(GOLD_CKPT, p, out / "c.safetensors")
     assert_one_line_error(code, err, p, "text")
     assert_nothing_left(out, [])
@@ -614,8 +708,11 @@ def test_fifo_is_refused_before_open(tiny_npz, tmp_path, out, no_hang, target):
         args = ["inspect", src]
     else:
         d = _st_dir(tiny_npz, tmp_path, max_shard="20KB" if target == "shard" else None)
-        name = (sorted(n for n in os.listdir(d) if n.startswith("model-"))[0] if target == "shard"
-                else "model.safetensors.index.json")
+        name = (
+            sorted(n for n in os.listdir(d) if n.startswith("model-"))[0]
+            if target == "shard"
+            else "model.safetensors.index.json"
+        )
         if target == "index":
             os.remove(d / "model.safetensors")
         else:
@@ -631,6 +728,7 @@ def test_fifo_is_refused_before_open(tiny_npz, tmp_path, out, no_hang, target):
 def test_read_capture_hostile(tmp_path, no_hang, case):
     from parity.errors import ParityError
     from parity.run import read_capture
+
     p = tmp_path / "c.safetensors"
     if case == "fifo":
         os.mkfifo(p)
@@ -652,9 +750,16 @@ def _cli_subprocess(args, limit_bytes=None, timeout=120):
         if limit_bytes is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "parity.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, preexec_fn=pre, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "parity.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=pre,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("to", ["npz", "safetensors", "capture"])
@@ -673,6 +778,7 @@ def test_disk_full_is_one_line(tiny_npz, out, to):
 
 def test_enospc_mid_tensor_is_one_line(tiny_npz, out, monkeypatch):
     import converters.rawio as rawio
+
     real = rawio.write_chunks
     calls = [0]
 
@@ -682,9 +788,11 @@ def test_enospc_mid_tensor_is_one_line(tiny_npz, out, monkeypatch):
             f.write(b"\0" * 100)
             raise OSError(28, "No space left on device")
         return real(f, *a)
+
     monkeypatch.setattr(rawio, "write_chunks", full)
     import converters.npz_io
     import converters.safetensors_io
+
     monkeypatch.setattr(converters.npz_io, "write_chunks", full)
     monkeypatch.setattr(converters.safetensors_io, "write_chunks", full)
     src, _ = tiny_npz()
@@ -697,8 +805,13 @@ def test_enospc_mid_tensor_is_one_line(tiny_npz, out, monkeypatch):
 
 def test_clean_error_in_convert_to_npz_has_no_zipfile_noise(tiny_npz, out):
     """A CRC failure half-way through writing an npz: one line on stderr, no `ZipFile.__del__` traceback after."""
-    src = _mutated_npz(tiny_npz, lambda d: d.__setitem__(d.index(b"params/llm/layers/mlp/linear.npy") + 300,
-                                                         d[d.index(b"params/llm/layers/mlp/linear.npy") + 300] ^ 1))
+    src = _mutated_npz(
+        tiny_npz,
+        lambda d: d.__setitem__(
+            d.index(b"params/llm/layers/mlp/linear.npy") + 300,
+            d[d.index(b"params/llm/layers/mlp/linear.npy") + 300] ^ 1,
+        ),
+    )
     r = _cli_subprocess(["convert", src, "-o", out / "x.npz", "--to", "npz"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "CRC-32" in r.stderr, r.stderr
     assert_nothing_left(out, [])
@@ -708,6 +821,7 @@ def test_compressed_inputs_read_compressed_checkpoints_refused(tmp_path, out):
     """np.savez_compressed inputs are read (inflated within their declared size, CRC checked); checkpoints must
     be np.savez (their members are read by byte range)."""
     from parity.inputs import load_inputs
+
     with np.load(GOLD_INPUTS) as z:
         arrays = {k: z[k] for k in z.files}
     np.savez_compressed(tmp_path / "in.npz", **arrays)
@@ -726,7 +840,7 @@ def test_verify_counts_non_finite_values(tiny_npz, tmp_path, out):
     h, body = hf.st_split(f.read_bytes())
     b = h[Q0]["data_offsets"][0]
     body = bytearray(body)
-    body[b:b + 8] = np.array([np.nan, np.inf], np.float32).tobytes()
+    body[b : b + 8] = np.array([np.nan, np.inf], np.float32).tobytes()
     f.write_bytes(hf.st_join(h, bytes(body)))
     code, _, stdout = run("inspect", d, "--json")
     assert code == 0 and json.loads(stdout)["data_verified"] is False

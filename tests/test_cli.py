@@ -1,4 +1,5 @@
 """The CLI is thin: JSON reports parse, exit codes mean what the README says."""
+
 import json
 
 import numpy as np

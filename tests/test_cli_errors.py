@@ -1,5 +1,6 @@
 """Every bad option or environment: one line on stderr, exit status 2, a JSON error object under --json, and
 nothing written. Ctrl-C: one line, status 130, promptly, even while the model sits in a long operation."""
+
 import json
 import os
 import signal
@@ -62,18 +63,27 @@ def test_device_unknown(tmp_path):
 
 def test_device_resolved_by_the_implementation():
     from parity.torch_impl import api
+
     assert api.resolve_device(" CPU ") == "cpu"
     assert api.device_description("cpu").startswith("cpu (")
 
 
 # -- sampling -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, fragment", [
-    (("--top-k", "0"), "--top-k"), (("--top-k", "-3"), "--top-k"),
-    (("--top-p", "0"), "--top-p"), (("--top-p", "1.5"), "--top-p"), (("--top-p", "-0.1"), "--top-p"),
-    (("--temperature", "0"), "--temperature"), (("--temperature", "-1"), "--temperature"),
-    (("--max-new-tokens", "0"), "--max-new-tokens"),
-    (("--sample", "--seed", "-1"), "--seed"), (("--sample", "--seed", str(2**64)), "--seed"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--top-k", "0"), "--top-k"),
+        (("--top-k", "-3"), "--top-k"),
+        (("--top-p", "0"), "--top-p"),
+        (("--top-p", "1.5"), "--top-p"),
+        (("--top-p", "-0.1"), "--top-p"),
+        (("--temperature", "0"), "--temperature"),
+        (("--temperature", "-1"), "--temperature"),
+        (("--max-new-tokens", "0"), "--max-new-tokens"),
+        (("--sample", "--seed", "-1"), "--seed"),
+        (("--sample", "--seed", str(2**64)), "--seed"),
+    ],
+)
 def test_sampling_values_refused(args, fragment):
     one_line_error(generate(*args), fragment)
 
@@ -86,6 +96,7 @@ def test_greedy_with_sampling_options_refused(opt):
 def test_library_checks_sampling_too():
     from parity.errors import UsageError
     from parity.run import check_sampling
+
     for kw in (dict(temperature=0.0), dict(top_k=0), dict(top_p=1.01), dict(top_p=0.0)):
         with pytest.raises(UsageError):
             check_sampling(False, **{"temperature": None, "top_k": None, "top_p": None, **kw})
@@ -110,8 +121,9 @@ def test_points_near_miss_is_suggested(tmp_path):
 
 
 def test_points_pattern_matching_nothing_beside_a_valid_one(tmp_path):
-    one_line_error(capture(tmp_path, "--points", "llm/layer00/out,llm/layr9*/out"), "'llm/layr9*/out'",
-                   "matches no capture point")
+    one_line_error(
+        capture(tmp_path, "--points", "llm/layer00/out,llm/layr9*/out"), "'llm/layr9*/out'", "matches no capture point"
+    )
 
 
 def test_points_empty_selection(tmp_path):
@@ -135,8 +147,9 @@ def test_capture_output_suffix(tmp_path):
 
 
 def test_output_directory_missing_refused_before_running(tmp_path):
-    one_line_error(invoke("capture", CKPT, "--inputs", INPUTS, "-o", tmp_path / "no" / "c.safetensors"),
-                   "does not exist")
+    one_line_error(
+        invoke("capture", CKPT, "--inputs", INPUTS, "-o", tmp_path / "no" / "c.safetensors"), "does not exist"
+    )
 
 
 def test_bad_set(tmp_path):
@@ -200,8 +213,14 @@ main()
 def test_ctrl_c_exits_130_promptly_with_one_line(tmp_path):
     out = tmp_path / "c.safetensors"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-c", SLOW_FORWARD, "capture", CKPT, "--inputs", INPUTS, "-o", str(out)],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FORWARD, "capture", CKPT, "--inputs", INPUTS, "-o", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         assert p.stderr.readline().strip() == "forward started"
         t0 = time.monotonic()
@@ -222,6 +241,7 @@ def test_a_running_torch_forward_notices_cancellation():
     from parity.config import TINY_VARIANTS
     from parity.conventions import PRESETS
     from parity.torch_impl import api
+
     cfg = TINY_VARIANTS["tiny-pg2-gqa"]
     model = api.build_model(cfg, PRESETS["big_vision"], params=spec.random_params(cfg))
     seen = []
@@ -231,6 +251,7 @@ def test_a_running_torch_forward_notices_cancellation():
         seen.append(unit)
         if len(seen) == 3:
             monitor.cancelled.set()
+
     try:
         with monitor.reporting(cancel_after_three), pytest.raises(monitor.Cancelled):
             api.forward(model, load_inputs(INPUTS))
@@ -245,6 +266,7 @@ def test_interruptible_reraises_worker_errors():
 
     def boom():
         raise InputsError("bad")
+
     with pytest.raises(InputsError, match="bad"):
         interruptible(boom)
     assert interruptible(lambda x: x + 1, 1) == 2

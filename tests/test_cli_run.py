@@ -1,4 +1,5 @@
 """`parity capture` / `parity generate` end to end on the shipped golden files, and their bad-input errors."""
+
 import json
 import os
 
@@ -22,8 +23,19 @@ def invoke(*args):
 
 def test_capture_writes_points_and_manifest(tmp_path):
     out = tmp_path / "cap.safetensors"
-    r = invoke("capture", CKPT, "--inputs", INPUTS, "--convention", "transformers", "--points", "img/block00/*,llm/*/out",
-               "-o", out, "--json")
+    r = invoke(
+        "capture",
+        CKPT,
+        "--inputs",
+        INPUTS,
+        "--convention",
+        "transformers",
+        "--points",
+        "img/block00/*,llm/*/out",
+        "-o",
+        out,
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     tensors, manifest = read_capture(str(out))
     cfg = TINY_VARIANTS["tiny-pg2-gqa"]
@@ -48,8 +60,17 @@ def test_capture_refuses_existing_output_and_empty_selection(tmp_path):
 
 
 def test_generate_json_rows():
-    r = invoke("generate", CKPT, "--inputs", INPUTS, "--max-new-tokens", "5", "--json",
-               "--tokenizer", os.path.join(GOLDEN, "tokenizer.model"))
+    r = invoke(
+        "generate",
+        CKPT,
+        "--inputs",
+        INPUTS,
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--tokenizer",
+        os.path.join(GOLDEN, "tokenizer.model"),
+    )
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert [row["row"] for row in rep["rows"]] == [0, 1]
@@ -60,11 +81,23 @@ def test_generate_json_rows():
 
 
 def test_generate_sampling_is_seeded():
-    args = ("generate", CKPT, "--inputs", INPUTS, "--max-new-tokens", "6", "--json", "--sample",
-            "--temperature", "2.0", "--top-k", "50")
+    args = (
+        "generate",
+        CKPT,
+        "--inputs",
+        INPUTS,
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--sample",
+        "--temperature",
+        "2.0",
+        "--top-k",
+        "50",
+    )
     a, b = invoke(*args, "--seed", "3"), invoke(*args, "--seed", "3")
     assert a.exit_code == 0, a.stderr
-    rows = lambda r: [x["tokens"] for x in json.loads(r.stdout)["rows"]]  # noqa: E731
+    rows = lambda r: [x["tokens"] for x in json.loads(r.stdout)["rows"]]
     assert rows(a) == rows(b)
     assert json.loads(a.stdout)["manifest"]["sampling"]["greedy"] is False
 
@@ -122,26 +155,62 @@ def test_inputs_roundtrip_through_safetensors(tmp_path):
 
 def test_inputs_command_matches_the_processor(tmp_path):
     from PIL import Image
+
     from parity.processor import Tokenizer, build_inputs
+
     img = tmp_path / "a.png"
     Image.fromarray((np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)).save(img)
     tok = os.path.join(GOLDEN, "tokenizer.model")
-    r = invoke("inputs", img, img, "--prefix", "caption en", "--prefix", "answer en what is this?",
-               "--tokenizer", tok, "--config", "tiny-pg2-gqa", "-o", tmp_path / "in.npz", "--json")
+    r = invoke(
+        "inputs",
+        img,
+        img,
+        "--prefix",
+        "caption en",
+        "--prefix",
+        "answer en what is this?",
+        "--tokenizer",
+        tok,
+        "--config",
+        "tiny-pg2-gqa",
+        "-o",
+        tmp_path / "in.npz",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     got = load_inputs(tmp_path / "in.npz")
-    want = build_inputs([str(img)] * 2, ["caption en", "answer en what is this?"], tokenizer=Tokenizer(tok),
-                        config=TINY_VARIANTS["tiny-pg2-gqa"])
+    want = build_inputs(
+        [str(img)] * 2,
+        ["caption en", "answer en what is this?"],
+        tokenizer=Tokenizer(tok),
+        config=TINY_VARIANTS["tiny-pg2-gqa"],
+    )
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
-    r = invoke("inputs", img, img, "--prefix", "a", "--prefix", "b", "--prefix", "c", "--tokenizer", tok,
-               "--config", "tiny-pg2-gqa", "-o", tmp_path / "x.npz")
+    r = invoke(
+        "inputs",
+        img,
+        img,
+        "--prefix",
+        "a",
+        "--prefix",
+        "b",
+        "--prefix",
+        "c",
+        "--tokenizer",
+        tok,
+        "--config",
+        "tiny-pg2-gqa",
+        "-o",
+        tmp_path / "x.npz",
+    )
     assert r.exit_code == 2 and "--prefix" in r.stderr and not os.path.exists(tmp_path / "x.npz")
 
 
 def test_capture_is_the_same_from_npz_and_safetensors(tmp_path):
     """The model loads through the spec from either format: identical logits, bit for bit."""
     from converters.convert import convert
+
     convert(CKPT, tmp_path / "hf", "safetensors")
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert invoke("capture", CKPT, "--inputs", INPUTS, "-o", a, "--points", "logits").exit_code == 0

@@ -1,5 +1,6 @@
 """parity compare end to end with PyTorch sides (float32 vs bfloat16, planted changes, capture files) and the
 transformers side; the CLI's exit statuses, JSON schema, --save / --rejudge and policies."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ from parity.cli import main
 from parity.compare import compare, compare_captures, rejudge, save
 from parity.compare import tolerances as tol
 from parity.compare.core import MISSING_B, judge
+from parity.compare.sides import write_capture
 from parity.config import TINY_VARIANTS
 from parity.errors import ConfigError, InputsError
 from parity.inputs import save_inputs
-from parity.compare.sides import write_capture
 from parity.run import capture, read_capture
 
 GQA = TINY_VARIANTS["tiny-pg2-gqa"]
@@ -100,8 +101,9 @@ def assert_singled_out(c, first, block_points, block):
 def test_planted_llm_mlp_change_is_singled_out_cli(files):
     """Through the CLI, each side in its own process: --against, --teacher-forced, --json."""
     ck, ck_b, inp = planted(files, ["llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear"], 1, "llm")
-    r = CliRunner().invoke(main, ["compare", ck, "--against", ck_b, "--inputs", inp, "--layer-by-layer",
-                                  "--teacher-forced", "--json"])
+    r = CliRunner().invoke(
+        main, ["compare", ck, "--against", ck_b, "--inputs", inp, "--layer-by-layer", "--teacher-forced", "--json"]
+    )
     assert r.exit_code == 1, r.output
     d = json.loads(r.output)
     assert d["schema"] == "parity.compare/1" and d["first_divergence"] == points.llm_block_mlp(1)
@@ -120,15 +122,21 @@ def test_planted_llm_mlp_change_is_singled_out_cli(files):
 def test_planted_llm_mlp_change_is_singled_out(files):
     ck, ck_b, inp = planted(files, ["llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear"], 1, "llm")
     c = compare(ckpt=ck, against=ck_b, inputs=inp, layer_by_layer=True, teacher_forced=True, isolate=False)
-    assert_singled_out(c, points.llm_block_mlp(1),
-                       lambda i: {points.llm_block_mlp(i), points.llm_block_out(i)}, 1)
+    assert_singled_out(c, points.llm_block_mlp(1), lambda i: {points.llm_block_mlp(i), points.llm_block_out(i)}, 1)
     plain = compare(ckpt=ck, against=ck_b, inputs=inp, layer_by_layer=True, isolate=False)  # propagated only
     assert plain.first_divergence == points.llm_block_mlp(1) and plain.first_local_divergence is None
 
 
 def test_planted_vit_mlp_change_is_singled_out(files):
-    ck, ck_b, inp = planted(files, ["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel",
-                                    "img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel"], 1, "vit")
+    ck, ck_b, inp = planted(
+        files,
+        [
+            "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel",
+            "img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel",
+        ],
+        1,
+        "vit",
+    )
     c = compare(ckpt=ck, against=ck_b, inputs=inp, layer_by_layer=True, teacher_forced=True, isolate=False)
     assert_singled_out(c, points.img_block_out(1), lambda i: {points.img_block_out(i)}, 1)
 
@@ -141,7 +149,8 @@ def test_capture_files_compare_and_mismatched_inputs_are_refused(files, tmp_path
     c = compare(a, b)  # the manifests' inputs file locates the padding positions
     assert c.tolerances.profile == "bf16" and "inputs file not available" not in c.valid_positions
     assert {r.point for r in c.records if r.status == MISSING_B} == {
-        p for p in points.forward_points(GQA) if p.startswith("img/")}
+        p for p in points.forward_points(GQA) if p.startswith("img/")
+    }
     assert c, [str(r.judgement) for r in c.records if not r.passed]
     # B as recorded on another machine: another device, precision and library version in its manifest.
     tensors, mb = read_capture(b)

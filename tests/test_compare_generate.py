@@ -1,6 +1,7 @@
 """parity compare --generate N: torch vs jax end to end (CLI, JSON, HTML charts, text); the forced-token decode of
 torch, jax and transformers on the same arbitrary tokens; near-ties labelled, not failed; divergences and the cache
 slots after them, from hand-made generation files; teacher forcing keeps later steps comparable."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,26 @@ GQA = TINY_VARIANTS["tiny-pg2-gqa"]
 
 def test_cli_torch_vs_jax_same_tokens_caches_and_charts(tmp_path):
     page = tmp_path / "gen.html"
-    res = CliRunner().invoke(main, ["compare", PG1, "--a", "torch", "--b", "jax", "--inputs", INPUTS,
-                                    "--generate", "4", "--tokenizer", os.path.join(GOLDEN, "tokenizer.model"),
-                                    "--html", str(page), "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            PG1,
+            "--a",
+            "torch",
+            "--b",
+            "jax",
+            "--inputs",
+            INPUTS,
+            "--generate",
+            "4",
+            "--tokenizer",
+            os.path.join(GOLDEN, "tokenizer.model"),
+            "--html",
+            str(page),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
     assert d["schema"] == "parity.compare.generate/1" and d["passed"] and d["first_divergence"] is None
@@ -61,8 +79,7 @@ def test_forced_tokens_give_the_same_step_logits_in_torch_jax_and_transformers()
     runs = {}
     for name, api in (("torch", torch_api), ("jax", jax_api), ("transformers", hf_side)):
         m = api.build_model(GQA, conv, params=params)
-        runs[name] = api.generate(m, batch, 6, return_logits=True, ignore_eos=True, forced_tokens=forced,
-                                  capture=cache)
+        runs[name] = api.generate(m, batch, 6, return_logits=True, ignore_eos=True, forced_tokens=forced, capture=cache)
     ref = runs["transformers"]
     p = GQA.num_image_tokens + batch["text"].shape[1]
     for name in ("torch", "jax"):
@@ -77,12 +94,19 @@ def test_forced_tokens_give_the_same_step_logits_in_torch_jax_and_transformers()
                     # relative to the tensor's scale, like the logits: float32 rounding in three decoders grows
                     # with depth and with the values' magnitude (layer 2 here: |err| 1.6e-5 on values up to 7.5,
                     # which an element-wise atol of 1e-5 flagged on some CPUs); a wrong slot or mask is O(1)
-                    a, b = g[k][r, lo:hi], ref[k][r, lo2:lo2 + hi - lo]
+                    a, b = g[k][r, lo:hi], ref[k][r, lo2 : lo2 + hi - lo]
                     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (name, k, r, lo)
-    free = torch_api.generate(torch_api.build_model(GQA, conv, params=params), batch, 6, return_logits=True,
-                              ignore_eos=True)
-    own = torch_api.generate(torch_api.build_model(GQA, conv, params=params), batch, 6, return_logits=True,
-                             ignore_eos=True, forced_tokens=free["tokens"])
+    free = torch_api.generate(
+        torch_api.build_model(GQA, conv, params=params), batch, 6, return_logits=True, ignore_eos=True
+    )
+    own = torch_api.generate(
+        torch_api.build_model(GQA, conv, params=params),
+        batch,
+        6,
+        return_logits=True,
+        ignore_eos=True,
+        forced_tokens=free["tokens"],
+    )
     assert (own["logits"] == free["logits"]).all()
 
 
@@ -90,6 +114,7 @@ def test_forced_tokens_give_the_same_step_logits_in_torch_jax_and_transformers()
 def generated(tmp_path_factory):
     """A real torch generation file (tiny-pg1-mqa, 5 steps) to edit by hand."""
     from parity import golden
+
     d = tmp_path_factory.mktemp("gen")
     _, gen, _ = golden.run_expectation(PG1, INPUTS, "torch", "big_vision", str(d), "a", steps=5)
     return read_capture(gen)
@@ -115,6 +140,7 @@ def test_a_divergence_at_a_near_tie_is_labelled_not_failed(tmp_path, generated):
         a_logits[0, 2, top2] = a_logits[0, 2, top1] - 1e-5
         b["logits"][0, 2, top2] = a_logits[0, 2, top1] + 1e-5
         b["tokens"][0, 2:] = [top2, 7, 7]
+
     pa, pb = _pair(tmp_path, generated, near)
     c = compare_generation_files(pa, pb)
     row = c.rows[0]
@@ -124,7 +150,8 @@ def test_a_divergence_at_a_near_tie_is_labelled_not_failed(tmp_path, generated):
     assert row.to_dict()["first_divergence_near_tie"] is True
     s = row.steps[2]
     assert s.margin_a == pytest.approx(1e-5, rel=0.1) and s.near_tie_below == pytest.approx(
-        1e-4 * np.abs(tensors["logits"][0, 2]).max())
+        1e-4 * np.abs(tensors["logits"][0, 2]).max()
+    )
 
 
 def test_a_clear_divergence_fails_and_cache_slots_after_it_are_not_compared(tmp_path, generated):
@@ -135,7 +162,8 @@ def test_a_clear_divergence_fails_and_cache_slots_after_it_are_not_compared(tmp_
 
     def clear(b):
         b["tokens"][0, 1] = (tensors["tokens"][0, 1] + 1) % 512
-        b[k0][0, p + 1:] += 100.0  # slots of token 1 onwards: different histories, not compared
+        b[k0][0, p + 1 :] += 100.0  # slots of token 1 onwards: different histories, not compared
+
     c = compare_generation_files(*_pair(tmp_path, generated, clear))
     assert not c and c.exit_code == 1 and c.first_divergence == "row 0 step 1"
     assert not c.rows[0].divergences[0].near_tie
@@ -144,6 +172,7 @@ def test_a_clear_divergence_fails_and_cache_slots_after_it_are_not_compared(tmp_
     def early(b):
         b["tokens"][0, 1] = (tensors["tokens"][0, 1] + 1) % 512
         b[k0][0, p] += 100.0  # token 0's slot: the same history on both sides
+
     c = compare_generation_files(*_pair(tmp_path, generated, early))
     assert [r.point for r in c.records if not r.passed] == [k0]
 
@@ -158,15 +187,16 @@ def test_teacher_forcing_keeps_later_steps_comparable(tmp_path):
     first = [r.first_divergence for r in free.rows]
     assert all(f is not None for f in first) and free.notes
     for r, f in zip(free.rows, first):
-        assert all(not s.comparable for s in r.steps[f + 1:])
+        assert all(not s.comparable for s in r.steps[f + 1 :])
     assert all(s.comparable for r in tf.rows for s in r.steps)
     assert tf.records[0].stats.compared == 2 * 4 * cfg.text.vocab_size  # every step's logits judged
     assert [s.token_a for s in tf.rows[0].steps] == [s.token_a for s in free.rows[0].steps]  # A runs free
 
 
 def test_generate_refuses_layer_options_and_capture_file_b_when_teacher_forced(tmp_path, generated):
-    res = CliRunner().invoke(main, ["compare", PG1, "--a", "torch", "--b", "jax", "--inputs", INPUTS,
-                                    "--generate", "2", "--layer-by-layer"])
+    res = CliRunner().invoke(
+        main, ["compare", PG1, "--a", "torch", "--b", "jax", "--inputs", INPUTS, "--generate", "2", "--layer-by-layer"]
+    )
     assert res.exit_code == 2 and "--generate" in res.output
     pa, pb = _pair(tmp_path, generated, lambda b: None)
     res = CliRunner().invoke(main, ["compare", "--a", pa, "--b", pb, "--generate", "5", "--teacher-forced"])
@@ -199,6 +229,7 @@ def test_cache_prompt_slots_come_from_the_given_inputs_when_the_recorded_path_is
 
     def edit(b):
         b[k0][short, pad] += 100.0  # a padding slot: never attended, so never compared
+
     a, b = {k: v.copy() for k, v in tensors.items()}, {k: v.copy() for k, v in tensors.items()}
     edit(b)
     pa, pb = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")

@@ -1,5 +1,6 @@
 """The HTML report in a real browser: headless Debian chromium renders it (screenshot), the error curves are drawn,
 and the page logs nothing to the console. Skipped when chromium is absent (.ci/run installs it)."""
+
 from __future__ import annotations
 
 import re
@@ -18,22 +19,36 @@ from parity.config import TINY_VARIANTS
 from parity.inputs import save_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--window-size=1000,1300"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--window-size=1000,1300",
+]
 
 
 def shoot(page, png, profile_dir) -> list[str]:
     """Screenshot `page` into `png`; return the console messages chromium logged."""
-    p = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile_dir}", f"--screenshot={png}",
-                        page.as_uri()], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile_dir}", f"--screenshot={png}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert png.exists(), p.stderr[-2000:]
     return [line for line in p.stderr.splitlines() if ":CONSOLE" in line]
 
 
 def pixels_of(png, hex_color: str, tol: int = 40) -> int:
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(img - rgb).sum(-1) < tol).sum())
 
 
@@ -46,8 +61,14 @@ def report(tmp_path_factory):
     params["llm/layers/mlp/gating_einsum"][1] *= np.float32(1.01)  # (linear alone: undone by post_ffw_norm)
     np.savez(d / "b.npz", **{spec.NPZ_PREFIX + k: v for k, v in params.items()})
     inp = str(save_inputs(d / "in.npz", make_inputs(cfg)))
-    c = compare(ckpt=str(d / "a.npz"), against=str(d / "b.npz"), inputs=inp, layer_by_layer=True,
-                teacher_forced=True, isolate=False)
+    c = compare(
+        ckpt=str(d / "a.npz"),
+        against=str(d / "b.npz"),
+        inputs=inp,
+        layer_by_layer=True,
+        teacher_forced=True,
+        isolate=False,
+    )
     write_html(c, str(d / "report.html"))
     return c, d / "report.html", d
 

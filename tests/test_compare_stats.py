@@ -1,4 +1,5 @@
 """parity.compare statistics and judgement against values written out by hand (or by a direct numpy formula)."""
+
 from __future__ import annotations
 
 import json
@@ -69,14 +70,19 @@ def test_chunked_accumulation_equals_one_pass(b, s, d, seed):
     assert whole.mean_abs == pytest.approx(np.abs(kx - ka).mean(), rel=1e-12)
 
 
-@pytest.mark.parametrize("dtype,one_up", [("float32", np.nextafter(np.float32(1), np.float32(2))),
-                                           ("bfloat16", 1 + 2.0**-7), ("float16", 1 + 2.0**-10)])
+@pytest.mark.parametrize(
+    "dtype,one_up",
+    [("float32", np.nextafter(np.float32(1), np.float32(2))), ("bfloat16", 1 + 2.0**-7), ("float16", 1 + 2.0**-10)],
+)
 def test_ulp_distance_in_the_compared_dtype(dtype, one_up):
     a = np.array([1.0, -0.0, 5.0], np.float32)
     b = np.array([one_up, 0.0, 5.0], np.float32)
     assert point_stats(a, b, dtype).ulp == 1
-    tiny = float(np.finfo(np.float32).smallest_subnormal) if dtype == "float32" else float(
-        ml_dtypes.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).smallest_subnormal)
+    tiny = (
+        float(np.finfo(np.float32).smallest_subnormal)
+        if dtype == "float32"
+        else float(ml_dtypes.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).smallest_subnormal)
+    )
     # -tiny and +tiny are two steps apart (through zero).
     assert point_stats(np.array([-tiny], np.float32), np.array([tiny], np.float32), dtype).ulp == 2
 
@@ -86,8 +92,10 @@ def test_logit_statistics():
     b = a.copy()
     b[0, 1] = [0.0, 2.0, 1.0, 0.0, 0.0, -5.0]  # the argmax moves at position 1
     s = point_stats(a, b, logits=True)
-    p = np.exp(a[0, 1].astype(np.float64)); p /= p.sum()
-    q = np.exp(b[0, 1].astype(np.float64)); q /= q.sum()
+    p = np.exp(a[0, 1].astype(np.float64))
+    p /= p.sum()
+    q = np.exp(b[0, 1].astype(np.float64))
+    q /= q.sum()
     assert s.kl_max == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-12)
     assert s.kl_mean == pytest.approx(s.kl_max / 2, rel=1e-12) and s.kl_worst_position == (0, 1)
     assert s.top1 == 0.5
@@ -114,8 +122,21 @@ def test_stats_round_trip_through_json():
 
 # -- judgement ----------------------------------------------------------------------------------------------------
 def _stats(max_rel, **kw):
-    base = dict(shape=(1,), compared=1, max_abs=max_rel, mean_abs=0.0, max_rel=max_rel, rms_rel=max_rel,
-                cosine=1.0, sqnr_db=60.0, ulp=1, ulp_dtype="float32", worst_index=(0,), worst_a=1.0, worst_b=1.0)
+    base = dict(
+        shape=(1,),
+        compared=1,
+        max_abs=max_rel,
+        mean_abs=0.0,
+        max_rel=max_rel,
+        rms_rel=max_rel,
+        cosine=1.0,
+        sqnr_db=60.0,
+        ulp=1,
+        ulp_dtype="float32",
+        worst_index=(0,),
+        worst_a=1.0,
+        worst_b=1.0,
+    )
     return PointStats(**{**base, **kw})
 
 
@@ -144,11 +165,22 @@ def test_profile_from_manifests():
 def test_policy_rules_come_first_and_may_change_the_statistic(tmp_path, fmt):
     path = tmp_path / f"p.{fmt}"
     if fmt == "toml":
-        path.write_text('profile = "fp32"\n[[rules]]\npoints = "llm/layer*/out"\nrms_rel = 0.01\n'
-                        '[[rules]]\npoints = ["logits"]\nmax_rel = 0.5\ntop1 = 0.9\n')
+        path.write_text(
+            'profile = "fp32"\n[[rules]]\npoints = "llm/layer*/out"\nrms_rel = 0.01\n'
+            '[[rules]]\npoints = ["logits"]\nmax_rel = 0.5\ntop1 = 0.9\n'
+        )
     else:
-        path.write_text(json.dumps({"profile": "fp32", "rules": [
-            {"points": "llm/layer*/out", "rms_rel": 0.01}, {"points": ["logits"], "max_rel": 0.5, "top1": 0.9}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "profile": "fp32",
+                    "rules": [
+                        {"points": "llm/layer*/out", "rms_rel": 0.01},
+                        {"points": ["logits"], "max_rel": 0.5, "top1": 0.9},
+                    ],
+                }
+            )
+        )
     t = tol.tolerances(None, str(path), {"dtype": "bfloat16"}, {})
     assert t.profile == "fp32"  # the policy's profile beats the manifests' choice
     j = t.judge("llm/layer01/out", _stats(0.3, rms_rel=0.005))
@@ -159,14 +191,17 @@ def test_policy_rules_come_first_and_may_change_the_statistic(tmp_path, fmt):
     assert tol.tolerances("bf16", str(path), {}, {}).profile == "bf16"  # --profile beats the policy's
 
 
-@pytest.mark.parametrize("text,needle", [
-    ('[[rules]]\npoints = "x"\nmax_rell = 1\n', "rules[0].max_rell"),
-    ('[[rules]]\npoints = "x"\nmax_rel = "big"\n', "rules[0].max_rel"),
-    ('[[rules]]\nmax_rel = 1\n', "rules[0]"),
-    ('profile = "fp64"\n', "profile"),
-    ('rulez = []\n', "rulez"),
-    ('[[rules\n', "not a TOML or JSON policy"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('[[rules]]\npoints = "x"\nmax_rell = 1\n', "rules[0].max_rell"),
+        ('[[rules]]\npoints = "x"\nmax_rel = "big"\n', "rules[0].max_rel"),
+        ("[[rules]]\nmax_rel = 1\n", "rules[0]"),
+        ('profile = "fp64"\n', "profile"),
+        ("rulez = []\n", "rulez"),
+        ("[[rules\n", "not a TOML or JSON policy"),
+    ],
+)
 def test_bad_policy_names_the_key(tmp_path, text, needle):
     path = tmp_path / "p.toml"
     path.write_text(text)

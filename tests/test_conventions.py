@@ -1,4 +1,5 @@
 """Each convention switch changes exactly what it should, and nothing else."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from torch_fixtures import make_inputs, valid_rows
 
 from parity import points, spec
@@ -15,7 +15,7 @@ from parity.conventions import PRESETS, Conventions
 from parity.torch_impl import api, build_model
 
 PG1, PG2 = TINY_VARIANTS["tiny-pg1-mqa"], TINY_VARIANTS["tiny-pg2-gqa"]
-IMG_POINTS = lambda cfg: [p for p in points.forward_points(cfg) if p.startswith("img/")]  # noqa: E731
+IMG_POINTS = lambda cfg: [p for p in points.forward_points(cfg) if p.startswith("img/")]
 
 
 def run(cfg, conv, points_=None, dtype="float32", inputs=None, params=None):
@@ -55,8 +55,12 @@ def test_final_softcap_maps_by_30_tanh():
 
 def test_final_softcap_decode_only_in_generation():
     params, inputs = spec.random_params(PG2, seed=4), make_inputs(PG2, seed=5)
-    gen = lambda c: api.generate(build_model(PG2, Conventions(final_softcap=c), params=params), inputs, 6,  # noqa
-                                 return_logits=True)["logits"]
+    gen = lambda c: api.generate(
+        build_model(PG2, Conventions(final_softcap=c), params=params),
+        inputs,
+        6,
+        return_logits=True,
+    )["logits"]
     never, always, decode_only = gen("never"), gen("always"), gen("decode_only")
     np.testing.assert_array_equal(decode_only[:, 0], never[:, 0])  # prefill logits: uncapped
     np.testing.assert_array_equal(decode_only[:, 1:], always[:, 1:])  # decode steps: capped
@@ -65,8 +69,10 @@ def test_final_softcap_decode_only_in_generation():
 def _layer_masks(model, inputs):
     """The attention mask each LLM layer receives in a forward pass."""
     seen = {}
-    hooks = [blk.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[2].clone()))
-             for i, blk in enumerate(model.llm.layers)]
+    hooks = [
+        blk.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[2].clone()))
+        for i, blk in enumerate(model.llm.layers)
+    ]
     api.forward(model, inputs)
     for h in hooks:
         h.remove()
@@ -107,8 +113,7 @@ def test_normalizer_dtype_matters_only_in_bf16():
     f32 = [run(PG2, Conventions(normalizer_dtype=n), pts, params=params) for n in ("param", "float32")]
     for p in pts:
         np.testing.assert_array_equal(f32[0][p], f32[1][p])
-    bf = [run(PG2, Conventions(normalizer_dtype=n), pts, dtype="bfloat16", params=params)
-          for n in ("param", "float32")]
+    bf = [run(PG2, Conventions(normalizer_dtype=n), pts, dtype="bfloat16", params=params) for n in ("param", "float32")]
     t = PG2.num_image_tokens
     np.testing.assert_array_equal(bf[0][points.PROJECTOR], bf[1][points.PROJECTOR])
     np.testing.assert_array_equal(bf[0][points.LLM_INPUT][:, :t], bf[1][points.LLM_INPUT][:, :t])

@@ -1,11 +1,13 @@
 """Round trips of every format pair, checked bit-exact, and the readers against outside code (numpy, safetensors)."""
+
 import json
 import os
 
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import load_file as st_load_file, save_file as st_save_file
+from safetensors.numpy import load_file as st_load_file
+from safetensors.numpy import save_file as st_save_file
 
 from converters.checkpoint import load_checkpoint, open_checkpoint, sidecar_path
 from converters.convert import convert
@@ -39,8 +41,9 @@ def test_npz_safetensors_npz_bit_exact(tiny_npz, tmp_path, name, dtype):
     assert any(n.startswith("lossy: dropped") for n in r2["notes"])
     # numpy itself reads our npz (bf16 as |V2, like the released files)
     with np.load(tmp_path / "back.npz", allow_pickle=False) as z:
-        got = {k[len("params/"):]: (z[k].view(ml_dtypes.bfloat16) if z[k].dtype.kind == "V" else z[k])
-               for k in z.files}
+        got = {
+            k[len("params/") :]: (z[k].view(ml_dtypes.bfloat16) if z[k].dtype.kind == "V" else z[k]) for k in z.files
+        }
     assert_same_params(params, got)
 
 
@@ -56,7 +59,7 @@ def test_safetensors_written_by_us_load_in_safetensors_library(tiny_npz, tmp_pat
     emb = ours["language_model.model.embed_tokens.weight"]
     assert emb.shape[0] == cfg.hf_vocab_rows
     mean = params["llm/embedder/input_embedding"].astype(np.float64).mean(0).astype(np.float32)
-    assert (emb[cfg.text.vocab_size:] == mean).all()
+    assert (emb[cfg.text.vocab_size :] == mean).all()
 
 
 def test_reads_safetensors_written_by_the_library(tmp_path):
@@ -90,7 +93,7 @@ def test_safetensors_to_safetensors_keeps_padding_rows(tmp_path):
     cfg = TINY_VARIANTS["tiny-pg1-kn"]
     hf = spec.to_hf(cfg, spec.random_params(cfg, seed=2))
     key = "language_model.model.embed_tokens.weight"
-    hf[key][cfg.text.vocab_size:] = np.random.default_rng(9).standard_normal(hf[key][cfg.text.vocab_size:].shape)
+    hf[key][cfg.text.vocab_size :] = np.random.default_rng(9).standard_normal(hf[key][cfg.text.vocab_size :].shape)
     os.makedirs(tmp_path / "a")
     st_save_file(hf, str(tmp_path / "a" / "model.safetensors"))
     convert(tmp_path / "a", tmp_path / "b", "safetensors", max_shard_size="10KB")
@@ -125,9 +128,18 @@ def test_dtype_option_rounds_and_reports(tiny_npz, tmp_path):
 def test_sidecar_keeps_what_shapes_cannot_tell(tmp_path):
     """A custom Gemma 2 config (no softcaps, window 5) survives npz -> st -> npz -> st via sidecar/config.json."""
     base = TINY_VARIANTS["tiny-pg2-gqa"]
-    custom = PaliGemmaConfig("custom", base.vision, TextConfig(
-        **{**{f: getattr(base.text, f) for f in base.text.__dataclass_fields__},
-           "attn_softcap": None, "final_softcap": 10.0, "sliding_window": 5}))
+    custom = PaliGemmaConfig(
+        "custom",
+        base.vision,
+        TextConfig(
+            **{
+                **{f: getattr(base.text, f) for f in base.text.__dataclass_fields__},
+                "attn_softcap": None,
+                "final_softcap": 10.0,
+                "sliding_window": 5,
+            }
+        ),
+    )
     params = spec.random_params(custom, seed=4)
     np.savez(tmp_path / "a.npz", **{"params/" + k: v for k, v in params.items()})
     cfgfile = tmp_path / "custom.json"
@@ -166,7 +178,8 @@ def test_inspect_reports_departures(tiny_npz, tmp_path):
     src, params = tiny_npz("tiny-pg1-mqa")
     rep = inspect(src)
     assert rep["conforms"] and rep["parameters"] == rep["spec_parameters"] == spec.param_count(
-        TINY_VARIANTS["tiny-pg1-mqa"])
+        TINY_VARIANTS["tiny-pg1-mqa"]
+    )
     params = dict(params)
     params.pop("llm/final_norm/scale")
     params["extra/thing"] = np.zeros(3, np.float32)
@@ -194,12 +207,16 @@ def test_our_npz_writer_gives_what_np_savez_gives_to_numpy_and_zipfile(tmp_path,
     import zipfile
 
     from converters import npz_io
+
     if zip64_end:
         monkeypatch.setattr(npz_io, "_MAX16", 2)
     rng = np.random.default_rng(0)
-    arrays = {"params/a": rng.standard_normal((3, 5)).astype(np.float32),
-              "params/b": rng.standard_normal((4, 2, 3)).astype(ml_dtypes.bfloat16),
-              "params/c": rng.standard_normal(7).astype(np.float16), "params/empty": np.zeros((0, 4), np.float32)}
+    arrays = {
+        "params/a": rng.standard_normal((3, 5)).astype(np.float32),
+        "params/b": rng.standard_normal((4, 2, 3)).astype(ml_dtypes.bfloat16),
+        "params/c": rng.standard_normal(7).astype(np.float16),
+        "params/empty": np.zeros((0, 4), np.float32),
+    }
     ours, theirs = tmp_path / "ours.npz", tmp_path / "theirs.npz"
     with open(ours, "wb") as f, npz_io.NpzWriter(f) as w:
         for k, a in arrays.items():
@@ -207,8 +224,9 @@ def test_our_npz_writer_gives_what_np_savez_gives_to_numpy_and_zipfile(tmp_path,
     np.savez(theirs, **arrays)
     with zipfile.ZipFile(ours) as zo, zipfile.ZipFile(theirs) as zt:
         assert zo.testzip() is None
-        assert [(i.filename, i.file_size, i.CRC) for i in zo.infolist()] == \
-               [(i.filename, i.file_size, i.CRC) for i in zt.infolist()]
+        assert [(i.filename, i.file_size, i.CRC) for i in zo.infolist()] == [
+            (i.filename, i.file_size, i.CRC) for i in zt.infolist()
+        ]
         assert all(zo.read(n) == zt.read(n) for n in zt.namelist())
         # no clock in the archive: converting the same input again gives the same bytes (np.savez stamps the time)
         assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in zo.infolist())

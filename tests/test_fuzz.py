@@ -12,26 +12,27 @@ deep nesting) and given to the command that reads it. Every run must end, within
 Whatever the reference reader refuses, we refuse too. Cases per format are scaled by PARITY_FUZZ_SCALE (default 1,
 a few hundred in all); the seed is PARITY_FUZZ_SEED. The figures are printed with `pytest -s`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import random
-import zlib
 import shutil
 import signal
 import struct
 import sys
 import time
+import zlib
 from collections import Counter
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from parity import spec
 from parity.cli import main
 from parity.config import TINY_VARIANTS
-from parity import spec
 from tests import hostile_files as hf
 
 SEED = int(os.environ.get("PARITY_FUZZ_SEED", "10"))
@@ -40,8 +41,17 @@ TIME_BOUND = 10.0  # seconds per run; the tiny inputs take ~0.05 s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLD_CKPT = os.path.join(ROOT, "golden", "tiny-pg1-mqa.npz")
 GOLD_INPUTS = os.path.join(ROOT, "golden", "tiny-inputs.npz")
-CASES = {"npz": 80, "safetensors": 80, "index": 30, "config": 40, "sidecar": 20, "inputs-npz": 30,
-         "inputs-npz-compressed": 20, "inputs-safetensors": 30, "capture": 40}
+CASES = {
+    "npz": 80,
+    "safetensors": 80,
+    "index": 30,
+    "config": 40,
+    "sidecar": 20,
+    "inputs-npz": 30,
+    "inputs-npz-compressed": 20,
+    "inputs-safetensors": 30,
+    "capture": 40,
+}
 FIGURES: dict[str, Counter] = {}
 
 
@@ -73,14 +83,14 @@ def mutate_bytes(rng: random.Random, data: bytes, hot: list[tuple[int, int]]) ->
         elif op == "insert":
             d[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.choice([1, 4, 7, 64])))
         elif op == "delete":
-            del d[pos:pos + rng.choice([1, 4, 7, 64])]
+            del d[pos : pos + rng.choice([1, 4, 7, 64])]
         elif op == "truncate":
             del d[pos:]
         elif op == "append":
             d += bytes(rng.randrange(256) for _ in range(rng.choice([1, 8, 100])))
         else:
             n = rng.choice([4, 30, 46])
-            d[pos:pos] = d[pos:pos + n]
+            d[pos:pos] = d[pos : pos + n]
         what.append(f"{op}@{pos}")
         if not d:
             d = bytearray(b"\0")
@@ -113,20 +123,40 @@ def set_at(x, path, v):
 # Never valid for any field a reader of ours takes (sizes are positive integers, eps/theta/softcaps positive
 # numbers, names strings, sub-configs objects): a config mutated with these must be refused, or mean the same.
 INVALID_FOR_CONFIG = ["x", "48", "", [], [48], {}, {"a": 1}, True, False, -1, 0, -0.5, -(2**64), -1e300]
-ANY_JSON = INVALID_FOR_CONFIG + [None, 1, 2, 7, 16, 1.5, 1e-6, 2**64, 1e301, "F16", "BF16", "F32", "I32",
-                                 "F8_E4M3", [0, 0]]
+ANY_JSON = INVALID_FOR_CONFIG + [
+    None,
+    1,
+    2,
+    7,
+    16,
+    1.5,
+    1e-6,
+    2**64,
+    1e301,
+    "F16",
+    "BF16",
+    "F32",
+    "I32",
+    "F8_E4M3",
+    [0, 0],
+]
 
 
-def mutate_json(rng: random.Random, obj, values: list, structural: bool = True, free: tuple = ()
-                ) -> tuple[bytes, str]:
+def mutate_json(rng: random.Random, obj, values: list, structural: bool = True, free: tuple = ()) -> tuple[bytes, str]:
     """A JSON document mutated at a random path (not one of the `free`-form ones, whose every string is valid): a
     value replaced, wrapped, swapped, off by a little, keys duplicated, deep nesting, truncation; returns the
     serialised text (which may be deliberately invalid JSON)."""
     obj = json.loads(json.dumps(obj))
     paths = [p for p in json_paths(obj) if p not in free]
     path = rng.choice(paths)
-    op = rng.choice(["replace"] * 6 + (["wrap", "swap", "nest", "dupkey", "truncate", "number"] if structural
-                                       else ["wrap", "nest", "dupkey", "truncate"]))
+    op = rng.choice(
+        ["replace"] * 6
+        + (
+            ["wrap", "swap", "nest", "dupkey", "truncate", "number"]
+            if structural
+            else ["wrap", "nest", "dupkey", "truncate"]
+        )
+    )
     desc = f"{op} at {'/'.join(map(str, path)) or '<root>'}"
     if op == "replace":
         v = rng.choice(values)
@@ -137,7 +167,7 @@ def mutate_json(rng: random.Random, obj, values: list, structural: bool = True, 
     elif op == "swap":
         other = rng.choice(paths)
         a, b = get(obj, path), get(obj, other)
-        if path and other and not (path[:len(other)] == other or other[:len(path)] == path):
+        if path and other and not (path[: len(other)] == other or other[: len(path)] == path):
             obj = set_at(obj, path, b)
             obj = set_at(obj, other, a)
             desc += f" with {'/'.join(map(str, other))}"
@@ -148,8 +178,9 @@ def mutate_json(rng: random.Random, obj, values: list, structural: bool = True, 
     elif op == "nest":
         text = json.dumps(obj)
         depth = rng.choice([50, 5000, 100000])
-        return (text[:-1] + (", " if len(text) > 2 else "") + '"deep": ' + "[" * depth + "]" * depth + "}").encode(), \
-            desc + f" {depth}"
+        return (
+            text[:-1] + (", " if len(text) > 2 else "") + '"deep": ' + "[" * depth + "]" * depth + "}"
+        ).encode(), desc + f" {depth}"
     elif op == "dupkey":
         parent = get(obj, path[:-1]) if path else obj
         if isinstance(parent, dict) and path:
@@ -160,7 +191,7 @@ def mutate_json(rng: random.Random, obj, values: list, structural: bool = True, 
                 return (text[:i] + k + ": " + json.dumps(rng.choice(values)) + ", " + text[i:]).encode(), desc
     elif op == "truncate":
         text = json.dumps(obj)
-        return text[:rng.randrange(1, len(text))].encode(), desc
+        return text[: rng.randrange(1, len(text))].encode(), desc
     return json.dumps(obj).encode(), desc
 
 
@@ -187,6 +218,7 @@ def run_cli(args) -> tuple[int, str, float]:
         raise AssertionError(f"hang: {args} did not finish within {TIME_BOUND} s")
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback
+
         tb = "".join(traceback.format_exception(type(r.exception), r.exception, r.exception.__traceback__))
         raise AssertionError(f"traceback (exit {r.exit_code}) for {args}:\n{tb}")
     return r.exit_code, r.stderr, dt
@@ -233,8 +265,10 @@ def note(name, case, label, err=""):
 
 def figures(name, outcomes: Counter, seconds: float):
     FIGURES[name] = outcomes
-    print(f"\nfuzz {name}: {sum(outcomes.values())} cases in {seconds:.1f} s: " +
-          ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
+    print(
+        f"\nfuzz {name}: {sum(outcomes.values())} cases in {seconds:.1f} s: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))
+    )
 
 
 def n_cases(name):
@@ -249,6 +283,7 @@ def work(tmp_path_factory):
     params = spec.random_params(cfg, seed=3)
     np.savez(d / "ref.npz", **{spec.NPZ_PREFIX + k: v for k, v in params.items()})
     from converters.convert import convert
+
     convert(d / "ref.npz", d / "ref-st", "safetensors")
     convert(d / "ref.npz", d / "ref-sharded", "safetensors", max_shard_size="30KB")
     return d
@@ -280,6 +315,7 @@ def _reference_npz(path):
 
 def _reference_st(path):
     from safetensors.numpy import load_file
+
     try:
         return load_file(str(path))
     except Exception:
@@ -287,8 +323,9 @@ def _reference_st(path):
 
 
 def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and
-                                        a[k].tobytes() == b[k].tobytes() for k in a)
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes() for k in a
+    )
 
 
 def test_fuzz_npz_checkpoint(work, unraisable):
@@ -321,6 +358,7 @@ def test_fuzz_npz_checkpoint(work, unraisable):
             o2 = _outdir(work, "npz-clean")
             assert run_cli(["convert", clean, "-o", o2 / "x", "--to", "safetensors"])[0] == 0
             return "exit 0, what np.load reads" if files(o2 / "x") == got else None
+
         label = check("npz", f"case {i}: {desc}", code, err, dt, out, ok)
         if code == 2 and reference is not None:
             label += " (np.load accepts)"
@@ -345,11 +383,13 @@ def _st_convert_case(work, name, src_dir, out, baseline, reference, original_st)
         shutil.rmtree(clean, ignore_errors=True)
         clean.mkdir()
         from safetensors.numpy import save_file
+
         save_file(reference, str(clean / "model.safetensors"))
         shutil.copy(src_dir / "config.json", clean / "config.json")
         o2 = _outdir(work, "st-clean")
         assert run_cli(["convert", clean, "-o", o2 / "x.npz", "--to", "npz"])[0] == 0
         return "exit 0, what safetensors reads" if files(o2) == got else None
+
     return code, err, dt, ok
 
 
@@ -414,15 +454,24 @@ def _json_target(work, name, ref_dir, rel, values, structural, out_name, to, n, 
             shutil.rmtree(out)
             out.mkdir()
             return "exit 0, same output" if got == baseline else None
+
         outcomes[check(name, f"case {i}: {desc}", code, err, dt, out, ok)] += 1
     return outcomes, time.perf_counter() - t0
 
 
 def test_fuzz_index_json(work, unraisable):
     """A sharded checkpoint's model.safetensors.index.json: exit 0 only for the same output."""
-    outcomes, s = _json_target(work, "index", work / "ref-sharded", "model.safetensors.index.json",
-                               ANY_JSON + ["model-00001-of-00002.safetensors", "../x", "model.safetensors"], True,
-                               None, "npz", n_cases("index"))
+    outcomes, s = _json_target(
+        work,
+        "index",
+        work / "ref-sharded",
+        "model.safetensors.index.json",
+        ANY_JSON + ["model-00001-of-00002.safetensors", "../x", "model.safetensors"],
+        True,
+        None,
+        "npz",
+        n_cases("index"),
+    )
     figures("index.json (sharded safetensors -> npz)", outcomes, s)
     assert not unraisable, unraisable
 
@@ -430,12 +479,24 @@ def test_fuzz_index_json(work, unraisable):
 def test_fuzz_config_json(work, unraisable):
     """A hub-style config.json (no parity_config) mutated with values no field accepts: refused, or ignored where
     the field is not one we read (then the output is the same)."""
+
     def hub_style(doc):
         doc = dict(doc)
         del doc["parity_config"]
         return doc
-    outcomes, s = _json_target(work, "config", work / "ref-st", "config.json", INVALID_FOR_CONFIG, False, None,
-                               "npz", n_cases("config"), hub_style)
+
+    outcomes, s = _json_target(
+        work,
+        "config",
+        work / "ref-st",
+        "config.json",
+        INVALID_FOR_CONFIG,
+        False,
+        None,
+        "npz",
+        n_cases("config"),
+        hub_style,
+    )
     figures("config.json (safetensors -> npz)", outcomes, s)
     assert not unraisable, unraisable
 
@@ -447,8 +508,18 @@ def test_fuzz_sidecar(work, unraisable):
     d.mkdir()
     shutil.copy(work / "ref.npz", d / "c.npz")
     (d / "c.npz.parity.json").write_text(TINY_VARIANTS["tiny-pg2-gqa"].to_json())
-    outcomes, s = _json_target(work, "sidecar", d, "c.npz.parity.json", INVALID_FOR_CONFIG, False, "c.npz",
-                               "safetensors", n_cases("sidecar"), free=(("name",),))
+    outcomes, s = _json_target(
+        work,
+        "sidecar",
+        d,
+        "c.npz.parity.json",
+        INVALID_FOR_CONFIG,
+        False,
+        "c.npz",
+        "safetensors",
+        n_cases("sidecar"),
+        free=(("name",),),
+    )
     figures("npz sidecar (npz -> safetensors)", outcomes, s)
     assert not unraisable, unraisable
 
@@ -456,6 +527,7 @@ def test_fuzz_sidecar(work, unraisable):
 # -- inputs and captures -------------------------------------------------------------------------------------------
 def _validated_sha(arrays):
     from parity.inputs import inputs_sha256, validate_inputs
+
     try:
         return inputs_sha256(validate_inputs(arrays, TINY_VARIANTS["tiny-pg1-mqa"]))
     except Exception:
@@ -467,6 +539,7 @@ def test_fuzz_inputs(work, unraisable, fmt):
     """`capture` with a mutated inputs file: exit 0 only when the reference reader accepts the file and its
     validated arrays are what the manifest records; for unchanged arrays the logits are the unmutated ones."""
     from parity.run import read_capture
+
     rng = random.Random(SEED * 1000 + 7 + (fmt == "npz"))
     with np.load(GOLD_INPUTS) as z:
         arrays = {k: z[k] for k in z.files}
@@ -477,6 +550,7 @@ def test_fuzz_inputs(work, unraisable, fmt):
         np.savez_compressed(ref, **arrays)
     else:
         from safetensors.numpy import save_file
+
         save_file(arrays, str(ref))
     data = ref.read_bytes()
     hot = _npz_hot(data) if fmt.startswith("npz") else [(0, 8 + struct.unpack_from("<Q", data)[0])]
@@ -497,8 +571,9 @@ def test_fuzz_inputs(work, unraisable, fmt):
         src.write_bytes(m)
         reference = reader(src)
         sha = _validated_sha(reference) if reference is not None else None
-        code, err, dt = run_cli(["capture", GOLD_CKPT, "--inputs", src, "-o", out / "c.safetensors", "--points",
-                                 "logits"])
+        code, err, dt = run_cli(
+            ["capture", GOLD_CKPT, "--inputs", src, "-o", out / "c.safetensors", "--points", "logits"]
+        )
 
         def ok():
             t, man = read_capture(str(out / "c.safetensors"))
@@ -508,6 +583,7 @@ def test_fuzz_inputs(work, unraisable, fmt):
             if sha == base_m["inputs"]["sha256"]:
                 return "exit 0, same output" if t["logits"].tobytes() == base_t["logits"].tobytes() else None
             return "exit 0, what the reference reads"
+
         label = check(f"inputs-{fmt}", f"case {i}: {desc}", code, err, dt, out, ok)
         if code == 2 and sha is not None:
             label += " (reference accepts)"
@@ -520,12 +596,27 @@ def test_fuzz_inputs(work, unraisable, fmt):
 def test_fuzz_capture_files(work, unraisable):
     """parity.run.read_capture on mutated capture files: the reference's tensors and manifest, or one ParityError."""
     from safetensors import safe_open
+
     from parity.errors import ParityError
     from parity.run import read_capture
+
     rng = random.Random(SEED * 1000 + 9)
     out = _outdir(work, "capture")
-    assert run_cli(["capture", GOLD_CKPT, "--inputs", GOLD_INPUTS, "-o", out / "c.safetensors", "--points",
-                    "img/projector,llm/layer00/out"])[0] == 0
+    assert (
+        run_cli(
+            [
+                "capture",
+                GOLD_CKPT,
+                "--inputs",
+                GOLD_INPUTS,
+                "-o",
+                out / "c.safetensors",
+                "--points",
+                "img/projector,llm/layer00/out",
+            ]
+        )[0]
+        == 0
+    )
     data = (out / "c.safetensors").read_bytes()
     header, body = hf.st_split(data)
     src = work / "m-capture.safetensors"

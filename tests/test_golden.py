@@ -1,6 +1,8 @@
 """Golden bundles: every shipped bundle (recorded from transformers, and from keras-hub) checked against both
-implementations; a 1e-3 change to one weight fails `check` and names the point; record refuses to overwrite and, with --update, says what
-changed; the checkpoint is found relative to the bundle and verified by sha256; the closest expectation is used."""
+implementations; a 1e-3 change to one weight fails `check` and names the point; record refuses to overwrite and, with
+--update, says what changed; the checkpoint is found relative to the bundle and verified by sha256; the closest
+expectation is used."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +25,7 @@ PG1 = os.path.join(GOLDEN, "tiny-pg1-mqa.bundle")
 
 def test_the_shipped_bundles_cover_pg1_pg2_window_and_28b_query_scale_recorded_from_transformers():
     from parity.config import TINY_VARIANTS, QueryScale
+
     configs = {}
     for name in (b for b in BUNDLES if b not in KERAS):
         b = golden.Bundle.open(os.path.join(GOLDEN, name))
@@ -35,8 +38,9 @@ def test_the_shipped_bundles_cover_pg1_pg2_window_and_28b_query_scale_recorded_f
     seq = 16 + 14  # image tokens + text length of golden/tiny-inputs.npz
     assert any(t.gemma2 and t.sliding_window and t.sliding_window < seq for t in texts)
     assert any(t.query_scale == QueryScale.WIDTH_PER_HEAD for t in texts)
-    total = sum(os.path.getsize(os.path.join(GOLDEN, n, f)) for n in BUNDLES
-                for f in os.listdir(os.path.join(GOLDEN, n)))
+    total = sum(
+        os.path.getsize(os.path.join(GOLDEN, n, f)) for n in BUNDLES for f in os.listdir(os.path.join(GOLDEN, n))
+    )
     assert total < 3 << 20  # a few MB in all
 
 
@@ -46,6 +50,7 @@ def test_keras_hub_bundles_cover_pg1_and_pg2_with_a_window_shorter_than_the_sequ
     from parity.config import TINY_VARIANTS
     from parity.conventions import PRESETS
     from parity.inputs import load_inputs
+
     assert sorted(KERAS) == ["tiny-pg1-mqa.keras_hub.bundle", "tiny-pg2-gqa.keras_hub.bundle"]
     for name in KERAS:
         b = golden.Bundle.open(os.path.join(GOLDEN, name))
@@ -65,7 +70,7 @@ def test_a_1e3_change_to_one_weight_fails_a_keras_hub_bundle_at_the_first_point_
     assert not r and r.first_divergence == "llm/layer01/out"
     names = [x.point for x in r.capture.records]
     assert names[names.index("llm/layer01/out") - 1] == "llm/layer00/out"
-    assert all(x.passed for x in r.capture.records[:names.index("llm/layer01/out")])
+    assert all(x.passed for x in r.capture.records[: names.index("llm/layer01/out")])
 
 
 @pytest.mark.parametrize("impl", ["torch", "jax"])
@@ -86,6 +91,7 @@ def test_both_implementations_match_every_shipped_bundle(bundle, impl):
 
 def _cfg(bundle):
     from parity.config import TINY_VARIANTS
+
     return TINY_VARIANTS[golden.Bundle.open(os.path.join(GOLDEN, bundle)).manifest["config"]]
 
 
@@ -108,7 +114,7 @@ def test_a_1e3_change_to_one_weight_fails_check_and_names_the_point(tmp_path):
     assert d["schema"] == "parity.golden.check/1" and not d["passed"]
     assert d["first_divergence"] == d["capture"]["first_divergence"] == "llm/layer01/mlp"
     names = [p["point"] for p in d["capture"]["points"]]  # forward order
-    before = d["capture"]["points"][:names.index("llm/layer01/mlp")]
+    before = d["capture"]["points"][: names.index("llm/layer01/mlp")]
     assert len(before) > 10 and all(p["judgement"]["passed"] for p in before)
     assert d["checkpoint"]["sha256_verified"] is False
     text = CliRunner().invoke(main, ["golden", "check", PG1, "--checkpoint", ckpt])
@@ -140,8 +146,9 @@ def test_record_refuses_to_overwrite_and_update_reports_what_changed(tmp_path):
     assert b.manifest["convention"] == "big_vision" and [e.key for e in b.expectations] == [("cpu", "fp32")]
     tampered = str(tmp_path / "tiny-pg1-mqa.npz")
     shutil.copy(_tampered(tmp_path), tampered)
-    res = CliRunner().invoke(main, ["golden", "record", tampered, "--inputs", inputs, "--generate", "3", "-o", out,
-                                    "--update", "--json"])
+    res = CliRunner().invoke(
+        main, ["golden", "record", tampered, "--inputs", inputs, "--generate", "3", "-o", out, "--update", "--json"]
+    )
     assert res.exit_code == 0, res.output
     ch = json.loads(res.output)["changes"]
     changed = [p["point"] for p in ch["points_changed"]]
@@ -153,8 +160,10 @@ def test_record_refuses_to_overwrite_and_update_reports_what_changed(tmp_path):
 
 
 def test_the_closest_expectation_is_used_when_the_exact_one_is_missing():
-    exps = [dict(device_class="cpu", profile="fp32", capture="a", generation=None, impl="torch", recorded=""),
-            dict(device_class="cuda", profile="bf16", capture="b", generation=None, impl="torch", recorded="")]
+    exps = [
+        dict(device_class="cpu", profile="fp32", capture="a", generation=None, impl="torch", recorded=""),
+        dict(device_class="cuda", profile="bf16", capture="b", generation=None, impl="torch", recorded=""),
+    ]
     b = golden.Bundle("/x", {"expectations": exps})
     assert b.closest("cpu", "fp32") == (golden.Expectation(**exps[0]), None)
     e, note = b.closest("cuda", "tf32")
@@ -178,6 +187,7 @@ def test_a_transformers_bundle_short_of_one_point_is_refused_naming_the_file_and
     one (an edited or damaged bundle) is exit 2 naming the file and the point, not a pass on the points left."""
     from converters import safetensors_io
     from parity.run import CAPTURE_DTYPES
+
     bundle = tmp_path / "tiny-pg1-mqa.bundle"
     shutil.copytree(PG1, bundle)
     shutil.copy(os.path.join(GOLDEN, "tiny-pg1-mqa.npz"), tmp_path / "tiny-pg1-mqa.npz")
@@ -187,8 +197,9 @@ def test_a_transformers_bundle_short_of_one_point_is_refused_naming_the_file_and
         meta = dict(r.metadata)
     os.remove(cap)
     with open(cap, "wb") as f:
-        safetensors_io.write_file(f, [(k, v.dtype, v.shape) for k, v in tensors.items()],
-                                  [[v] for v in tensors.values()], meta)
+        safetensors_io.write_file(
+            f, [(k, v.dtype, v.shape) for k, v in tensors.items()], [[v] for v in tensors.values()], meta
+        )
     res = CliRunner().invoke(main, ["golden", "check", str(bundle)])
     assert res.exit_code == 2, res.output
     assert "llm/layer01/mlp" in res.output and "cpu-fp32.capture.safetensors" in res.output

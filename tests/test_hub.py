@@ -1,4 +1,5 @@
 """Hub references resolve through the real clients against local caches (no network here)."""
+
 import os
 import shutil
 
@@ -24,6 +25,7 @@ def test_hf_reference_from_offline_cache(tiny_npz, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
     cfg, got = load_checkpoint("hf:google/paligemma2-tiny")

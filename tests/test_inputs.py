@@ -1,4 +1,5 @@
 """parity.inputs: every bad-input case gives one line naming the file, the key, expected and found; round trips."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def good(b=2, t=6):
     text = rng.integers(3, CFG.text.vocab_size, (b, t)).astype(np.int32)
     text[:, 0] = 2
     mask_ar = np.zeros((b, t), np.int32)
-    mask_ar[:, t - 2:] = 1
+    mask_ar[:, t - 2 :] = 1
     mask_input = np.ones((b, t), np.int32)
     mask_input[b - 1, t - 1] = 0
     text[b - 1, t - 1] = 0
@@ -101,8 +102,13 @@ def test_unexpected_key():
 
 # -- shapes and dtypes ------------------------------------------------------------------------------------------
 def test_image_wrong_rank():
-    bad(with_("image", np.zeros((28, 28, 3), np.float32)), "image", "wrong rank", "float32[28, 28, 3]",
-        "float32[B, 28, 28, 3]")
+    bad(
+        with_("image", np.zeros((28, 28, 3), np.float32)),
+        "image",
+        "wrong rank",
+        "float32[28, 28, 3]",
+        "float32[B, 28, 28, 3]",
+    )
 
 
 def test_image_channels_first():
@@ -139,8 +145,13 @@ def test_mask_shape_differs_from_text():
 
 
 def test_batch_sizes_disagree_image_text():
-    bad(with_("image", np.zeros((3, 28, 28, 3), np.float32)), "image", "batch sizes disagree", "batch size 2",
-        "batch size 3")
+    bad(
+        with_("image", np.zeros((3, 28, 28, 3), np.float32)),
+        "image",
+        "batch sizes disagree",
+        "batch size 2",
+        "batch size 3",
+    )
 
 
 def test_batch_sizes_disagree_mask():
@@ -161,8 +172,13 @@ def test_empty_batch():
 
 
 def test_image_size_differs_from_config():
-    bad(with_("image", np.zeros((2, 32, 32, 3), np.float32)), "image", "float32[B, 28, 28, 3]",
-        "float32[2, 32, 32, 3]", CFG.name)
+    bad(
+        with_("image", np.zeros((2, 32, 32, 3), np.float32)),
+        "image",
+        "float32[B, 28, 28, 3]",
+        "float32[2, 32, 32, 3]",
+        CFG.name,
+    )
 
 
 def test_image_size_free_without_config():

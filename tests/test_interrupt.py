@@ -2,6 +2,7 @@
 SIGINT / SIGTERM / SIGHUP / SIGKILL; a second writer while the first is alive; --overwrite replacing under SIGKILL.
 Afterwards the destination holds either nothing, the old complete output or the new one, and no temporary is left
 (except the stale one SIGKILL must leave, which the next run names and --overwrite removes)."""
+
 import dataclasses
 import filecmp
 import os
@@ -27,8 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def big_config():
     """tiny-pg2-gqa scaled up to ~80 MB of float32: long enough to be stopped while writing, quick to make."""
     base = TINY_VARIANTS["tiny-pg2-gqa"]
-    t = dataclasses.replace(base.text, width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=4, head_dim=64,
-                            vocab_size=8192)
+    t = dataclasses.replace(
+        base.text, width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=4, head_dim=64, vocab_size=8192
+    )
     return dataclasses.replace(base, name="big-test", text=t)
 
 
@@ -49,8 +51,13 @@ def big(tmp_path_factory):
 
 def start(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.Popen([sys.executable, "-m", "parity.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "parity.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def cli(*args):
@@ -140,8 +147,10 @@ def interrupted(big, tmp_path, direction, sig, min_bytes=1 << 20):
     return dst, tmp, code, err, proc.pid
 
 
-@pytest.mark.parametrize("sig,direction", [(signal.SIGINT, "st->npz"), (signal.SIGINT, "npz->st"),
-                                           (signal.SIGTERM, "st->npz"), (signal.SIGHUP, "npz->st")])
+@pytest.mark.parametrize(
+    "sig,direction",
+    [(signal.SIGINT, "st->npz"), (signal.SIGINT, "npz->st"), (signal.SIGTERM, "st->npz"), (signal.SIGHUP, "npz->st")],
+)
 def test_signal_midway_leaves_nothing(big, tmp_path, direction, sig):
     dst, tmp, code, err, _ = interrupted(big, tmp_path, direction, sig)
     if sig == signal.SIGINT:
@@ -225,11 +234,16 @@ def test_replace_directory_without_renameat2(tmp_path, monkeypatch, exchange, fa
         monkeypatch.setattr(atomic, "_renameat2", lambda: None)
     real = os.rename
     if fail:
+
         def rename(a, b):
-            if os.path.basename(str(a)).startswith(".d.") and not str(a).endswith(".old.partial") \
-                    and str(b) == str(dst):
+            if (
+                os.path.basename(str(a)).startswith(".d.")
+                and not str(a).endswith(".old.partial")
+                and str(b) == str(dst)
+            ):
                 raise OSError(5, "Input/output error")
             return real(a, b)
+
         monkeypatch.setattr(os, "rename", rename)
         if exchange:
             monkeypatch.setattr(atomic, "_rename2", lambda *a: False)
@@ -275,11 +289,14 @@ def test_every_output_file_is_on_disk_before_it_gets_its_name(tmp_path, monkeypa
     commits = {e[2]: i for i, e in enumerate(events) if e[0] == "commit"}
     main_commit = commits[str(dst)]
     tmp = events[main_commit][1]
-    flushed = {os.path.relpath(e[1], tmp) for e in events[:main_commit] if e[0] == "fsync"
-               and e[1].startswith(tmp)}
-    written = ({"."} | {os.path.relpath(os.path.join(r, f), dst) for r, ds, fs in os.walk(dst) for f in fs}
-               | {os.path.relpath(os.path.join(r, d), dst) for r, ds, fs in os.walk(dst) for d in ds}
-               if os.path.isdir(dst) else {"."})
+    flushed = {os.path.relpath(e[1], tmp) for e in events[:main_commit] if e[0] == "fsync" and e[1].startswith(tmp)}
+    written = (
+        {"."}
+        | {os.path.relpath(os.path.join(r, f), dst) for r, ds, fs in os.walk(dst) for f in fs}
+        | {os.path.relpath(os.path.join(r, d), dst) for r, ds, fs in os.walk(dst) for d in ds}
+        if os.path.isdir(dst)
+        else {"."}
+    )
     assert written <= flushed, sorted(written - flushed)
     assert ("fsync", str(tmp_path)) in events[main_commit:]
 
@@ -288,6 +305,7 @@ def test_every_output_file_is_on_disk_before_it_gets_its_name(tmp_path, monkeypa
 def test_reader_thread_shutdown_cannot_deadlock(fail):
     """The deadlock of issue 10: the worker blocked putting its end marker into a full queue while the consumer
     waited in join(). Here the queue is full and the worker done when the consumer stops."""
+
     def items():
         yield from range(3)
         if fail == "worker raises":

@@ -1,6 +1,7 @@
 """JAX generation (jitted prefill + lax.while_loop decode): greedy against transformers' generate with
 eos_token_id=None, token streams, per-step logits and KV caches against torch under both presets, EOS, ignore_eos,
 sampling; sharding on 8 host devices (subprocess); the benchmark's CPU path."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hf_oracle import hf_generate_row, hf_model, rel_err
 from torch_fixtures import make_inputs
 
@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def case(request):
     cfg = TINY_VARIANTS[request.param]
     params = spec.random_params(cfg, seed=2)
-    models = {p: (api.build_model(cfg, c, params=params), torch_api.build_model(cfg, c, params=params))
-              for p, c in PRESETS.items()}
+    models = {
+        p: (api.build_model(cfg, c, params=params), torch_api.build_model(cfg, c, params=params))
+        for p, c in PRESETS.items()
+    }
     return cfg, params, make_inputs(cfg, seed=3), models
 
 
@@ -81,7 +83,7 @@ def test_eos_stops_rows_and_pads_with_zero_like_torch(case):
     np.testing.assert_array_equal(got, torch_api.generate(theirs, inputs, 12, eos_id=eos)["tokens"])
     first = int(np.argmax(greedy[0] == eos))
     np.testing.assert_array_equal(got[0, : first + 1], greedy[0, : first + 1])
-    assert (got[0, first + 1:] == 0).all()
+    assert (got[0, first + 1 :] == 0).all()
     kept = api.generate(ours, inputs, 12, eos_id=eos, ignore_eos=True, **kw)["tokens"]
     np.testing.assert_array_equal(kept, greedy)  # ignore_eos: the stream runs on through <eos>
 
@@ -125,7 +127,16 @@ params = spec.random_params(cfg, seed=1, scale=0.1)
 inputs = make_inputs(cfg, length=(14, 10, 12, 9, 14, 11, 13, 8), prefix=(3, 6, 9, 2, 5, 4, 7, 1))
 conv = PRESETS["transformers"]
 ref = api.forward(api.build_model(cfg, conv, params=params), inputs)[points.LOGITS]
-ref_gen = api.generate(api.build_model(cfg, conv, params=params), inputs, 6)["tokens"]  # decoding: one mesh (compile time)
+
+
+def _spec(v) -> list:
+    # a sharded array's partition spec, one entry per axis (None where unsharded), as strings
+    spec = [a if a is None else str(a) for a in v.sharding.spec]
+    return spec + [None] * (v.ndim - len(spec))
+
+
+# decoding: one mesh (compile time)
+ref_gen = api.generate(api.build_model(cfg, conv, params=params), inputs, 6)["tokens"]
 
 report = {}
 for mesh in ("data=2,model=4", "data=8", "model=8"):
@@ -142,8 +153,7 @@ for mesh in ("data=2,model=4", "data=8", "model=8"):
     report[mesh] = {
         "rel": float(np.abs(got - ref).max() / np.abs(ref).max()),
         "tokens_equal": mesh != "data=2,model=4" or bool((api.generate(m, inputs, 6)["tokens"] == ref_gen).all()),
-        "specs": {k: [a if a is None else str(a) for a in v[...].sharding.spec] + [None] * (v[...].ndim - len(v[...].sharding.spec))
-                  for k, v in leaves.items()},
+        "specs": {k: _spec(v[...]) for k, v in leaves.items()},
         "shard_shape": list(m.module.llm.layers.mlp.gating_einsum[...].addressable_shards[0].data.shape),
         "devices": len(m.module.llm.embedder.input_embedding[...].sharding.device_set),
         "image_spec": [a if a is None else str(a) for a in m.put(inputs["image"]).sharding.spec],
@@ -153,10 +163,15 @@ print(json.dumps(report))
 
 
 def test_mesh_sharding_on_8_host_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     for mesh, row in rep.items():
@@ -172,7 +187,8 @@ def test_mesh_sharding_on_8_host_devices():
             "llm/embedder/input_embedding": ["model", "data"],
             "llm/final_norm/scale": ["data"],
             "img/head/kernel": ["data", None],  # Dv and D both map to data: the first wins
-            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, "data", "model", None]},
+            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, "data", "model", None],
+        },
         "data=8": {
             "llm/layers/attn/q_einsum/w": [None, None, "data", None],
             "llm/layers/attn/kv_einsum/w": [None, None, None, "data", None],
@@ -180,7 +196,8 @@ def test_mesh_sharding_on_8_host_devices():
             "llm/embedder/input_embedding": [None, "data"],
             "llm/final_norm/scale": ["data"],
             "img/head/kernel": ["data", None],
-            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, "data", None, None]},
+            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, "data", None, None],
+        },
         "model=8": {
             "llm/layers/attn/q_einsum/w": [None, None, None, None],  # N = 4 on model = 8: replicated
             "llm/layers/attn/kv_einsum/w": [None, None, None, None, None],
@@ -188,7 +205,8 @@ def test_mesh_sharding_on_8_host_devices():
             "llm/embedder/input_embedding": ["model", None],
             "llm/final_norm/scale": [None],
             "img/head/kernel": [None, None],
-            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, None, None, None]},
+            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel": [None, None, None, None],
+        },
     }
     for mesh, specs in want.items():
         assert rep[mesh]["specs"] == specs, mesh

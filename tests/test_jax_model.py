@@ -1,5 +1,6 @@
 """JAX (Flax NNX) PaliGemma forward against the PyTorch implementation (both presets) and transformers (eager),
 float32, `highest` precision, CPU, every tiny config; single blocks fed torch's inputs; loading; capture."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-
 from hf_oracle import hf_forward, hf_model, rel_err
 from torch_fixtures import make_inputs, valid_rows
 
@@ -33,8 +33,11 @@ def case(request):
     runs = {}
     for preset, conv in PRESETS.items():
         ours = api.build_model(cfg, conv, params=params)
-        runs[preset] = (ours, api.forward(ours, inputs, names),
-                        torch_api.forward(torch_api.build_model(cfg, conv, params=params), inputs, names))
+        runs[preset] = (
+            ours,
+            api.forward(ours, inputs, names),
+            torch_api.forward(torch_api.build_model(cfg, conv, params=params), inputs, names),
+        )
     return cfg, params, inputs, runs
 
 
@@ -112,13 +115,16 @@ def test_params_load_as_stored(case):
 def test_depth_is_scanned_not_unrolled():
     """The traced forward has the same size whatever the depth: layers run in a scan, not a Python loop."""
     cfg = TINY_VARIANTS["tiny-pg2-gqa"]
-    deeper = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, depth=7),
-                                 vision=dataclasses.replace(cfg.vision, depth=5))
+    deeper = dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, depth=7), vision=dataclasses.replace(cfg.vision, depth=5)
+    )
     sizes = []
     for c in (cfg, deeper):
         m = api.build_model(c, PRESETS["transformers"])
         batch = api._batch(m, make_inputs(c))
-        jaxpr = jax.make_jaxpr(lambda s, b: api._forward.__wrapped__(m.graphdef, s, b, (points.LOGITS,)))(m.state, batch)
+        jaxpr = jax.make_jaxpr(lambda s, b: api._forward.__wrapped__(m.graphdef, s, b, (points.LOGITS,)))(
+            m.state, batch
+        )
         sizes.append(len(jaxpr.eqns))
         assert "scan" in str(jaxpr)
     assert sizes[0] == sizes[1]
@@ -169,8 +175,13 @@ def test_every_convention_option_matches_torch():
     cfg = TINY_VARIANTS["tiny-pg2-28b"]
     params = spec.random_params(cfg, seed=4)
     inputs = make_inputs(cfg, seed=5)
-    conv = Conventions(position_origin=1, final_softcap="never", sliding_window="transformers", attn_softcap=False,
-                       normalizer_dtype="float32")
+    conv = Conventions(
+        position_origin=1,
+        final_softcap="never",
+        sliding_window="transformers",
+        attn_softcap=False,
+        normalizer_dtype="float32",
+    )
     got = api.forward(api.build_model(cfg, conv, params=params), inputs)[points.LOGITS]
     want = torch_api.forward(torch_api.build_model(cfg, conv, params=params), inputs)[points.LOGITS]
     assert rel_err(got, want) <= TOL

@@ -6,6 +6,7 @@ generation gives its tokens, its step logits and its KV caches; and every conven
 experiment: changing it breaks the match (the normalizer dtype only shows in bfloat16; the position origin not at
 all, RoPE being relative, so that one is keras-hub's source: positions arange(S)). Skipped without keras-hub (the
 `keras` extra)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,7 @@ if keras.backend.backend() != "jax":
     pytest.skip(f"keras was imported with the {keras.backend.backend()} backend", allow_module_level=True)
 
 from hf_oracle import rel_err  # noqa: E402
-from keras_oracle import keras_backbone, keras_batch, keras_decode, keras_forward, keras_generate, \
-    keras_graph_points  # noqa: E402
+from keras_oracle import keras_backbone, keras_batch, keras_decode, keras_forward, keras_generate, keras_graph_points  # noqa: E402
 from torch_fixtures import make_inputs, valid_rows  # noqa: E402
 
 from parity import points, spec  # noqa: E402
@@ -38,7 +38,7 @@ IMPLS = {"torch": torch_api, "jax": jax_api}
 MAX_NEW = 6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras(name: str, dtype: str = "float32"):
     """(config, params, keras-hub backbone holding them): built once per config and dtype."""
     cfg = TINY_VARIANTS[name]
@@ -46,14 +46,14 @@ def _keras(name: str, dtype: str = "float32"):
     return cfg, params, keras_backbone(cfg, params, dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras_points(name: str):
     cfg, params, bb = _keras(name)
     inputs = make_inputs(cfg)
     return cfg, params, inputs, keras_forward(cfg, bb, inputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prefix_only(name: str):
     """Inputs whose prompt is all prefix, and keras-hub's greedy tokens for them."""
     cfg, _, bb = _keras(name)
@@ -62,7 +62,7 @@ def _prefix_only(name: str):
     return inputs, keras_generate(bb, inputs, MAX_NEW)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras_decode(name: str):
     """keras-hub's step logits and caches, fed its own greedy tokens."""
     cfg, _, bb = _keras(name)
@@ -87,8 +87,9 @@ def _errors(cfg, inputs, ours: dict, theirs: dict) -> dict[str, float]:
 
 def _forward(impl, cfg, conv, params, inputs, dtype="float32", names=None):
     api = IMPLS[impl]
-    return api.forward(api.build_model(cfg, conv, dtype=dtype, params=params), inputs,
-                       names or points.forward_points(cfg))
+    return api.forward(
+        api.build_model(cfg, conv, dtype=dtype, params=params), inputs, names or points.forward_points(cfg)
+    )
 
 
 # tiny-pg2-28b: keras-hub does not apply the 28B query scale (test_keras_hub_ignores_the_28b_query_scale).
@@ -100,9 +101,17 @@ MATCHED = [name for name in TINY_VARIANTS if name != "tiny-pg2-28b"]
 def test_every_keras_point_matches(name, impl):
     cfg, params, inputs, theirs = _keras_points(name)
     assert sorted(theirs) == sorted(
-        [points.IMG_POS_EMBED, points.IMG_FINAL_NORM, points.PROJECTOR, points.LLM_INPUT, points.LLM_FINAL_NORM,
-         points.LOGITS] + [points.img_block_out(i) for i in range(cfg.vision.depth)]
-        + [points.llm_block_out(i) for i in range(cfg.text.depth)])
+        [
+            points.IMG_POS_EMBED,
+            points.IMG_FINAL_NORM,
+            points.PROJECTOR,
+            points.LLM_INPUT,
+            points.LLM_FINAL_NORM,
+            points.LOGITS,
+        ]
+        + [points.img_block_out(i) for i in range(cfg.vision.depth)]
+        + [points.llm_block_out(i) for i in range(cfg.text.depth)]
+    )
     errs = _errors(cfg, inputs, _forward(impl, cfg, KH, params, inputs), theirs)
     assert max(errs.values()) <= TOL, errs
 
@@ -115,8 +124,14 @@ def test_greedy_generation_matches(name, impl):
     cfg, params, bb = _keras(name)
     inputs, keras_tokens = _prefix_only(name)
     api = IMPLS[impl]
-    ours = api.generate(api.build_model(cfg, KH, params=params), inputs, MAX_NEW, ignore_eos=True,
-                        return_logits=True, capture=points.cache_points(cfg))
+    ours = api.generate(
+        api.build_model(cfg, KH, params=params),
+        inputs,
+        MAX_NEW,
+        ignore_eos=True,
+        return_logits=True,
+        capture=points.cache_points(cfg),
+    )
     np.testing.assert_array_equal(ours["tokens"], keras_tokens)
     t, p = cfg.num_image_tokens, cfg.num_image_tokens + inputs["text"].shape[1]
     for r, (logits, caches) in enumerate(_keras_decode(name)):
@@ -145,8 +160,7 @@ def test_each_convention_of_the_preset_is_observed(impl):
         errs = _errors(cfg, inputs, _forward(impl, cfg, dataclasses.replace(KH, **change), params, inputs), theirs)
         assert errs[point] > 100 * TOL, (change, errs)
     # RoPE is relative: the origin moves nothing beyond rounding, so keras-hub cannot tell 0 from 1.
-    errs = _errors(cfg, inputs, _forward(impl, cfg, dataclasses.replace(KH, position_origin=1), params, inputs),
-                   theirs)
+    errs = _errors(cfg, inputs, _forward(impl, cfg, dataclasses.replace(KH, position_origin=1), params, inputs), theirs)
     assert max(errs.values()) <= TOL, errs
 
 
@@ -157,9 +171,15 @@ def test_normalizer_is_rounded_to_the_embedding_dtype(impl):
     cfg, params, bb = _keras("tiny-pg2-gqa", "bfloat16")
     inputs = make_inputs(cfg)
     theirs = keras_graph_points(cfg, bb, keras_batch(inputs))[points.LLM_INPUT]
-    text = lambda x: x[:, cfg.num_image_tokens:][inputs["mask_input"] == 1]  # noqa: E731
-    got = {nd: text(_forward(impl, cfg, dataclasses.replace(KH, normalizer_dtype=nd), params, inputs, "bfloat16",
-                             [points.LLM_INPUT])[points.LLM_INPUT]) for nd in ("param", "float32")}
+    text = lambda x: x[:, cfg.num_image_tokens :][inputs["mask_input"] == 1]
+    got = {
+        nd: text(
+            _forward(
+                impl, cfg, dataclasses.replace(KH, normalizer_dtype=nd), params, inputs, "bfloat16", [points.LLM_INPUT]
+            )[points.LLM_INPUT]
+        )
+        for nd in ("param", "float32")
+    }
     np.testing.assert_array_equal(got["param"], text(theirs))
     assert (got["float32"] != text(theirs)).mean() > 0.1
 
@@ -185,6 +205,7 @@ def test_the_shipped_keras_hub_bundles_are_what_keras_hub_gives(tmp_path):
     import sys
 
     from parity import golden
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden"))
     import record_goldens as rg
 
@@ -196,8 +217,16 @@ def test_the_shipped_keras_hub_bundles_are_what_keras_hub_gives(tmp_path):
         # the copy's checkpoint path is relative to the bundle: keep it beside, as in golden/
         shutil.copy(os.path.join(rg.HERE, ckpt), tmp_path / ckpt)
         path = str(tmp_path / ckpt)
-        rep = golden.record(path, inputs, str(copy), impl="keras_hub", convention="keras_hub", steps=rg.STEPS,
-                            update=True, runner=rg.keras_runner(path, inputs, rg.STEPS))
+        rep = golden.record(
+            path,
+            inputs,
+            str(copy),
+            impl="keras_hub",
+            convention="keras_hub",
+            steps=rg.STEPS,
+            update=True,
+            runner=rg.keras_runner(path, inputs, rg.STEPS),
+        )
         ch = rep["changes"]
         assert "points_changed" in ch, ch  # same inputs, model and conventions: compared point by point
         assert all(p["max_rel"] <= 1e-5 for p in ch["points_changed"]), ch["points_changed"]

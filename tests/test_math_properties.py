@@ -4,13 +4,15 @@ or an invariance the math must have. (Whole-model properties: test_properties_mo
 
 Each test runs once per implementation (`IMPLS`: numpy in, numpy out); jax runs under `jax.enable_x64` so that the
 float64 checks mean the same for both (RoPE angles stay float32 by design in both)."""
+
 import contextlib
 import functools
 import types
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _torch_impl():
@@ -18,6 +20,7 @@ def _torch_impl():
 
     from parity.torch_impl import attention as a
     from parity.torch_impl import decoder, vision
+
     t = torch.as_tensor
 
     def norm(module, x, **params):
@@ -31,12 +34,14 @@ def _torch_impl():
         prefix_lm_mask=lambda inp, ar: a.prefix_lm_mask(t(inp), t(ar)).numpy(),
         same_block=lambda ar: a.same_block(t(ar)).numpy(),
         sliding_window_mask=lambda m, q, k, w, bi, rule="transformers": a.sliding_window_mask(
-            t(m), t(q), t(k), w, t(bi), rule=rule).numpy(),
+            t(m), t(q), t(k), w, t(bi), rule=rule
+        ).numpy(),
         rope=lambda x, pos, base: a.rope(t(x), t(pos), base).numpy(),
         attend=lambda q, k, v, m, cap: a.attend(t(q), t(k), t(v), t(m), cap).numpy(),
         softcap=lambda x, cap: a.softcap(t(x), cap).numpy(),
         rms_norm=lambda x, scale, eps: norm(decoder.RMSNorm(len(scale), eps), x, scale=scale),
-        layer_norm=lambda x, scale, bias, eps: norm(vision.LayerNorm(len(scale), eps), x, scale=scale, bias=bias))
+        layer_norm=lambda x, scale, bias, eps: norm(vision.LayerNorm(len(scale), eps), x, scale=scale, bias=bias),
+    )
 
 
 def _jax_impl():
@@ -48,6 +53,7 @@ def _jax_impl():
 
     from parity.jax_impl import attention as a
     from parity.jax_impl import decoder, vision
+
     jit = functools.partial(jax.jit, static_argnums=(1,))  # one compilation per shape, not one per op
     pos, sw = jit(a.positions_from_mask), jax.jit(a.sliding_window_mask, static_argnums=(3, 5))
     rope, cap = jax.jit(a.rope, static_argnums=(2,)), jit(a.softcap)
@@ -55,7 +61,7 @@ def _jax_impl():
     attend = jax.jit(a.attend, static_argnums=(4,))
     j = jnp.asarray
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def module(kind, dim, eps):  # one module and one compiled call per kind and shape
         m = {"rms": decoder.RMSNorm, "layer": vision.LayerNorm}[kind](dim, eps)
         graphdef = nnx.graphdef(m)
@@ -73,12 +79,14 @@ def _jax_impl():
         prefix_lm_mask=lambda inp, ar: np.asarray(mask(j(inp), j(ar))),
         same_block=lambda ar: np.asarray(block(j(ar))),
         sliding_window_mask=lambda m, q, k, w, bi, rule="transformers": np.asarray(
-            sw(j(m), j(q), j(k), w, j(bi), rule)),
+            sw(j(m), j(q), j(k), w, j(bi), rule)
+        ),
         rope=lambda x, p, base: np.asarray(rope(j(x), j(p), base)),
         attend=lambda q, k, v, m, c: np.asarray(attend(j(q), j(k), j(v), j(m), c)),
         softcap=lambda x, c: np.asarray(cap(j(x), c)),
         rms_norm=lambda x, scale, eps: norm("rms", x, eps, scale=scale),
-        layer_norm=lambda x, scale, bias, eps: norm("layer", x, eps, scale=scale, bias=bias))
+        layer_norm=lambda x, scale, bias, eps: norm("layer", x, eps, scale=scale, bias=bias),
+    )
 
 
 IMPLS = {"torch": functools.lru_cache(_torch_impl), "jax": functools.lru_cache(_jax_impl)}
@@ -129,7 +137,7 @@ def test_prefix_lm_mask_rows_are_independent(impl, batch):
     with f.context():
         together = f.prefix_lm_mask(inp, ar)
         for r in range(ar.shape[0]):
-            np.testing.assert_array_equal(together[r], f.prefix_lm_mask(inp[r: r + 1], ar[r: r + 1])[0])
+            np.testing.assert_array_equal(together[r], f.prefix_lm_mask(inp[r : r + 1], ar[r : r + 1])[0])
 
 
 def _window(f, ar, inp, window, rule):
@@ -168,7 +176,7 @@ def test_sliding_window_edges(impl, prefix, suffix, window, data):
     n = prefix + suffix
     i = data.draw(st.integers(0, n - 1))
     ar, inp = np.array([[0] * prefix + [1] * suffix]), np.ones((1, n), np.int64)
-    sees = lambda m: set(np.flatnonzero(m[0, i]).tolist())  # noqa: E731
+    sees = lambda m: set(np.flatnonzero(m[0, i]).tolist())
     full, tf = _window(f, ar, inp, window, "transformers")
     _, kh = _window(f, ar, inp, window, "keras_hub")
     causal = set(range(prefix)) | set(range(prefix, i + 1)) if i >= prefix else set(range(prefix))
@@ -182,8 +190,9 @@ def test_sliding_window_edges(impl, prefix, suffix, window, data):
 
 @each_impl
 @settings(max_examples=60, deadline=None)
-@given(p=st.integers(0, 3000), s=st.integers(0, 3000), h=st.sampled_from([4, 8, 16, 64]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    p=st.integers(0, 3000), s=st.integers(0, 3000), h=st.sampled_from([4, 8, 16, 64]), seed=st.integers(0, 2**31 - 1)
+)
 def test_rope_is_a_complex_rotation_and_relative(impl, p, s, h, seed):
     f = IMPLS[impl]()
     rng = np.random.default_rng(seed)
@@ -192,7 +201,7 @@ def test_rope_is_a_complex_rotation_and_relative(impl, p, s, h, seed):
     theta = 10000.0 ** (-np.arange(h // 2) * 2 / h)
 
     def rot64(x, pos):  # half-split pairs (x_i, x_{i+H/2}) as complex numbers times e^{i pos theta}
-        z = (x[: h // 2] + 1j * x[h // 2:]) * np.exp(1j * pos * theta)
+        z = (x[: h // 2] + 1j * x[h // 2 :]) * np.exp(1j * pos * theta)
         return np.concatenate([z.real, z.imag])
 
     def ours(x, pos):
@@ -204,8 +213,9 @@ def test_rope_is_a_complex_rotation_and_relative(impl, p, s, h, seed):
     np.testing.assert_allclose(ours(q, p), rot64(q, p), atol=2e-7 * max(1, p) * np.abs(q).max())
     np.testing.assert_allclose(np.linalg.norm(ours(q, p)), np.linalg.norm(q), rtol=1e-6)  # float32 cos/sin
     # attention logits depend only on p - s
-    np.testing.assert_allclose(ours(q, p) @ ours(k, s), rot64(q, p - s) @ k,
-                               atol=4e-7 * max(1, p, s) * np.linalg.norm(q) * np.linalg.norm(k))
+    np.testing.assert_allclose(
+        ours(q, p) @ ours(k, s), rot64(q, p - s) @ k, atol=4e-7 * max(1, p, s) * np.linalg.norm(q) * np.linalg.norm(k)
+    )
 
 
 @each_impl
@@ -251,8 +261,9 @@ def test_shifting_the_position_origin_changes_attention_only_by_rounding(impl, b
     with f.context():
         mask = f.prefix_lm_mask(inp, ar)
         pos = f.positions_from_mask(inp, 0)
-        out = [f.attend(f.rope(q, pos + o, 10000.0) / 4, f.rope(k, pos + o, 10000.0), v, mask, 50.0)
-               for o in (0, shift)]
+        out = [
+            f.attend(f.rope(q, pos + o, 10000.0) / 4, f.rope(k, pos + o, 10000.0), v, mask, 50.0) for o in (0, shift)
+        ]
     real = inp.astype(bool)
     np.testing.assert_allclose(out[1][real], out[0][real], atol=2e-5 * max(1, n + shift) * np.abs(v).max() / 10)
 

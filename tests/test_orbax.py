@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trips with npz and safetensors (bit-exact, bf16 included), orbax's own output read by
 us and ours restored by orbax alone, the config kept in custom metadata, streaming in bounded blocks."""
+
 import json
 import os
 
@@ -9,14 +10,15 @@ import pytest
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
+from safetensors.numpy import load_file as st_load_file  # noqa: E402
+
 from converters import blocks  # noqa: E402
 from converters.checkpoint import load_checkpoint, open_checkpoint  # noqa: E402
 from converters.convert import convert  # noqa: E402
 from converters.inspect import inspect  # noqa: E402
-from converters.orbax_io import CHECKPOINT_METADATA, CUSTOM_KEY, OrbaxReader  # noqa: E402
+from converters.orbax_io import CUSTOM_KEY, OrbaxReader  # noqa: E402
 from parity import spec  # noqa: E402
 from parity.config import TINY_VARIANTS, PaliGemmaConfig  # noqa: E402
-from safetensors.numpy import load_file as st_load_file  # noqa: E402
 from tests.ckpt_helpers import DTYPES, tiny_npz  # noqa: E402,F401  (fixture)
 
 
@@ -65,8 +67,9 @@ def orbax_restore(path) -> dict:
 
 def read_npz(path) -> dict:
     with np.load(path, allow_pickle=False) as z:
-        return {k[len("params/"):]: (z[k].view(ml_dtypes.bfloat16) if z[k].dtype.kind == "V" else z[k])
-                for k in z.files}
+        return {
+            k[len("params/") :]: (z[k].view(ml_dtypes.bfloat16) if z[k].dtype.kind == "V" else z[k]) for k in z.files
+        }
 
 
 @pytest.mark.parametrize("name", list(TINY_VARIANTS))
@@ -115,6 +118,7 @@ def test_reads_what_orbax_writes(tmp_path, layout):
     path = os.path.abspath(tmp_path / "ck")
     if layout == "jax_arrays":  # what saving nnx.state(model) after to_pure_dict-style flattening gives
         import jax
+
         orbax_save(path, jax.tree.map(jax.numpy.asarray, tree))
     elif layout == "pytree_checkpointer":
         ocp.PyTreeCheckpointer().save(path, tree)
@@ -157,8 +161,10 @@ def test_inspect_reports_orbax(tiny_npz, tmp_path):
     orbax_save(tmp_path / "odd", tree)
     r = inspect(str(tmp_path / "odd"), "tiny-pg2-28b")
     assert not r["conforms"]
-    assert {(d["key"], d["what"]) for d in r["departures"]} == {("llm/final_norm/scale", "missing key"),
-                                                               ("llm/extra", "unexpected key")}
+    assert {(d["key"], d["what"]) for d in r["departures"]} == {
+        ("llm/final_norm/scale", "missing key"),
+        ("llm/extra", "unexpected key"),
+    }
 
 
 # -- streaming in bounded blocks -------------------------------------------------------------------------------
@@ -175,8 +181,10 @@ def test_blocks_cover_every_tensor_in_order():
         x = np.arange(int(np.prod(shape))).reshape(shape)
         got = np.concatenate([x[idx][a:b].reshape(-1) for idx, (a, b) in blocks.blocks(shape, itemsize, 1000)])
         assert (got == x.reshape(-1)).all()
-        assert all(x[idx][a:b].size * itemsize <= max(1000, int(np.prod(shape[len(idx) + 1:])) * itemsize)
-                   for idx, (a, b) in blocks.blocks(shape, itemsize, 1000))
+        assert all(
+            x[idx][a:b].size * itemsize <= max(1000, int(np.prod(shape[len(idx) + 1 :])) * itemsize)
+            for idx, (a, b) in blocks.blocks(shape, itemsize, 1000)
+        )
 
 
 def test_transposed_columns_against_numpy():
@@ -245,8 +253,12 @@ def test_memory_is_bounded_by_blocks_not_layers(tmp_path, monkeypatch):
     piece = 64 * 4096 * 4
     monkeypatch.setattr(blocks, "BLOCK_BYTES", 32 << 10)
     monkeypatch.setattr(blocks, "BAND_BYTES", 16 << 10)
-    steps = [("src.npz", "st", "safetensors"), ("st", "back.npz", "npz"), ("st", "ob", "orbax"),
-             ("ob", "st2", "safetensors")]
+    steps = [
+        ("src.npz", "st", "safetensors"),
+        ("st", "back.npz", "npz"),
+        ("st", "ob", "orbax"),
+        ("ob", "st2", "safetensors"),
+    ]
     for a, b, to in steps:
         tracemalloc.start()
         convert(tmp_path / a, tmp_path / b, to, config=cfg)

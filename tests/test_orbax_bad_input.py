@@ -1,4 +1,5 @@
 """Bad orbax input and interrupted orbax output: one line naming the path and the key, exit 2, nothing left."""
+
 import json
 import os
 import shutil
@@ -18,8 +19,6 @@ from tests.test_bad_input import assert_one_line_error, run  # noqa: E402
 from tests.test_orbax import nested, orbax_save  # noqa: E402
 
 CFG = TINY_VARIANTS["tiny-pg2-gqa"]
-
-
 
 
 @pytest.fixture
@@ -99,9 +98,10 @@ def test_corrupt_data_bytes(ours):
 def test_array_listed_but_absent(ours):
     path, _, out = ours
     meta = json.loads((path / "_METADATA").read_text())
-    meta["tree_metadata"]["('llm', 'ghost')"] = {"key_metadata": [{"key": "llm", "key_type": 2},
-                                                                  {"key": "ghost", "key_type": 2}],
-                                                 "value_metadata": {"value_type": "np.ndarray"}}
+    meta["tree_metadata"]["('llm', 'ghost')"] = {
+        "key_metadata": [{"key": "llm", "key_type": 2}, {"key": "ghost", "key_type": 2}],
+        "value_metadata": {"value_type": "np.ndarray"},
+    }
     (path / "_METADATA").write_text(json.dumps(meta))
     code, err, _ = to_npz(path, out)
     assert_one_line_error(code, err, path, "llm/ghost", "missing or unreadable")
@@ -129,14 +129,16 @@ def test_wrong_dtype(tmp_path):
     params["llm/final_norm/scale"] = np.zeros(48, np.int32)
     orbax_save(tmp_path / "ck", nested(params))
     code, err, _ = run("convert", tmp_path / "ck", "-o", tmp_path / "x.npz", "--to", "npz")
-    assert_one_line_error(code, err, tmp_path / "ck", "llm/final_norm/scale", "float32, float16 or bfloat16",
-                          "int32")
+    assert_one_line_error(code, err, tmp_path / "ck", "llm/final_norm/scale", "float32, float16 or bfloat16", "int32")
 
 
 @pytest.mark.parametrize("tree", ["other_model", "list"])
 def test_not_a_paligemma_tree(tmp_path, tree):
-    t = {"encoder": {"w": np.zeros((4, 4), np.float32)}} if tree == "other_model" else {
-        "layers": [np.zeros(3, np.float32), np.zeros(3, np.float32)]}
+    t = (
+        {"encoder": {"w": np.zeros((4, 4), np.float32)}}
+        if tree == "other_model"
+        else {"layers": [np.zeros(3, np.float32), np.zeros(3, np.float32)]}
+    )
     orbax_save(tmp_path / "ck", t)
     code, err, _ = run("convert", tmp_path / "ck", "-o", tmp_path / "x.npz", "--to", "npz")
     if tree == "list":

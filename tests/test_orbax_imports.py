@@ -1,5 +1,6 @@
 """The npz and safetensors paths never import jax, orbax or tensorstore: they work where those are not installed.
 Checked in a fresh interpreter whose import system refuses them."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,14 @@ sys.meta_path.insert(0, Blocker())
 
 def run_blocked(code: str, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-c", BLOCKER + code, *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_npz_and_safetensors_work_without_jax_orbax_tensorstore(tiny_npz, tmp_path):

@@ -1,5 +1,6 @@
 """Both implementations give identical logits from an orbax checkpoint and from the npz it came from (and from one
 orbax itself wrote from the same parameters); a tree saved from the jax implementation's `nnx.state` reads back."""
+
 import os
 
 import numpy as np
@@ -44,6 +45,7 @@ def test_jax_nnx_state_saved_by_orbax_reads_back(tmp_path):
     every tensor equals the parameters the model was built from."""
     nnx = pytest.importorskip("flax.nnx")
     from parity.jax_impl import api
+
     cfg = TINY_VARIANTS["tiny-pg2-gqa"]
     params = spec.random_params(cfg, seed=7)
     model = api.build_model(cfg, PRESETS["big_vision"], params=params)

@@ -8,6 +8,7 @@ in "\\n" can merge with the separator in HF's joint encoding only; and in both t
 HF registers as special or added (`<eos>`, `<bos>`, `<image>`, `<loc0001>` with the tiny one) becomes that one id in
 HF but ordinary characters in SentencePiece (`test_special_token_text_is_a_known_difference`).
 """
+
 from __future__ import annotations
 
 import io
@@ -62,8 +63,15 @@ def hf():
     else:
         hf_tok = GemmaTokenizer(vocab_file=str(TOKENIZER))
     assert len(hf_tok) == 512, transformers.__version__
-    images = ImageProcessor(size={"height": SIZE, "width": SIZE}, resample=3, do_rescale=True, rescale_factor=1 / 255,
-                            do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images = ImageProcessor(
+        size={"height": SIZE, "width": SIZE},
+        resample=3,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     images.image_seq_length = CFG.num_image_tokens
     proc = PaliGemmaProcessor(image_processor=images, tokenizer=hf_tok)
     assert proc.image_token_id == CFG.image_token_id == 512
@@ -76,12 +84,16 @@ def rgb(h=40, w=30, seed=0):
 
 def hf_rows(hf, prefixes, suffixes):
     """HF ids per row with the `<image>` placeholders and padding removed, and the token_type_ids kept alongside."""
-    out = hf(images=[rgb() for _ in prefixes], text=["<image>" + p for p in prefixes],
-             suffix=None if suffixes is None else list(suffixes), padding="longest")
+    out = hf(
+        images=[rgb() for _ in prefixes],
+        text=["<image>" + p for p in prefixes],
+        suffix=None if suffixes is None else list(suffixes),
+        padding="longest",
+    )
     rows = []
     for ids, types, keep in zip(out["input_ids"], out["token_type_ids"], out["attention_mask"]):
         real = [i for i, k in zip(ids, keep) if k]
-        assert real[:CFG.num_image_tokens] == [hf.image_token_id] * CFG.num_image_tokens  # then text only
+        assert real[: CFG.num_image_tokens] == [hf.image_token_id] * CFG.num_image_tokens  # then text only
         pairs = [(i, t) for i, t, k in zip(ids, types, keep) if k and i != hf.image_token_id]
         rows.append(([i for i, _ in pairs], [t for _, t in pairs]))
     return rows
@@ -106,8 +118,13 @@ def test_tokenizer_with_other_special_ids_is_refused(tmp_path):
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a cat on a bench"] * 20), model_writer=buf,
-                                   vocab_size=20, model_type="bpe", minloglevel=2)  # unk 0, bos 1, eos 2
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a cat on a bench"] * 20),
+        model_writer=buf,
+        vocab_size=20,
+        model_type="bpe",
+        minloglevel=2,
+    )  # unk 0, bos 1, eos 2
     p = tmp_path / "llama.model"
     p.write_bytes(buf.getvalue())
     with pytest.raises(InputsError, match=r"llama.model: key 'special ids'.*expected.*'bos': 2.*found.*'bos': 1"):
@@ -147,8 +164,14 @@ def test_special_token_text_is_a_known_difference(hf, tok):
 
 # -- layout -----------------------------------------------------------------------------------------------------
 def test_build_inputs_layout(tok):
-    x = build_inputs([rgb(), rgb(seed=1)], ["caption en", "answer en what is in the image?"], [None, "a cat"],
-                     tokenizer=tok, config=CFG, text_len=16)
+    x = build_inputs(
+        [rgb(), rgb(seed=1)],
+        ["caption en", "answer en what is in the image?"],
+        [None, "a cat"],
+        tokenizer=tok,
+        config=CFG,
+        text_len=16,
+    )
     sep = tok.encode("\n")
     row0 = [2] + tok.encode("caption en") + sep
     row1 = [2] + tok.encode("answer en what is in the image?") + sep + tok.encode("a cat") + [1]
@@ -173,6 +196,7 @@ def test_build_inputs_errors(tok):
         build_inputs([rgb()], "caption en", tokenizer=tok, config=CFG, text_len=3)
     small = TINY_VARIANTS["tiny-pg1-mqa"]
     import dataclasses
+
     tiny = dataclasses.replace(small, text=dataclasses.replace(small.text, vocab_size=256))
     with pytest.raises(InputsError, match=r"tokenizer.model: key 'vocab_size'.*expected <= 256.*found 512"):
         build_inputs([rgb()], "caption en", tokenizer=tok, config=tiny)

@@ -2,6 +2,7 @@
 logit of its real tokens; permuting the rows of a batch permutes the outputs; the KV-cache decode steps equal the
 full forward pass at those positions. Shapes stay fixed (text length 8, or 12 with the appended padding) so that
 jax compiles each once; the models are built once per implementation and preset."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,8 @@ import functools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from parity import spec
 from parity.config import TINY_VARIANTS
@@ -24,7 +26,7 @@ TOL = 1e-5
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(impl: str, preset: str, **changes):
     conv = dataclasses.replace(PRESETS[preset], **changes)
     return IMPLS[impl].build_model(CFG, conv, params=spec.random_params(CFG, seed=7))
@@ -71,8 +73,10 @@ presets = pytest.mark.parametrize("preset", list(PRESETS))
 @SETTINGS
 @given(inputs=batches())
 def test_appended_padding_changes_no_real_logit(impl, preset, inputs):
-    padded = {k: v if k == "image" else np.pad(v, ((0, 0), (0, PAD)), constant_values=1 if k == "mask_ar" else 0)
-              for k, v in inputs.items()}
+    padded = {
+        k: v if k == "image" else np.pad(v, ((0, 0), (0, PAD)), constant_values=1 if k == "mask_ar" else 0)
+        for k, v in inputs.items()
+    }
     a, b = logits(impl, preset, inputs), logits(impl, preset, padded)
     t, valid = CFG.num_image_tokens, real(inputs)
     assert rel(b[:, : t + L][valid], a[valid]) <= TOL
@@ -106,7 +110,7 @@ def test_decode_steps_equal_the_full_forward(impl, preset, inputs):
     n = inputs["mask_input"].sum(1)
     for r in range(B):
         text[r, : n[r]] = inputs["text"][r, : n[r]]
-        text[r, n[r]: n[r] + NEW] = gen["tokens"][r]
+        text[r, n[r] : n[r] + NEW] = gen["tokens"][r]
         mask_ar[r, : n[r]] = 0
         mask_input[r, : n[r] + NEW] = 1
     full = api.forward(m, dict(image=inputs["image"], text=text, mask_ar=mask_ar, mask_input=mask_input))["logits"]

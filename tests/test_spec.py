@@ -1,14 +1,24 @@
 """The spec against published facts (parameter counts, released key sets) and its own invertibility."""
+
 import dataclasses
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parity import spec
-from parity.config import (RESOLUTIONS, TINY_VARIANTS, VARIANTS, PaliGemmaConfig, QueryScale, TextConfig,
-                           VisionConfig, get_config)
+from parity.config import (
+    RESOLUTIONS,
+    TINY_VARIANTS,
+    VARIANTS,
+    PaliGemmaConfig,
+    QueryScale,
+    TextConfig,
+    VisionConfig,
+    get_config,
+)
 
 PUBLISHED = {  # keras-hub presets / layouts.md §1.3
     "paligemma-3b": (2_923_335_408, 2_924_220_144, 2_927_759_088),
@@ -28,20 +38,31 @@ def _released_keys(gemma2: bool, L, D, F, N, K, H):
     blk = "img/Transformer/encoderblock"
     mha = f"{blk}/MultiHeadDotProductAttention_0"
     keys = {
-        "img/embedding/kernel": (14, 14, 3, 1152), "img/embedding/bias": (1152,),
+        "img/embedding/kernel": (14, 14, 3, 1152),
+        "img/embedding/bias": (1152,),
         "img/pos_embedding": (1, 256, 1152),
-        f"{blk}/LayerNorm_0/scale": (27, 1152), f"{blk}/LayerNorm_0/bias": (27, 1152),
-        f"{blk}/LayerNorm_1/scale": (27, 1152), f"{blk}/LayerNorm_1/bias": (27, 1152),
-        f"{mha}/out/kernel": (27, 16, 72, 1152), f"{mha}/out/bias": (27, 1152),
-        f"{blk}/MlpBlock_0/Dense_0/kernel": (27, 1152, 4304), f"{blk}/MlpBlock_0/Dense_0/bias": (27, 4304),
-        f"{blk}/MlpBlock_0/Dense_1/kernel": (27, 4304, 1152), f"{blk}/MlpBlock_0/Dense_1/bias": (27, 1152),
-        "img/Transformer/encoder_norm/scale": (1152,), "img/Transformer/encoder_norm/bias": (1152,),
-        "img/head/kernel": (1152, D), "img/head/bias": (D,),
+        f"{blk}/LayerNorm_0/scale": (27, 1152),
+        f"{blk}/LayerNorm_0/bias": (27, 1152),
+        f"{blk}/LayerNorm_1/scale": (27, 1152),
+        f"{blk}/LayerNorm_1/bias": (27, 1152),
+        f"{mha}/out/kernel": (27, 16, 72, 1152),
+        f"{mha}/out/bias": (27, 1152),
+        f"{blk}/MlpBlock_0/Dense_0/kernel": (27, 1152, 4304),
+        f"{blk}/MlpBlock_0/Dense_0/bias": (27, 4304),
+        f"{blk}/MlpBlock_0/Dense_1/kernel": (27, 4304, 1152),
+        f"{blk}/MlpBlock_0/Dense_1/bias": (27, 1152),
+        "img/Transformer/encoder_norm/scale": (1152,),
+        "img/Transformer/encoder_norm/bias": (1152,),
+        "img/head/kernel": (1152, D),
+        "img/head/bias": (D,),
         "llm/embedder/input_embedding": (257152, D),
-        "llm/layers/pre_attention_norm/scale": (L, D), "llm/layers/pre_ffw_norm/scale": (L, D),
-        "llm/layers/attn/q_einsum/w": (L, N, D, H), "llm/layers/attn/kv_einsum/w": (L, 2, K, D, H),
+        "llm/layers/pre_attention_norm/scale": (L, D),
+        "llm/layers/pre_ffw_norm/scale": (L, D),
+        "llm/layers/attn/q_einsum/w": (L, N, D, H),
+        "llm/layers/attn/kv_einsum/w": (L, 2, K, D, H),
         "llm/layers/attn/attn_vec_einsum/w": (L, N, H, D),
-        "llm/layers/mlp/gating_einsum": (L, 2, D, F), "llm/layers/mlp/linear": (L, F, D),
+        "llm/layers/mlp/gating_einsum": (L, 2, D, F),
+        "llm/layers/mlp/linear": (L, F, D),
         "llm/final_norm/scale": (D,),
     }
     for p in ("query", "key", "value"):
@@ -69,8 +90,7 @@ def test_released_pg2_3b_224_key_set():
 
 def test_hf_tensor_counts_and_padding():
     # layouts.md §3.1: PG1 603, PG2-3B 727, PG2-10B 903, PG2-28B 947 on-disk tensors; 257216 embedding rows.
-    counts = {"paligemma-3b-224": 603, "paligemma2-3b-224": 727, "paligemma2-10b-224": 903,
-              "paligemma2-28b-224": 947}
+    counts = {"paligemma-3b-224": 603, "paligemma2-3b-224": 727, "paligemma2-10b-224": 903, "paligemma2-28b-224": 947}
     for name, n in counts.items():
         hf = spec.hf_shapes(get_config(name))
         assert len(hf) == n
@@ -88,14 +108,19 @@ def test_hf_tensor_counts_and_padding():
 
 def test_norm_name_collision_follows_family():
     """HF Gemma 1 `post_attention_layernorm` is big_vision's pre_ffw_norm; in Gemma 2 it is post_attention_norm."""
+
     def hf_of(cfg, key):
         return next(e for e in spec.entries(cfg) if e.key == key).hf_templates[0]
+
     assert hf_of(get_config("paligemma-3b-224"), "llm/layers/pre_ffw_norm/scale").endswith(
-        "post_attention_layernorm.weight")
+        "post_attention_layernorm.weight"
+    )
     assert hf_of(get_config("paligemma2-3b-224"), "llm/layers/post_attention_norm/scale").endswith(
-        "post_attention_layernorm.weight")
+        "post_attention_layernorm.weight"
+    )
     assert hf_of(get_config("paligemma2-3b-224"), "llm/layers/pre_ffw_norm/scale").endswith(
-        "pre_feedforward_layernorm.weight")
+        "pre_feedforward_layernorm.weight"
+    )
 
 
 def test_fused_qkv_when_k_equals_n():
@@ -117,12 +142,17 @@ def test_q_proj_matches_einsum_by_hand():
     # o_proj: out = o_proj @ concat_heads(h) equals einsum('NH,NHD->D').
     wo = p["llm/layers/attn/attn_vec_einsum/w"][2]
     h = np.random.default_rng(1).standard_normal((cfg.text.num_heads, cfg.text.head_dim)).astype(np.float32)
-    np.testing.assert_allclose(hf["language_model.model.layers.2.self_attn.o_proj.weight"] @ h.reshape(-1),
-                               np.einsum("NH,NHD->D", h, wo), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        hf["language_model.model.layers.2.self_attn.o_proj.weight"] @ h.reshape(-1),
+        np.einsum("NH,NHD->D", h, wo),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # patch conv: HWIO -> OIHW
     k = p["img/embedding/kernel"]
-    np.testing.assert_array_equal(hf["vision_tower.vision_model.embeddings.patch_embedding.weight"][5, 2, 1, 3],
-                                  k[1, 3, 2, 5])
+    np.testing.assert_array_equal(
+        hf["vision_tower.vision_model.embeddings.patch_embedding.weight"][5, 2, 1, 3], k[1, 3, 2, 5]
+    )
 
 
 # -- hypothesis: inverse(forward(x)) == x bit-exact for every entry, over shape families and dtypes --------------
@@ -132,14 +162,26 @@ def configs(draw):
     G = draw(st.integers(1, 3))
     H = draw(st.sampled_from([2, 4, 6]))
     Nv = draw(st.integers(1, 3))
-    text = TextConfig(width=draw(st.integers(2, 12)), depth=draw(st.integers(1, 3)), mlp_dim=draw(st.integers(1, 9)),
-                      num_heads=K * G, num_kv_heads=K, head_dim=H, vocab_size=draw(st.integers(3, 70)),
-                      gemma2=draw(st.booleans()),
-                      query_scale=draw(st.sampled_from(list(QueryScale))))
+    text = TextConfig(
+        width=draw(st.integers(2, 12)),
+        depth=draw(st.integers(1, 3)),
+        mlp_dim=draw(st.integers(1, 9)),
+        num_heads=K * G,
+        num_kv_heads=K,
+        head_dim=H,
+        vocab_size=draw(st.integers(3, 70)),
+        gemma2=draw(st.booleans()),
+        query_scale=draw(st.sampled_from(list(QueryScale))),
+    )
     patch = draw(st.integers(1, 3))
-    vision = VisionConfig(width=Nv * draw(st.integers(1, 4)), depth=draw(st.integers(1, 3)),
-                          mlp_dim=draw(st.integers(1, 7)), num_heads=Nv, patch_size=patch,
-                          image_size=patch * draw(st.integers(1, 3)))
+    vision = VisionConfig(
+        width=Nv * draw(st.integers(1, 4)),
+        depth=draw(st.integers(1, 3)),
+        mlp_dim=draw(st.integers(1, 7)),
+        num_heads=Nv,
+        patch_size=patch,
+        image_size=patch * draw(st.integers(1, 3)),
+    )
     return PaliGemmaConfig("hypothesis", vision, text)
 
 
@@ -151,9 +193,12 @@ DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 @given(cfg=configs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_spec_roundtrip_is_bit_exact(cfg, dtype, seed):
     rng = np.random.default_rng(seed)
-    params = {e.key: rng.integers(0, 2**16, e.shape, dtype=np.uint16).view(np.float16).astype(np.float32)
-              .astype(dtype) if dtype != np.float32 else rng.standard_normal(e.shape).astype(np.float32)
-              for e in spec.entries(cfg)}
+    params = {
+        e.key: rng.integers(0, 2**16, e.shape, dtype=np.uint16).view(np.float16).astype(np.float32).astype(dtype)
+        if dtype != np.float32
+        else rng.standard_normal(e.shape).astype(np.float32)
+        for e in spec.entries(cfg)
+    }
     hf = spec.to_hf(cfg, params)
     assert {k: v.shape for k, v in hf.items()} == spec.hf_shapes(cfg)
     back = spec.from_hf(cfg, hf)
@@ -175,7 +220,7 @@ def test_every_entry_and_op_inverts(cfg):
         assert y.shape == e.hf_shape
         assert np.array_equal(e.from_hf(y), piece)
         if e.lossy:  # padded rows are exactly the given row
-            assert np.array_equal(y[e.piece_shape[0]:], np.broadcast_to(pad, y[e.piece_shape[0]:].shape))
+            assert np.array_equal(y[e.piece_shape[0] :], np.broadcast_to(pad, y[e.piece_shape[0] :].shape))
 
 
 def test_config_json_roundtrip_every_variant():

@@ -1,4 +1,5 @@
 """Static-KV-cache generation: greedy against transformers' generate, decode vs full forward, sampling, EOS."""
+
 from __future__ import annotations
 
 import importlib
@@ -6,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from hf_oracle import hf_generate_row, hf_model, rel_err
 from torch_fixtures import make_inputs
 
@@ -14,6 +14,7 @@ from parity import points, spec
 from parity.config import TINY_VARIANTS
 from parity.conventions import PRESETS
 from parity.torch_impl import api, build_model
+
 gen_mod = importlib.import_module("parity.torch_impl.generate")
 
 TOL = 1e-5
@@ -51,10 +52,12 @@ def test_incremental_decode_equals_full_forward(case, preset):
         n = int(inputs["mask_input"][row].sum())
         new = got["tokens"][row]
         k = len(new) if 1 not in new else int(np.argmax(new == 1)) + 1
-        one = dict(image=inputs["image"][row: row + 1],
-                   text=np.concatenate([inputs["text"][row, :n], new[:k - 1]])[None],
-                   mask_ar=np.concatenate([inputs["mask_ar"][row, :n], np.ones(k - 1, np.int32)])[None])
-        full = api.forward(model, one)[points.LOGITS][0, cfg.num_image_tokens + n - 1:]
+        one = dict(
+            image=inputs["image"][row : row + 1],
+            text=np.concatenate([inputs["text"][row, :n], new[: k - 1]])[None],
+            mask_ar=np.concatenate([inputs["mask_ar"][row, :n], np.ones(k - 1, np.int32)])[None],
+        )
+        full = api.forward(model, one)[points.LOGITS][0, cfg.num_image_tokens + n - 1 :]
         assert full.shape[0] == k
         steps = got["logits"][row, :k]
         if conv.final_softcap == "decode_only" and cap:  # forward and first token uncapped, later steps capped
@@ -81,7 +84,7 @@ def test_eos_stops_a_row_and_pads_with_zero(case):
     got = api.generate(model, inputs, 8, eos_id=eos)["tokens"]
     first = int(np.argmax(greedy[0] == eos))
     np.testing.assert_array_equal(got[0, : first + 1], greedy[0, : first + 1])
-    assert (got[0, first + 1:] == 0).all()
+    assert (got[0, first + 1 :] == 0).all()
     for row in (1, 2):
         stop = np.flatnonzero(greedy[row] == eos)
         end = stop[0] + 1 if len(stop) else 8
@@ -108,6 +111,7 @@ def test_compile_failure_falls_back_to_eager(case, monkeypatch):
     def broken(mode):
         def step(*a):
             raise RuntimeError("no compiler here")
+
         return step
 
     monkeypatch.setattr(gen_mod, "compiled_decode_step", broken)

@@ -1,10 +1,10 @@
 """PyTorch PaliGemma forward against transformers (eager, float32, CPU) on every tiny config; loading; capture."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from hf_oracle import hf_forward, hf_model, rel_err
 from torch_fixtures import make_inputs, valid_rows
 
@@ -82,6 +82,7 @@ def test_load_errors_name_key_and_shapes(what):
     if what == "shape":
         assert "(2, 4, 63, 16)" in str(e.value) and "(2, 4, 64, 16)" in str(e.value)
     from parity.torch_impl.load import load_canonical
+
     with pytest.raises(CheckpointError):
         load_canonical(model, params)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # untouched

@@ -1,4 +1,5 @@
 """Proof against outside code: tiny random transformers PaliGemma models, saved, converted to npz and back."""
+
 import os
 
 import ml_dtypes
@@ -14,24 +15,57 @@ from converters.convert import convert  # noqa: E402
 
 V, VHF = 512, 576  # real vocabulary; HF rows (V + 2 rounded up to 64)
 
-VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, patch_size=7, image_size=28, vision_use_head=False,
-              hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=7,
+    image_size=28,
+    vision_use_head=False,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
 TEXT = {
-    "gemma_mqa": dict(model_type="gemma", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=VHF,
-                      hidden_activation="gelu_pytorch_tanh"),
-    "gemma2_gqa_28b_scale": dict(model_type="gemma2", hidden_size=72, intermediate_size=96, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VHF,
-                                 query_pre_attn_scalar=18, sliding_window=6, attn_logit_softcapping=50.0,
-                                 final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
+    "gemma_mqa": dict(
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VHF,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+    "gemma2_gqa_28b_scale": dict(
+        model_type="gemma2",
+        hidden_size=72,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=VHF,
+        query_pre_attn_scalar=18,
+        sliding_window=6,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
 }
 
 
 def make_hf_model(text, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.PaliGemmaConfig(vision_config=VISION, text_config=text, image_token_index=V,
-                                       projection_dim=text["hidden_size"], hidden_size=text["hidden_size"])
+    cfg = transformers.PaliGemmaConfig(
+        vision_config=VISION,
+        text_config=text,
+        image_token_index=V,
+        projection_dim=text["hidden_size"],
+        hidden_size=text["hidden_size"],
+    )
     model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # HF initialises norms to 0 and some weights to 0: randomise everything
         for p in model.parameters():
@@ -72,7 +106,8 @@ def test_save_pretrained_to_npz_and_back(tmp_path, name):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), k
 
     reloaded, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-        tmp_path / "back", output_loading_info=True, attn_implementation="eager")
+        tmp_path / "back", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     reloaded.eval()
     model.config._attn_implementation = "eager"
@@ -101,16 +136,18 @@ def test_our_config_json_builds_the_same_model(tmp_path):
     """from_pretrained of a directory we wrote from an npz alone (config from shapes) has no missing keys."""
     from parity import spec
     from parity.config import TINY_VARIANTS
+
     for cfg in TINY_VARIANTS.values():
         params = spec.random_params(cfg, seed=11)
         np.savez(tmp_path / f"{cfg.name}.npz", **{"params/" + k: v for k, v in params.items()})
         convert(tmp_path / f"{cfg.name}.npz", tmp_path / cfg.name, "safetensors")
         m, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-            tmp_path / cfg.name, output_loading_info=True)
+            tmp_path / cfg.name, output_loading_info=True
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], cfg.name
         tc = m.config.text_config
         assert tc.num_key_value_heads == cfg.text.num_kv_heads and tc.head_dim == cfg.text.head_dim
         if cfg.text.gemma2:
-            assert tc.query_pre_attn_scalar ** -0.5 == pytest.approx(cfg.text.query_scale_value)
+            assert tc.query_pre_attn_scalar**-0.5 == pytest.approx(cfg.text.query_scale_value)
             assert tc.sliding_window == cfg.text.sliding_window
         assert os.path.exists(tmp_path / cfg.name / "config.json")

@@ -1,4 +1,5 @@
 """Shared builders for the PyTorch tests: a batch whose rows differ in prefix length and padding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,9 +17,9 @@ def make_inputs(cfg, seed: int = 0, length=LENGTH, prefix=PREFIX) -> dict[str, n
     mask_ar = np.zeros((b, L), np.int32)
     mask_input = np.zeros((b, L), np.int32)
     for r in range(b):
-        mask_ar[r, prefix[r]:] = 1
+        mask_ar[r, prefix[r] :] = 1
         mask_input[r, : length[r]] = 1
-        text[r, length[r]:] = 0
+        text[r, length[r] :] = 0
     image = rng.uniform(-1, 1, (b, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
     return dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input)
 

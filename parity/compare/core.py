@@ -4,13 +4,15 @@ comparison under another profile or policy, without running anything.
 
 Side A is the reference: relative statistics are relative to A, and teacher-forced blocks of B run on A's inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +26,17 @@ from parity.errors import ConfigError, InputsError, describe
 SCHEMA = "parity.compare/1"
 COMPARED, MISSING_A, MISSING_B = "compared", "not captured in A", "not captured in B"
 # Manifest fields that always differ between two runs and say nothing about them.
-_IGNORED = {"created", "seconds", "load_seconds", "run_seconds", "points", "tensors", "output", "warnings",
-            "teacher_forced_from"}  # what differs between any two runs, not what they mean
+_IGNORED = {
+    "created",
+    "seconds",
+    "load_seconds",
+    "run_seconds",
+    "points",
+    "tensors",
+    "output",
+    "warnings",
+    "teacher_forced_from",
+}  # what differs between any two runs, not what they mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +51,17 @@ class PointRecord:
     @property
     def passed(self) -> bool:
         return (self.judgement is None or bool(self.judgement)) and (
-            self.local_judgement is None or bool(self.local_judgement))
+            self.local_judgement is None or bool(self.local_judgement)
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"point": self.point, "status": self.status,
-             "stats": self.stats.to_dict() if self.stats else None,
-             "judgement": self.judgement.to_dict() if self.judgement is not None else None, "local": None}
+        d = {
+            "point": self.point,
+            "status": self.status,
+            "stats": self.stats.to_dict() if self.stats else None,
+            "judgement": self.judgement.to_dict() if self.judgement is not None else None,
+            "local": None,
+        }
         if self.local is not None:
             d["local"] = {"stats": self.local.to_dict(), "judgement": self.local_judgement.to_dict()}
         return d
@@ -77,8 +93,7 @@ class Comparison:
 
     @property
     def first_local_divergence(self) -> str | None:
-        return next((r.point for r in self.records if r.local_judgement is not None and not r.local_judgement),
-                    None)
+        return next((r.point for r in self.records if r.local_judgement is not None and not r.local_judgement), None)
 
     def amplification(self) -> dict[str, list[dict[str, Any]]]:
         """Per tower, each block's residual-stream error (max_rel; local beside it when teacher-forced) and its
@@ -91,20 +106,37 @@ class Comparison:
             while (r := by.get(block_out(i))) is not None:
                 err = r.stats.max_rel if r.stats else None
                 before = prev.stats.max_rel if prev is not None and prev.stats else None
-                rows.append({"block": i, "point": r.point, "max_rel": err,
-                             "ratio": (err / before) if err is not None and before else None,
-                             "local_max_rel": r.local.max_rel if r.local else None, "passed": r.passed})
+                rows.append(
+                    {
+                        "block": i,
+                        "point": r.point,
+                        "max_rel": err,
+                        "ratio": (err / before) if err is not None and before else None,
+                        "local_max_rel": r.local.max_rel if r.local else None,
+                        "passed": r.passed,
+                    }
+                )
                 prev, i = r, i + 1
             out[tower] = rows
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "passed": bool(self), "first_divergence": self.first_divergence,
-                "first_local_divergence": self.first_local_divergence, "teacher_forced": self.teacher_forced,
-                "profile": self.tolerances.profile, "tolerances": self.tolerances.to_dict(),
-                "ulp_dtype": self.ulp_dtype, "valid_positions": self.valid_positions, "sides": self.sides,
-                "manifest_differences": self.differences, "notes": list(self.notes),
-                "amplification": _finite(self.amplification()), "points": [r.to_dict() for r in self.records]}
+        return {
+            "schema": SCHEMA,
+            "passed": bool(self),
+            "first_divergence": self.first_divergence,
+            "first_local_divergence": self.first_local_divergence,
+            "teacher_forced": self.teacher_forced,
+            "profile": self.tolerances.profile,
+            "tolerances": self.tolerances.to_dict(),
+            "ulp_dtype": self.ulp_dtype,
+            "valid_positions": self.valid_positions,
+            "sides": self.sides,
+            "manifest_differences": self.differences,
+            "notes": list(self.notes),
+            "amplification": _finite(self.amplification()),
+            "points": [r.to_dict() for r in self.records],
+        }
 
 
 def _finite(x):
@@ -142,9 +174,12 @@ def check_manifests(a: dict, b: dict, allow_convention_mismatch: bool) -> None:
         diff = [d["key"] for d in manifest_differences({"config": a.get("config")}, {"config": b.get("config")})]
         raise ConfigError(f"the two sides are different models: config fields {', '.join(diff[:6])} differ")
     if a.get("conventions") != b.get("conventions") and not allow_convention_mismatch:
-        diff = [d for d in manifest_differences({"c": a.get("conventions")}, {"c": b.get("conventions")})]
-        raise ConfigError("the two sides ran under different conventions (" + ", ".join(
-            f"{d['key'][2:]}: {d['a']} vs {d['b']}" for d in diff) + "); pass --allow-convention-mismatch")
+        diff = list(manifest_differences({"c": a.get("conventions")}, {"c": b.get("conventions")}))
+        raise ConfigError(
+            "the two sides ran under different conventions ("
+            + ", ".join(f"{d['key'][2:]}: {d['a']} vs {d['b']}" for d in diff)
+            + "); pass --allow-convention-mismatch"
+        )
 
 
 def valid_mask(cfg: PaliGemmaConfig, manifest: dict, inputs: str | None) -> tuple[np.ndarray | None, str]:
@@ -158,8 +193,15 @@ def valid_mask(cfg: PaliGemmaConfig, manifest: dict, inputs: str | None) -> tupl
     batch = load_inputs(path, cfg)
     if inputs_sha256(batch) != manifest["inputs"]["sha256"]:
         if inputs:
-            raise InputsError(describe(path, "sha256", manifest["inputs"]["sha256"], inputs_sha256(batch),
-                                       "--inputs is not the inputs the sides ran on"))
+            raise InputsError(
+                describe(
+                    path,
+                    "sha256",
+                    manifest["inputs"]["sha256"],
+                    inputs_sha256(batch),
+                    "--inputs is not the inputs the sides ran on",
+                )
+            )
         return None, "all positions (the recorded inputs file has changed: padding positions are compared too)"
     b = batch["text"].shape[0]
     mask = np.concatenate([np.ones((b, cfg.num_image_tokens), bool), batch["mask_input"].astype(bool)], axis=1)
@@ -167,8 +209,7 @@ def valid_mask(cfg: PaliGemmaConfig, manifest: dict, inputs: str | None) -> tupl
 
 
 # -- the comparison -----------------------------------------------------------------------------------------------
-def resolve_sides(a: str | None, b: str | None, ckpt: str | None, against: str | None, impl: str
-                  ) -> tuple[Side, Side]:
+def resolve_sides(a: str | None, b: str | None, ckpt: str | None, against: str | None, impl: str) -> tuple[Side, Side]:
     if against is not None:
         if ckpt is None:
             raise ConfigError("--against CKPT_B compares against CKPT: give CKPT too")
@@ -178,20 +219,34 @@ def resolve_sides(a: str | None, b: str | None, ckpt: str | None, against: str |
     return parse_side("A", a, ckpt), parse_side("B", b, ckpt)
 
 
-def compare(a: str | None = None, b: str | None = None, ckpt: str | None = None, against: str | None = None,
-            inputs: str | None = None, impl: str = "torch", convention: str | None = None,
-            config: str | None = None, layer_by_layer: bool = False, teacher_forced: bool = False,
-            points: str | list[str] | None = None, profile: str | None = None, policy: str | None = None,
-            allow_convention_mismatch: bool = False, isolate: bool = True,
-            progress: Callable[[str], None] | None = None) -> Comparison:
+def compare(
+    a: str | None = None,
+    b: str | None = None,
+    ckpt: str | None = None,
+    against: str | None = None,
+    inputs: str | None = None,
+    impl: str = "torch",
+    convention: str | None = None,
+    config: str | None = None,
+    layer_by_layer: bool = False,
+    teacher_forced: bool = False,
+    points: str | list[str] | None = None,
+    profile: str | None = None,
+    policy: str | None = None,
+    allow_convention_mismatch: bool = False,
+    isolate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
     """Compare side B against side A (see the module docstring). Sides: `IMPL[:DEVICE][:DTYPE][:PRECISION]` run on
     `ckpt` (B on `against` when given) with `inputs`, or capture files. Without `layer_by_layer` only logits."""
     side_a, side_b = resolve_sides(a, b, ckpt, against, impl)
     running = [s for s in (side_a, side_b) if s.runs]
     layer_by_layer = layer_by_layer or teacher_forced or not running  # two capture files: all their points
     if teacher_forced and not side_b.runs:
-        raise ConfigError("--teacher-forced runs side B's blocks on side A's inputs: side B must be an "
-                          "implementation, not a capture file")
+        raise ConfigError(
+            "--teacher-forced runs side B's blocks on side A's inputs: side B must be an "
+            "implementation, not a capture file"
+        )
     if teacher_forced and not supports_teacher_forcing(side_b.impl):
         raise ConfigError(f"--teacher-forced: implementation {side_b.impl!r} has no vit_block/llm_block")
     if running and inputs is None:
@@ -209,19 +264,46 @@ def compare(a: str | None = None, b: str | None = None, ckpt: str | None = None,
                 continue
             say(f"side {side.label}: {side.describe()}")
             teacher_from = paths["A"][0] if teacher_forced and side.label == "B" else None
-            r = run_side(job(side, inputs, os.path.join(tmp, f"{side.label}.safetensors"), convention, config,
-                             selection, teacher_from), isolate)
+            r = run_side(
+                job(
+                    side,
+                    inputs,
+                    os.path.join(tmp, f"{side.label}.safetensors"),
+                    convention,
+                    config,
+                    selection,
+                    teacher_from,
+                ),
+                isolate,
+            )
             paths[side.label] = (r["capture"], r["teacher"])
         say("comparing")
-        return compare_captures(paths["A"][0], paths["B"][0], paths["B"][1], {"A": side_a, "B": side_b},
-                                inputs=inputs, layer_by_layer=layer_by_layer, points=points, profile=profile,
-                                policy=policy, allow_convention_mismatch=allow_convention_mismatch)
+        return compare_captures(
+            paths["A"][0],
+            paths["B"][0],
+            paths["B"][1],
+            {"A": side_a, "B": side_b},
+            inputs=inputs,
+            layer_by_layer=layer_by_layer,
+            points=points,
+            profile=profile,
+            policy=policy,
+            allow_convention_mismatch=allow_convention_mismatch,
+        )
 
 
-def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides: dict[str, Side] | None = None,
-                     inputs: str | None = None, layer_by_layer: bool = True, points: str | list[str] | None = None,
-                     profile: str | None = None, policy: str | None = None,
-                     allow_convention_mismatch: bool = False) -> Comparison:
+def compare_captures(
+    path_a: str,
+    path_b: str,
+    teacher: str | None = None,
+    sides: dict[str, Side] | None = None,
+    inputs: str | None = None,
+    layer_by_layer: bool = True,
+    points: str | list[str] | None = None,
+    profile: str | None = None,
+    policy: str | None = None,
+    allow_convention_mismatch: bool = False,
+) -> Comparison:
     """Compare two capture files point by point (and B's teacher-forced block outputs when given)."""
     caps = {"A": Capture(path_a), "B": Capture(path_b)}
     local = Capture(teacher) if teacher else None
@@ -236,7 +318,7 @@ def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides
         text = None
         if b_s:  # KL / top-k of the logits at the real text positions
             text = np.zeros((b_s[0], cfg.num_image_tokens + b_s[1]), bool)
-            text[:, cfg.num_image_tokens:] = True
+            text[:, cfg.num_image_tokens :] = True
             text &= valid if valid is not None else True
         order = pts.forward_points(cfg) if layer_by_layer else [pts.LOGITS]
         order = pts.select(order, points) if points else order
@@ -254,11 +336,27 @@ def compare_captures(path_a: str, path_b: str, teacher: str | None = None, sides
             if local is not None and name in local.points:
                 ls = _stats(name, a, local.read(name), ulp_dtype, valid, is_logits, text)
             records.append(PointRecord(name, COMPARED, s, None, ls, None))
-        sides_d = {k: {"spec": sides[k].spec if sides else caps[k].path,
-                       "kind": "run" if sides and sides[k].runs else "capture", "manifest": caps[k].manifest}
-                   for k in caps}
-        return judge(Comparison(sides_d, manifest_differences(ma, mb), tols, tuple(records), ulp_dtype,
-                                local is not None, valid_what, _notes(ma, mb)), tols)
+        sides_d = {
+            k: {
+                "spec": sides[k].spec if sides else caps[k].path,
+                "kind": "run" if sides and sides[k].runs else "capture",
+                "manifest": caps[k].manifest,
+            }
+            for k in caps
+        }
+        return judge(
+            Comparison(
+                sides_d,
+                manifest_differences(ma, mb),
+                tols,
+                tuple(records),
+                ulp_dtype,
+                local is not None,
+                valid_what,
+                _notes(ma, mb),
+            ),
+            tols,
+        )
     finally:
         for c in (*caps.values(), local):
             if c is not None:
@@ -276,23 +374,31 @@ def _notes(ma: dict, mb: dict) -> tuple[str, ...]:
     for label, m in (("A", ma), ("B", mb)):
         pad = m.get("notes", {}).get("vocab_padding")
         if pad:
-            notes.append(f"side {label} ({m.get('impl')}) scores {pad['rows']} vocabulary padding rows; real rows "
-                         f"compared; argmax in the padding rows at {pad['argmax_in_padding']} of "
-                         f"{pad['positions']} positions")
+            notes.append(
+                f"side {label} ({m.get('impl')}) scores {pad['rows']} vocabulary padding rows; real rows "
+                f"compared; argmax in the padding rows at {pad['argmax_in_padding']} of "
+                f"{pad['positions']} positions"
+            )
     return tuple(notes)
 
 
 def judge(c: Comparison, tols: tol.Tolerances) -> Comparison:
     """The comparison with every record (and local record) judged under `tols`."""
-    records = tuple(dataclasses.replace(
-        r, judgement=tols.judge(r.point, r.stats) if r.stats else None,
-        local_judgement=tols.judge(r.point, r.local) if r.local else None) for r in c.records)
+    records = tuple(
+        dataclasses.replace(
+            r,
+            judgement=tols.judge(r.point, r.stats) if r.stats else None,
+            local_judgement=tols.judge(r.point, r.local) if r.local else None,
+        )
+        for r in c.records
+    )
     return dataclasses.replace(c, tolerances=tols, records=records)
 
 
 # -- saved comparisons --------------------------------------------------------------------------------------------
 def save(c: Comparison, path: str) -> None:
     from converters.convert import atomic_output
+
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w") as f:
             json.dump(c.to_dict(), f, indent=1)
@@ -314,11 +420,27 @@ def load(path: str) -> Comparison:
         raise InputsError(describe(path, what=f"not a saved comparison: {e}")) from None
     if d.get("schema") != SCHEMA:
         raise InputsError(describe(path, "schema", SCHEMA, d.get("schema")))
-    records = tuple(PointRecord(
-        r["point"], r["status"], PointStats.from_dict(r["stats"]) if r["stats"] else None, None,
-        PointStats.from_dict(r["local"]["stats"]) if r.get("local") else None, None) for r in d["points"])
-    return Comparison(d["sides"], d["manifest_differences"], tol.Tolerances(d["profile"], ()), records,
-                      d["ulp_dtype"], d["teacher_forced"], d["valid_positions"], tuple(d.get("notes", ())))
+    records = tuple(
+        PointRecord(
+            r["point"],
+            r["status"],
+            PointStats.from_dict(r["stats"]) if r["stats"] else None,
+            None,
+            PointStats.from_dict(r["local"]["stats"]) if r.get("local") else None,
+            None,
+        )
+        for r in d["points"]
+    )
+    return Comparison(
+        d["sides"],
+        d["manifest_differences"],
+        tol.Tolerances(d["profile"], ()),
+        records,
+        d["ulp_dtype"],
+        d["teacher_forced"],
+        d["valid_positions"],
+        tuple(d.get("notes", ())),
+    )
 
 
 def rejudge(path: str, profile: str | None = None, policy: str | None = None) -> Comparison:

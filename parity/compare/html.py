@@ -1,6 +1,7 @@
 """The HTML report: one self-contained page (no network, no script), inline SVG error curves per tower
 (propagated and, when present, teacher-forced error per block, log scale, the tolerance as a dashed line, the first
 divergence marked), the point table, the manifest comparison and the environment of both sides."""
+
 from __future__ import annotations
 
 import html
@@ -17,25 +18,30 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
-def log_frame(cls: str, title: str, W: int, H: int, PAD: int, lo: int, hi: int, xy, grid: bool = False
-              ) -> list[str]:
+def log_frame(cls: str, title: str, W: int, H: int, PAD: int, lo: int, hi: int, xy, grid: bool = False) -> list[str]:
     """The opening of an inline SVG chart with a log-scale y axis 1e`lo`..1e`hi`: title, axes, decade labels (and
     light grid lines); `xy(i, v)` maps a point to pixels. Callers append the series and close the <svg>."""
-    parts = [f'<svg class="{cls}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" role="img" aria-label="{_esc(title)}">',
-             f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#000"/>',
-             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#000"/>']
+    parts = [
+        f'<svg class="{cls}" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" role="img" aria-label="{_esc(title)}">',
+        f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{_esc(title)}</text>',
+        f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#000"/>',
+        f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#000"/>',
+    ]
     for e in range(lo, hi + 1):
-        _, y = xy(0, 10.0 ** e)
-        parts.append(f'<text x="{PAD - 4}" y="{y + 4}" text-anchor="end" font-size="10">1e{e}</text>'
-                     + (f'<line x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" stroke="#eee"/>' if grid else ""))
+        _, y = xy(0, 10.0**e)
+        parts.append(
+            f'<text x="{PAD - 4}" y="{y + 4}" text-anchor="end" font-size="10">1e{e}</text>'
+            + (f'<line x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" stroke="#eee"/>' if grid else "")
+        )
     return parts
 
 
 def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | None) -> str:
-    series = {"propagated": [(r["block"], r["max_rel"]) for r in rows],
-              "teacher-forced": [(r["block"], r["local_max_rel"]) for r in rows if r["local_max_rel"] is not None]}
+    series = {
+        "propagated": [(r["block"], r["max_rel"]) for r in rows],
+        "teacher-forced": [(r["block"], r["local_max_rel"]) for r in rows if r["local_max_rel"] is not None],
+    }
     values = [v for s in series.values() for _, v in s if v and v > 0] + ([bound] if bound else [])
     lo, hi = (math.log10(min(values)), math.log10(max(values))) if values else (-8.0, 0.0)
     lo, hi = math.floor(lo), math.ceil(hi) if math.ceil(hi) > math.floor(lo) else math.floor(lo) + 1
@@ -49,17 +55,20 @@ def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | N
     for r in rows:
         x, _ = xy(r["block"], None)
         parts.append(f'<text x="{x}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{r["block"]}</text>')
-    parts.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="11">block (residual stream '
-                 f'after it); y: max relative error to side A</text>')
+    parts.append(
+        f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="11">block (residual stream '
+        f"after it); y: max relative error to side A</text>"
+    )
     if bound:
         _, y = xy(0, bound)
-        parts.append(f'<line class="tolerance" x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" '
-                     f'stroke="{COLORS["tolerance"]}" stroke-dasharray="4 3"/>')
+        parts.append(
+            f'<line class="tolerance" x1="{PAD}" y1="{y}" x2="{W - PAD}" y2="{y}" '
+            f'stroke="{COLORS["tolerance"]}" stroke-dasharray="4 3"/>'
+        )
     for name, pts_ in series.items():
         if not pts_:
             continue
-        d = " ".join(f"{'M' if k == 0 else 'L'}{x:.1f},{y:.1f}" for k, (x, y) in
-                     enumerate(xy(i, v) for i, v in pts_))
+        d = " ".join(f"{'M' if k == 0 else 'L'}{x:.1f},{y:.1f}" for k, (x, y) in enumerate(xy(i, v) for i, v in pts_))
         parts.append(f'<path class="series {name}" d="{d}" fill="none" stroke="{COLORS[name]}" stroke-width="2.5"/>')
         for i, v in pts_:
             x, y = xy(i, v)
@@ -67,12 +76,15 @@ def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | N
     for r in rows:  # ring the block holding the first divergence (its branch or its output)
         if first and first.startswith(r["point"].rsplit("/", 1)[0] + "/"):
             x, y = xy(r["block"], r["max_rel"])
-            parts.append(f'<circle class="first" cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#000" '
-                         f'stroke-width="2"/>')
+            parts.append(
+                f'<circle class="first" cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#000" stroke-width="2"/>'
+            )
     legend = [(k, c) for k, c in COLORS.items() if k != "teacher-forced" or series["teacher-forced"]]
     for k, (name, color) in enumerate(legend):
-        parts.append(f'<rect x="{W - PAD - 130}" y="{24 + 14 * k}" width="12" height="3" fill="{color}"/>'
-                     f'<text x="{W - PAD - 112}" y="{29 + 14 * k}" font-size="11">{name}</text>')
+        parts.append(
+            f'<rect x="{W - PAD - 130}" y="{24 + 14 * k}" width="12" height="3" fill="{color}"/>'
+            f'<text x="{W - PAD - 112}" y="{29 + 14 * k}" font-size="11">{name}</text>'
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -94,13 +106,21 @@ def render_html(c: Comparison) -> str:
         local = f"{r.local.max_rel:.2e}" if r.local else "-"
         bound = ", ".join(f"{ch.stat} {ch.bound:.0e}" for ch in r.judgement.checks) if r.judgement is not None else "-"
         cls = "pass" if r.passed else "fail"
-        rows.append(f"<tr class='{cls}'><td>{_esc(r.point)}</td><td>{s.max_abs:.2e}</td><td>{s.max_rel:.2e}</td>"
-                    f"<td>{s.cosine:.6f}</td><td>{s.sqnr_db:.1f}</td><td>{s.ulp}</td><td>{local}</td>"
-                    f"<td>{_esc(bound)}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>")
-    diffs = "".join(f"<tr><td>{_esc(d['key'])}</td><td>{_esc(d['a'])}</td><td>{_esc(d['b'])}</td></tr>"
-                    for d in c.differences) or "<tr><td colspan='3'>none</td></tr>"
-    env = "".join(f"<h3>side {k}: {_esc(v['spec'])}</h3><pre>{_esc(json.dumps(v['manifest'], indent=1))}</pre>"
-                  for k, v in c.sides.items())
+        rows.append(
+            f"<tr class='{cls}'><td>{_esc(r.point)}</td><td>{s.max_abs:.2e}</td><td>{s.max_rel:.2e}</td>"
+            f"<td>{s.cosine:.6f}</td><td>{s.sqnr_db:.1f}</td><td>{s.ulp}</td><td>{local}</td>"
+            f"<td>{_esc(bound)}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>"
+        )
+    diffs = (
+        "".join(
+            f"<tr><td>{_esc(d['key'])}</td><td>{_esc(d['a'])}</td><td>{_esc(d['b'])}</td></tr>" for d in c.differences
+        )
+        or "<tr><td colspan='3'>none</td></tr>"
+    )
+    env = "".join(
+        f"<h3>side {k}: {_esc(v['spec'])}</h3><pre>{_esc(json.dumps(v['manifest'], indent=1))}</pre>"
+        for k, v in c.sides.items()
+    )
     notes = "".join(f"<li>{_esc(n)}</li>" for n in c.notes)
     verdict = "every point passes" if c else f"mismatch: first divergence {first}"
     return f"""<!DOCTYPE html>
@@ -109,21 +129,24 @@ def render_html(c: Comparison) -> str:
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; font-size: 12px; }} tr.fail td {{ background: #fdd; }}
 td.na {{ color: #a60; }} pre {{ font-size: 11px; background: #f6f6f6; padding: 6px; }}
-.verdict {{ font-size: 1.3em; font-weight: bold; color: {'#080' if c else '#c00'}; }}
+.verdict {{ font-size: 1.3em; font-weight: bold; color: {"#080" if c else "#c00"}; }}
 </style></head><body>
 <h1>parity compare</h1>
 <p class="verdict" id="verdict">{_esc(verdict)}</p>
-<p>profile <b>{_esc(c.tolerances.profile)}</b>{', policy ' + _esc(c.tolerances.policy) if c.tolerances.policy else ''};
-ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="first">{_esc(first or 'none')}</b>
-{'; first local (teacher-forced) divergence: <b>' + _esc(c.first_local_divergence or 'none') + '</b>'
-     if c.teacher_forced else ''}</p>
+<p>profile <b>{_esc(c.tolerances.profile)}</b>{", policy " + _esc(c.tolerances.policy) if c.tolerances.policy else ""};
+ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="first">{_esc(first or "none")}</b>
+{
+        "; first local (teacher-forced) divergence: <b>" + _esc(c.first_local_divergence or "none") + "</b>"
+        if c.teacher_forced
+        else ""
+    }</p>
 <ul>{notes}</ul>
 <h2>Error per block</h2>
-{''.join(curves)}
+{"".join(curves)}
 <h2>Points</h2>
 <table><tr><th>point</th><th>max abs</th><th>max rel</th><th>cosine</th><th>SQNR dB</th><th>ULP</th>
 <th>local rel</th><th>tolerance</th><th>pass</th></tr>
-{''.join(rows)}</table>
+{"".join(rows)}</table>
 <h2>Manifest differences (A → B)</h2>
 <table><tr><th>field</th><th>A</th><th>B</th></tr>{diffs}</table>
 <h2>Environment</h2>
@@ -134,6 +157,7 @@ ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="
 
 def write_html(c: Comparison, path: str) -> None:
     from converters.convert import atomic_output
+
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(render_html(c))

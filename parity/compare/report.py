@@ -1,6 +1,7 @@
 """The terminal report of a comparison: header (sides, profile, first divergence, manifest differences, notes),
 one table row per point, the error amplification per tower. The JSON report is `Comparison.to_dict()`; its
 schema is documented in the README ("parity compare", JSON schema `parity.compare/1`)."""
+
 from __future__ import annotations
 
 import math
@@ -21,33 +22,57 @@ def _bound(j) -> str:
     """'≤ 1e-04' for the default statistic (max rel), else named: 'rms_rel ≤ 0.05, top1 ≥ 0.9'."""
     if j is None or not j.checks:
         return "-"
-    return ", ".join(("" if c.stat == "max_rel" else f"{c.stat} ") + (
-        "≥ " if c.stat in HIGHER_IS_BETTER else "≤ ") + f"{c.bound:.0e}" for c in j.checks)
+    return ", ".join(
+        ("" if c.stat == "max_rel" else f"{c.stat} ")
+        + ("≥ " if c.stat in HIGHER_IS_BETTER else "≤ ")
+        + f"{c.bound:.0e}"
+        for c in j.checks
+    )
 
 
 def render(c: Comparison, console=None) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    import sys
     con = console or Console(width=None if sys.stdout.isatty() else 150)
     for label in ("A", "B"):
         m = c.sides[label]["manifest"]
-        con.print(f"[bold]side {label}[/bold]: {c.sides[label]['spec']} — {m.get('impl')} {m.get('dtype')} on "
-                  f"{m.get('device')}, precision {m.get('precision', 'highest')}")
+        con.print(
+            f"[bold]side {label}[/bold]: {c.sides[label]['spec']} — {m.get('impl')} {m.get('dtype')} on "
+            f"{m.get('device')}, precision {m.get('precision', 'highest')}"
+        )
     first = c.first_divergence
-    con.print(f"profile [bold]{c.tolerances.profile}[/bold]" + (f", policy {c.tolerances.policy}"
-                                                                 if c.tolerances.policy else "")
-              + f"; ULP of {c.ulp_dtype}; {c.valid_positions}")
-    con.print("first divergence: " + (f"[bold red]{first}[/bold red]" if first else "[green]none[/green]")
-              + (f"; first local (teacher-forced) divergence: [bold red]{c.first_local_divergence or 'none'}"
-                 "[/bold red]" if c.teacher_forced else ""))
+    con.print(
+        f"profile [bold]{c.tolerances.profile}[/bold]"
+        + (f", policy {c.tolerances.policy}" if c.tolerances.policy else "")
+        + f"; ULP of {c.ulp_dtype}; {c.valid_positions}"
+    )
+    con.print(
+        "first divergence: "
+        + (f"[bold red]{first}[/bold red]" if first else "[green]none[/green]")
+        + (
+            f"; first local (teacher-forced) divergence: [bold red]{c.first_local_divergence or 'none'}[/bold red]"
+            if c.teacher_forced
+            else ""
+        )
+    )
     if c.differences:
         con.print("manifest differences: " + "; ".join(f"{d['key']}: {d['a']} → {d['b']}" for d in c.differences))
     for n in c.notes:
         con.print(f"note: {n}")
-    t = Table("point", "max abs", "max rel", "cosine", "SQNR dB", "ULP", *(["local rel"] if c.teacher_forced else []),
-              "tolerance", "pass")
+    t = Table(
+        "point",
+        "max abs",
+        "max rel",
+        "cosine",
+        "SQNR dB",
+        "ULP",
+        *(["local rel"] if c.teacher_forced else []),
+        "tolerance",
+        "pass",
+    )
     for r in c.records:
         if r.status != COMPARED:
             t.add_row(r.point, *["-"] * (6 if c.teacher_forced else 5), "-", f"[yellow]{r.status}[/yellow]")
@@ -55,21 +80,39 @@ def render(c: Comparison, console=None) -> None:
         s = r.stats
         local = [_g(r.local.max_rel) if r.local else "-"] if c.teacher_forced else []
         ok = "[green]pass[/green]" if r.passed else "[bold red]FAIL[/bold red]"
-        t.add_row(r.point, _g(s.max_abs), _g(s.max_rel), f"{s.cosine:.6f}", f"{s.sqnr_db:.1f}", str(s.ulp), *local,
-                  _bound(r.judgement), ok)
+        t.add_row(
+            r.point,
+            _g(s.max_abs),
+            _g(s.max_rel),
+            f"{s.cosine:.6f}",
+            f"{s.sqnr_db:.1f}",
+            str(s.ulp),
+            *local,
+            _bound(r.judgement),
+            ok,
+        )
     con.print(t)
     for r in c.records:
         if r.stats is not None and r.stats.kl_max is not None:
-            con.print(f"{r.point}: KL(A‖B) max {_g(r.stats.kl_max)} at {r.stats.kl_worst_position}, mean "
-                      f"{_g(r.stats.kl_mean)}; top-1 agreement {r.stats.top1:.1%}, top-5 overlap {r.stats.top5:.1%}")
+            con.print(
+                f"{r.point}: KL(A‖B) max {_g(r.stats.kl_max)} at {r.stats.kl_worst_position}, mean "
+                f"{_g(r.stats.kl_mean)}; top-1 agreement {r.stats.top1:.1%}, top-5 overlap {r.stats.top5:.1%}"
+            )
     for r in c.records:
         for j in (r.judgement, r.local_judgement):
             if j is not None and not j:
                 con.print(f"[red]{'local ' if j is r.local_judgement else ''}{j}[/red]")
     for tower, rows in c.amplification().items():
         if rows:
-            con.print(f"amplification {tower}: " + "  ".join(
-                f"{row['block']}:×{row['ratio']:.2f}" if row["ratio"] is not None else f"{row['block']}:-"
-                for row in rows))
-    con.print("[green]every point passes[/green]" if c else f"[bold red]mismatch[/bold red]: "
-              f"{sum(not r.passed for r in c.records)} of {len(c.records)} points fail")
+            con.print(
+                f"amplification {tower}: "
+                + "  ".join(
+                    f"{row['block']}:×{row['ratio']:.2f}" if row["ratio"] is not None else f"{row['block']}:-"
+                    for row in rows
+                )
+            )
+    con.print(
+        "[green]every point passes[/green]"
+        if c
+        else f"[bold red]mismatch[/bold red]: {sum(not r.passed for r in c.records)} of {len(c.records)} points fail"
+    )

@@ -6,6 +6,7 @@ to a directory; only the capture files meet in the comparing process, so two 3B 
 With teacher forcing, side B's process also runs each of its ViT and LLM blocks on side A's captured input to that
 block (the implementations' `vit_block` / `llm_block`) and writes those outputs to a second capture file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,10 @@ def parse_side(label: str, text: str, ckpt: str | None) -> Side:
         return Side(label, text, capture=os.path.abspath(text))
     impl, *rest = text.split(":")
     if impl not in IMPLS:
-        raise ConfigError(f"side {label} {text!r}: unknown implementation {impl!r}; available: "
-                          f"{', '.join(IMPLS)} (or the path of a capture file)")
+        raise ConfigError(
+            f"side {label} {text!r}: unknown implementation {impl!r}; available: "
+            f"{', '.join(IMPLS)} (or the path of a capture file)"
+        )
     dtype = next((t for t in rest if t in DTYPES), "float32")
     precision = next((t for t in rest if t in PRECISIONS), "highest")
     device = ":".join(t for t in rest if t not in DTYPES and t not in PRECISIONS) or "cpu"
@@ -74,6 +77,7 @@ def parse_side(label: str, text: str, ckpt: str | None) -> Side:
 
 def supports_teacher_forcing(impl: str) -> bool:
     from parity.run import IMPLS
+
     api = importlib.import_module(IMPLS[impl])
     return hasattr(api, "vit_block") and hasattr(api, "llm_block")
 
@@ -82,8 +86,10 @@ def supports_teacher_forcing(impl: str) -> bool:
 def write_capture(path: str, tensors: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
     """A capture file (float32 tensors named by point, manifest in the header), written under a temporary name."""
     from parity import run
-    run.write_capture(path, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, manifest,
-                      overwrite=True)
+
+    run.write_capture(
+        path, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, manifest, overwrite=True
+    )
 
 
 class Capture:
@@ -101,6 +107,7 @@ class Capture:
             raise InputsError(describe(path, "parity_manifest", "a capture manifest in the header", "none"))
         try:
             from parity.run import capture_manifest
+
             self.manifest = capture_manifest(path, raw)
         except ParityError as e:
             self.reader.close()
@@ -115,20 +122,45 @@ class Capture:
 
 
 # -- running a side -----------------------------------------------------------------------------------------------
-def job(side: Side, inputs: str, output: str, convention: str, config: str | None, points: list[str] | None,
-        teacher_from: str | None = None) -> dict[str, Any]:
-    return {"impl": side.impl, "ckpt": side.ckpt, "inputs": inputs, "dtype": side.dtype, "device": side.device,
-            "precision": side.precision, "convention": convention, "config": config, "points": points,
-            "output": output, "teacher_from": teacher_from,
-            "teacher_output": None if teacher_from is None else output.replace(".safetensors", ".teacher.safetensors")}
+def job(
+    side: Side,
+    inputs: str,
+    output: str,
+    convention: str,
+    config: str | None,
+    points: list[str] | None,
+    teacher_from: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "impl": side.impl,
+        "ckpt": side.ckpt,
+        "inputs": inputs,
+        "dtype": side.dtype,
+        "device": side.device,
+        "precision": side.precision,
+        "convention": convention,
+        "config": config,
+        "points": points,
+        "output": output,
+        "teacher_from": teacher_from,
+        "teacher_output": None if teacher_from is None else output.replace(".safetensors", ".teacher.safetensors"),
+    }
 
 
 def run_job(j: dict[str, Any]) -> dict[str, Any]:
     """Capture the points of one side (and, with `teacher_from`, its blocks on that capture's block inputs)."""
     from parity import run
 
-    api, model, cfg, batch, manifest = run.prepare(j["ckpt"], j["inputs"], j["impl"], j["convention"], j["dtype"],
-                                                   j["device"], j["config"], precision=j["precision"])
+    api, model, cfg, batch, manifest = run.prepare(
+        j["ckpt"],
+        j["inputs"],
+        j["impl"],
+        j["convention"],
+        j["dtype"],
+        j["device"],
+        j["config"],
+        precision=j["precision"],
+    )
     wanted = pts.select(pts.forward_points(cfg), j["points"])
     t0 = time.perf_counter()
     out = api.forward(model, batch, wanted)
@@ -139,8 +171,11 @@ def run_job(j: dict[str, Any]) -> dict[str, Any]:
     result = {"capture": j["output"], "teacher": None}
     if j["teacher_from"]:
         teacher = teacher_forced_blocks(api, model, cfg, batch, j["teacher_from"])
-        write_capture(j["teacher_output"], teacher, {**manifest, "points": list(teacher),
-                                                     "teacher_forced_from": j["teacher_from"]})
+        write_capture(
+            j["teacher_output"],
+            teacher,
+            {**manifest, "points": list(teacher), "teacher_forced_from": j["teacher_from"]},
+        )
         result["teacher"] = j["teacher_output"]
     return result
 
@@ -169,8 +204,9 @@ def run_side(j: dict[str, Any], isolate: bool = True) -> dict[str, Any]:
         return run_job(j)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    p = subprocess.run([sys.executable, "-m", "parity.compare.worker"], input=json.dumps(j), text=True,
-                       capture_output=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "parity.compare.worker"], input=json.dumps(j), text=True, capture_output=True, env=env
+    )
     try:
         reply = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
     except json.JSONDecodeError:
@@ -187,4 +223,3 @@ def run_side(j: dict[str, Any], isolate: bool = True) -> dict[str, Any]:
 
 class SideFailed(ParityError):
     """A side's process died (out of memory, a crash): nothing to compare."""
-

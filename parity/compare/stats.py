@@ -16,6 +16,7 @@ next-token distribution at image positions is never trained, as MaxText's checke
 Rows are processed in chunks, spread over threads (numpy releases the GIL), so a point never needs more than a few
 float64 copies of a chunk per thread.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -28,8 +29,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-ULP_DTYPES = {"float32": (np.float32, np.int32, 0x7FFFFFFF), "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
-              "float16": (np.float16, np.int16, 0x7FFF)}
+ULP_DTYPES = {
+    "float32": (np.float32, np.int32, 0x7FFFFFFF),
+    "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
+    "float16": (np.float16, np.int16, 0x7FFF),
+}
 CHUNK_ELEMENTS = 1 << 20
 THREADS = min(8, os.cpu_count() or 1)
 
@@ -71,10 +75,11 @@ class PointStats:
         return {k: (list(v) if isinstance(v, tuple) else _json_float(v)) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PointStats":
+    def from_dict(cls, d: dict[str, Any]) -> PointStats:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else _from_json_float(v))
-                      for k, v in d.items() if k in fields})
+        return cls(
+            **{k: (tuple(v) if isinstance(v, list) else _from_json_float(v)) for k, v in d.items() if k in fields}
+        )
 
 
 def _json_float(v):
@@ -116,10 +121,24 @@ class _Accumulator:
         self.nan_a = self.inf_a = self.nan_b = self.inf_b = 0
         self.kl_sum, self.kl_max, self.kl_worst, self.top1, self.top5, self.positions = 0.0, -1.0, None, 0, 0.0, 0
 
-    def merge(self, other: "_Accumulator") -> "_Accumulator":
+    def merge(self, other: _Accumulator) -> _Accumulator:
         """Both accumulators' rows together (the earlier row wins ties, as in one pass)."""
-        for f in ("n", "sum_abs", "sum_d2", "sum_a2", "sum_b2", "sum_ab", "nan_a", "inf_a", "nan_b", "inf_b",
-                  "kl_sum", "top1", "top5", "positions"):
+        for f in (
+            "n",
+            "sum_abs",
+            "sum_d2",
+            "sum_a2",
+            "sum_b2",
+            "sum_ab",
+            "nan_a",
+            "inf_a",
+            "nan_b",
+            "inf_b",
+            "kl_sum",
+            "top1",
+            "top5",
+            "positions",
+        ):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.max_a, self.ulp = max(self.max_a, other.max_a), max(self.ulp, other.ulp)
         if other.worst is not None and (other.max_abs, -other.worst[0]) > (self.max_abs, -(self.worst or (0,))[0]):
@@ -134,16 +153,20 @@ class _Accumulator:
         a, b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
         both = None
         if not (np.isfinite(a).all() and np.isfinite(b).all()):  # rare: count, then compare the finite pairs
-            self.nan_a += int(np.isnan(a).sum()); self.inf_a += int(np.isinf(a).sum())
-            self.nan_b += int(np.isnan(b).sum()); self.inf_b += int(np.isinf(b).sum())
+            self.nan_a += int(np.isnan(a).sum())
+            self.inf_a += int(np.isinf(a).sum())
+            self.nan_b += int(np.isnan(b).sum())
+            self.inf_b += int(np.isinf(b).sum())
             both = np.isfinite(a) & np.isfinite(b)
             a, b = np.where(both, a, 0), np.where(both, b, 0)
         self.n += a.size if both is None else int(both.sum())
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         d = b64 - a64
         af, bf, df = a64.ravel(), b64.ravel(), d.ravel()
-        self.sum_d2 += float(np.vdot(df, df)); self.sum_a2 += float(np.vdot(af, af))  # vdot: no BLAS threads
-        self.sum_b2 += float(np.vdot(bf, bf)); self.sum_ab += float(np.vdot(af, bf))
+        self.sum_d2 += float(np.vdot(df, df))
+        self.sum_a2 += float(np.vdot(af, af))  # vdot: no BLAS threads
+        self.sum_b2 += float(np.vdot(bf, bf))
+        self.sum_ab += float(np.vdot(af, bf))
         ad = np.abs(d, out=d)
         self.sum_abs += float(ad.sum())
         self.max_a = max(self.max_a, float(np.abs(a).max(initial=0.0)))
@@ -166,7 +189,8 @@ class _Accumulator:
         ea = np.exp(la)
         sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
         kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
-        self.kl_sum += float(kl.sum()); self.positions += len(kl)
+        self.kl_sum += float(kl.sum())
+        self.positions += len(kl)
         k = int(kl.argmax())
         if kl[k] > self.kl_max:
             self.kl_max, self.kl_worst = float(kl[k]), int(rows[k])
@@ -187,8 +211,14 @@ def _top(x: np.ndarray, k: int) -> np.ndarray:
     return np.stack(out, -1)
 
 
-def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid: np.ndarray | None = None,
-                logits: bool = False, dist_valid: np.ndarray | None = None) -> PointStats:
+def point_stats(
+    a: np.ndarray,
+    b: np.ndarray,
+    ulp_dtype: str = "float32",
+    valid: np.ndarray | None = None,
+    logits: bool = False,
+    dist_valid: np.ndarray | None = None,
+) -> PointStats:
     """Statistics of b against a (same shape). `valid` bool[B, S] keeps the real positions of a point whose first
     two axes are [B, S] (padding positions are never compared); `logits` adds the per-position distribution
     statistics (last axis = vocabulary), over the positions of `dist_valid` (bool[B, S]; default every kept one)."""
@@ -200,8 +230,8 @@ def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid:
     if valid is not None and a.ndim >= 2 and a.shape[:2] == valid.shape:
         keep = np.asarray(valid, bool)
     else:
-        keep = np.ones(a.shape[:a.ndim - 1 if logits else 1], bool)
-    row_shape = a.shape[keep.ndim:]
+        keep = np.ones(a.shape[: a.ndim - 1 if logits else 1], bool)
+    row_shape = a.shape[keep.ndim :]
     flat_a, flat_b = a.reshape(-1, *row_shape), b.reshape(-1, *row_shape)
     index, lin = np.argwhere(keep), np.flatnonzero(keep)
     dist = None
@@ -214,9 +244,13 @@ def point_stats(a: np.ndarray, b: np.ndarray, ulp_dtype: str = "float32", valid:
     def run(group: list[int]) -> _Accumulator:
         acc = _Accumulator(row_shape, ulp_dtype, logits)
         for start in group:
-            sel = lin[start:start + per_chunk]
-            acc.add(np.arange(start, start + len(sel)), flat_a[sel], flat_b[sel],
-                    None if dist is None else dist[start:start + per_chunk])
+            sel = lin[start : start + per_chunk]
+            acc.add(
+                np.arange(start, start + len(sel)),
+                flat_a[sel],
+                flat_b[sel],
+                None if dist is None else dist[start : start + per_chunk],
+            )
         return acc
 
     groups = [starts[i::workers] for i in range(workers)]  # numpy releases the GIL: chunks run in parallel
@@ -244,15 +278,33 @@ def _finish(acc: _Accumulator, shape, index, row_shape) -> PointStats:
     max_abs = max(acc.max_abs, 0.0)
     extra = {}
     if acc.logits and acc.positions:
-        extra = dict(kl_max=acc.kl_max, kl_mean=acc.kl_sum / acc.positions,
-                     kl_worst_position=tuple(int(i) for i in index[acc.kl_worst]),
-                     top1=acc.top1 / acc.positions, top5=acc.top5 / acc.positions)
+        extra = dict(
+            kl_max=acc.kl_max,
+            kl_mean=acc.kl_sum / acc.positions,
+            kl_worst_position=tuple(int(i) for i in index[acc.kl_worst]),
+            top1=acc.top1 / acc.positions,
+            top5=acc.top5 / acc.positions,
+        )
     return PointStats(
-        shape=tuple(shape), compared=acc.n, max_abs=max_abs, mean_abs=acc.sum_abs / max(acc.n, 1),
-        max_rel=_ratio(max_abs, acc.max_a), rms_rel=_ratio(math.sqrt(acc.sum_d2), na),
-        cosine=(acc.sum_ab / (na * nb)) if na and nb else (1.0 if na == nb else 0.0), sqnr_db=sqnr,
-        ulp=acc.ulp, ulp_dtype=acc.ulp_dtype, worst_index=worst_index, worst_a=worst_a, worst_b=worst_b,
-        nan_a=acc.nan_a, inf_a=acc.inf_a, nan_b=acc.nan_b, inf_b=acc.inf_b, **extra)
+        shape=tuple(shape),
+        compared=acc.n,
+        max_abs=max_abs,
+        mean_abs=acc.sum_abs / max(acc.n, 1),
+        max_rel=_ratio(max_abs, acc.max_a),
+        rms_rel=_ratio(math.sqrt(acc.sum_d2), na),
+        cosine=(acc.sum_ab / (na * nb)) if na and nb else (1.0 if na == nb else 0.0),
+        sqnr_db=sqnr,
+        ulp=acc.ulp,
+        ulp_dtype=acc.ulp_dtype,
+        worst_index=worst_index,
+        worst_a=worst_a,
+        worst_b=worst_b,
+        nan_a=acc.nan_a,
+        inf_a=acc.inf_a,
+        nan_b=acc.nan_b,
+        inf_b=acc.inf_b,
+        **extra,
+    )
 
 
 def _ratio(x: float, ref: float) -> float:

@@ -16,6 +16,7 @@ Policy file (TOML or JSON), e.g.:
     max_rel = 0.1
     top1 = 0.9
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,8 @@ _BOUNDS = {  # profile -> group -> max_rel
 }
 PROFILES: dict[str, tuple[Rule, ...]] = {
     name: tuple(_rule(_GROUPS[g], f"profile {name}", max_rel=v) for g, v in groups.items())
-    for name, groups in _BOUNDS.items()}
+    for name, groups in _BOUNDS.items()
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +103,24 @@ class Judgement:
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        checks = ", ".join(f"{c.stat} {_fmt(c.value)} {'<=' if c.stat in LOWER_IS_BETTER else '>='} "
-                           f"{_fmt(c.bound)}" for c in self.checks)
-        need = ", ".join(f"{k} {'<=' if k in LOWER_IS_BETTER else '>='} {_fmt(v)}"
-                         for k, v in self.required.items() if v is not None)
+        checks = ", ".join(
+            f"{c.stat} {_fmt(c.value)} {'<=' if c.stat in LOWER_IS_BETTER else '>='} {_fmt(c.bound)}"
+            for c in self.checks
+        )
+        need = ", ".join(
+            f"{k} {'<=' if k in LOWER_IS_BETTER else '>='} {_fmt(v)}" for k, v in self.required.items() if v is not None
+        )
         tail = f"; {self.reason}" if self.reason else f"; would pass with {need}" if need else ""
         return f"{verdict} {self.point}: {checks} ({self.source}){tail}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [c.to_dict() for c in self.checks], "source": self.source,
-                "reason": self.reason or None, "required": {k: _num(v) for k, v in self.required.items()}}
+        return {
+            "passed": self.passed,
+            "checks": [c.to_dict() for c in self.checks],
+            "source": self.source,
+            "reason": self.reason or None,
+            "required": {k: _num(v) for k, v in self.required.items()},
+        }
 
 
 def _fmt(v) -> str:
@@ -144,8 +154,7 @@ class Tolerances:
             checks.append(Check(stat, bound, value, bool(ok)))
         reason = ""
         if stats.nonfinite:
-            reason = (f"non-finite values: A {stats.nan_a} NaN {stats.inf_a} Inf, "
-                      f"B {stats.nan_b} NaN {stats.inf_b} Inf")
+            reason = f"non-finite values: A {stats.nan_a} NaN {stats.inf_a} Inf, B {stats.nan_b} NaN {stats.inf_b} Inf"
         missing = [c.stat for c in checks if c.value is None]
         if missing:
             reason = f"statistic {', '.join(missing)} not defined for this point"
@@ -163,8 +172,7 @@ def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...]]:
     except OSError as e:
         raise ConfigError(describe(path, what=f"cannot read the policy file ({e.strerror})")) from None
     try:
-        doc = (json.loads(raw) if path.endswith(".json") or raw.lstrip()[:1] == b"{"
-               else tomllib.loads(raw.decode()))
+        doc = json.loads(raw) if path.endswith(".json") or raw.lstrip()[:1] == b"{" else tomllib.loads(raw.decode())
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(describe(path, what=f"not a TOML or JSON policy: {e}")) from None
     if not isinstance(doc, dict):

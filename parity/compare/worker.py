@@ -1,5 +1,6 @@
 """One side of a comparison in its own process: `python -m parity.compare.worker` reads a job (JSON) on stdin,
 writes the capture file(s) it names, and prints one JSON line: {"capture", "teacher"} or {"error", "class"}."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ def main() -> int:
     try:
         if j.get("generate"):  # parity compare --generate: a generation file
             from parity.compare.generation import run_generation_job
+
             reply = run_generation_job(j)
         else:
             reply = run_job(j)

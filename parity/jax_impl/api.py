@@ -5,6 +5,7 @@ Same functions and signatures as parity/torch_impl/api.py (INTERFACES.md). input
 Every computation is jitted once per shape (graphdef static, state traced) and runs under
 `jax.default_matmul_precision(model.precision)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,10 @@ def _platform_devices(name: str) -> list:
     try:
         return jax.devices(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name}: jax has no {name} backend here (jax {jax.__version__}, "
-                          f"backends: {jax.default_backend()})") from None
+        raise ConfigError(
+            f"--device {name}: jax has no {name} backend here (jax {jax.__version__}, "
+            f"backends: {jax.default_backend()})"
+        ) from None
 
 
 def resolve_device(device: str) -> str:
@@ -112,9 +115,15 @@ class Model:
         return jax.device_put(x, _jax_device(self.device))
 
 
-def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
-                params: dict[str, np.ndarray] | None = None, precision: str = "highest",
-                mesh: str | None = None) -> Model:
+def build_model(
+    config: PaliGemmaConfig,
+    conventions: Conventions,
+    dtype: str = "float32",
+    device: str = "cpu",
+    params: dict[str, np.ndarray] | None = None,
+    precision: str = "highest",
+    mesh: str | None = None,
+) -> Model:
     """A PaliGemma on `device` (or sharded over `mesh`, "data=D,model=M", on that platform's devices) in `dtype`;
     parameters loaded from canonical numpy `params` if given (zeros otherwise), each copied once."""
     if dtype not in DTYPES:
@@ -129,13 +138,14 @@ def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = 
         placement = shardings.__getitem__
     else:
         where = _jax_device(device)
-        placement = lambda _key: where  # noqa: E731
+        placement = lambda _key: where
     abstract = nnx.eval_shape(lambda: PaliGemma(config, conventions))
     if params is not None:
         module = load_canonical(abstract, params, dtype, placement)
     else:
-        module = place(abstract, {e.key: jnp.zeros(e.shape, DTYPES[dtype], device=placement(e.key))
-                                  for e in spec.entries(config)})
+        module = place(
+            abstract, {e.key: jnp.zeros(e.shape, DTYPES[dtype], device=placement(e.key)) for e in spec.entries(config)}
+        )
     return Model(module, dtype, device, precision, grid)
 
 
@@ -171,11 +181,22 @@ def forward(model: Model, inputs: dict[str, np.ndarray], points: list[str] | Non
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
-def generate(model: Model, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None, ignore_eos: bool = False,
-             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
+def generate(
+    model: Model,
+    inputs: dict[str, np.ndarray],
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int = 1,
+    return_logits: bool = False,
+    capture: list[str] | None = None,
+    compile: str | None = None,
+    ignore_eos: bool = False,
+    forced_tokens: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V]
     if asked, captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}.
     `compile` is accepted for signature parity with torch_impl: here prefill and decode loop are always compiled.
@@ -191,10 +212,24 @@ def generate(model: Model, inputs: dict[str, np.ndarray], max_new_tokens: int, g
     if forced_tokens is not None:
         forced = check_forced(forced_tokens, b["text"].shape[0], max_new_tokens).astype(np.int32)
     with jax.default_matmul_precision(model.precision):
-        g = _generate(model.module, b["image"], b["text"], b["mask_ar"], b["mask_input"],
-                      max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, eos_id=eos_id, return_logits=return_logits, capture=capture,
-                      ignore_eos=ignore_eos, forced_tokens=forced)
+        g = _generate(
+            model.module,
+            b["image"],
+            b["text"],
+            b["mask_ar"],
+            b["mask_input"],
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_id=eos_id,
+            return_logits=return_logits,
+            capture=capture,
+            ignore_eos=ignore_eos,
+            forced_tokens=forced,
+        )
     result: dict[str, Any] = {"tokens": np.asarray(g.tokens).astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = np.asarray(g.logits)
@@ -257,6 +292,14 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
     _check_block(i, model.config.text.depth, x, model.config.text.width, "LLM")
     b = _batch(model, inputs)
     with jax.default_matmul_precision(model.precision):
-        out = _numpy(_llm_block(model.graphdef, model.state, jnp.int32(i), model.put(np.asarray(x, np.float32)),
-                                b["mask_ar"], b["mask_input"]))
+        out = _numpy(
+            _llm_block(
+                model.graphdef,
+                model.state,
+                jnp.int32(i),
+                model.put(np.asarray(x, np.float32)),
+                b["mask_ar"],
+                b["mask_input"],
+            )
+        )
     return {pts.llm_block_attn(i): out["attn"], pts.llm_block_mlp(i): out["mlp"], pts.llm_block_out(i): out["out"]}

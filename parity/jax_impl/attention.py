@@ -6,10 +6,11 @@ Query head n reads kv head n // G (big_vision's `BTKGH` grouping, transformers' 
 Mirrors parity/torch_impl/attention.py function for function; layers are stacked on a leading depth axis
 (`stack`) and run with `jax.lax.scan` over the split stack (`scan`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
@@ -52,8 +53,14 @@ def prefix_lm_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
     return (car[:, None, :] <= car[:, :, None]) & valid[:, None, :] & valid[:, :, None]
 
 
-def sliding_window_mask(mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window: int,
-                        bidirectional: jax.Array | None = None, rule: str = "transformers") -> jax.Array:
+def sliding_window_mask(
+    mask: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    window: int,
+    bidirectional: jax.Array | None = None,
+    rule: str = "transformers",
+) -> jax.Array:
     """Local-layer rule of a reference, on positions without the origin; mask & what the rule keeps.
 
     "transformers" (5.x): keys with q - k < window, except pairs of the same bidirectional block (`bidirectional`),
@@ -149,9 +156,16 @@ class Attention(nnx.Module):
         kv = grouped_matmul(x, self.kv_einsum.w[...])  # "BTD,CKDH->BTCKH" (C = 2)
         return q, kv[:, :, 0], kv[:, :, 1]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, attn_softcap: bool,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, write_index: jax.Array | int = 0
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        attn_softcap: bool,
+        cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        write_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
         """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S].
 
         Without a cache S = T. With `cache` = (k, v float[L, B, S_cache, K, H] of the whole stack, this layer's

@@ -4,10 +4,11 @@ Axis letters (parity.config): B batch, T length, D width, F mlp width, V vocabul
 Attribute names follow the canonical keys: `llm/layers/mlp/gating_einsum` -> `llm.layers.mlp.gating_einsum`, one
 parameter stacked [L, 2, D, F] run by a scan (torch_impl unrolls the same axis into `llm.layers.{i}`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Collection
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,9 @@ class Block(nnx.Module):
     def __call__(self, x, positions, mask, *, attn_softcap, cache=None, write_index=0):
         """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers).
         Returns (x, {"attn", "mlp", "out"}, the updated cache or None)."""
-        a, cache = self.attn(self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache,
-                             write_index=write_index)
+        a, cache = self.attn(
+            self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache, write_index=write_index
+        )
         if self.gemma2:
             a = self.post_attention_norm(a)
         x = x + a
@@ -116,8 +118,9 @@ class Gemma(nnx.Module):
         """bool[L]: Gemma 2's local (sliding-window) layers."""
         return jnp.array([self.cfg.is_local_layer(i) for i in range(self.cfg.depth)])
 
-    def __call__(self, x, positions, masks, *, attn_softcap, capture: Collection[str], out: dict, caches=None,
-                 write_index=0):
+    def __call__(
+        self, x, positions, masks, *, attn_softcap, capture: Collection[str], out: dict, caches=None, write_index=0
+    ):
         """x float[B, T, D] -> (final-normed float[B, T, D], updated caches or None).
         masks: {"global": bool[B,T,S], "local": ... or None}; caches: {"k", "v": float[L, B, S, K, H]} or None."""
         depth = self.cfg.depth
@@ -127,8 +130,9 @@ class Gemma(nnx.Module):
             x, kv = carry
             local, i = xs
             cache = None if kv is None else (*kv, i)
-            x, aux, cache = block(x, positions, block_mask(masks, local), attn_softcap=attn_softcap,
-                                  cache=cache, write_index=write_index)
+            x, aux, cache = block(
+                x, positions, block_mask(masks, local), attn_softcap=attn_softcap, cache=cache, write_index=write_index
+            )
             return (x, None if cache is None else cache[:2]), {k: aux[k] for k in kinds}  # only what is captured
 
         kv = None if caches is None else (caches["k"], caches["v"])  # carried whole, updated in place per layer

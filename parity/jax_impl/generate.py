@@ -6,11 +6,12 @@ index P, P+1, ...; padded slots stay masked; each row's RoPE position continues 
 Axis letters: B batch, P prompt length (T image + L text), S cache length, L depth, K kv heads, H head dim,
 V vocabulary rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Collection
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +37,13 @@ def _cache_masks(model, q_mask: jax.Array, q_rel: jax.Array, k_pos: jax.Array, b
     """{"global", "local"} masks of queries against the whole cache. q_mask: bool[B, T, S]; q_rel int[B, T]."""
     masks = {"global": q_mask, "local": None}
     if model.windowed:
-        masks["local"] = sliding_window_mask(q_mask, q_rel, k_pos, model.config.text.sliding_window, bidirectional,
-                                             rule=model.conventions.sliding_window)
+        masks["local"] = sliding_window_mask(
+            q_mask, q_rel, k_pos, model.config.text.sliding_window, bidirectional, rule=model.conventions.sliding_window
+        )
     return masks
 
 
-def prefill(model, image, text, mask_ar, mask_input, size: int, capture: Collection[str] = (),
-            out: dict | None = None):
+def prefill(model, image, text, mask_ar, mask_input, size: int, capture: Collection[str] = (), out: dict | None = None):
     """Run the prompt through the model into a fresh cache of `size` slots, filling slots 0..P-1.
 
     Returns (logits float[B, V] at each row's last real token, seq_len int32[B] = real prompt tokens, cache)."""
@@ -55,10 +56,18 @@ def prefill(model, image, text, mask_ar, mask_input, size: int, capture: Collect
     zeros = jnp.zeros((t.depth, b, size, t.num_kv_heads, t.head_dim), x.dtype)
     valid = jnp.zeros((b, size), bool).at[:, :p].set(input_mask.astype(bool))
     pos = jnp.zeros((b, size), jnp.int32).at[:, :p].set(rel)
-    pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, size - p)))  # noqa: E731
+    pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, size - p)))
     masks = {name: pad(m) for name, m in masks.items()}
-    h, kv = model.llm(x, positions, masks, attn_softcap=model.attn_softcap, capture=capture, out=out,
-                      caches={"k": zeros, "v": zeros}, write_index=0)
+    h, kv = model.llm(
+        x,
+        positions,
+        masks,
+        attn_softcap=model.attn_softcap,
+        capture=capture,
+        out=out,
+        caches={"k": zeros, "v": zeros},
+        write_index=0,
+    )
     capped = model.conventions.final_softcap == "always"
     if points.LOGITS in capture:
         out[points.LOGITS] = model.llm.logits(h, capped=capped)
@@ -74,14 +83,28 @@ def decode_step(model, cache: KVCache, token: jax.Array, rel: jax.Array, write_i
     pos = jax.lax.dynamic_update_slice(cache.pos, rel.astype(jnp.int32), (0, write_index))
     x = model.embed_text(token)
     masks = _cache_masks(model, valid[:, None, :], rel, pos, None)
-    h, kv = model.llm(x, rel + model.conventions.position_origin, masks, attn_softcap=model.attn_softcap,
-                      capture=frozenset(), out={}, caches={"k": cache.k, "v": cache.v}, write_index=write_index)
+    h, kv = model.llm(
+        x,
+        rel + model.conventions.position_origin,
+        masks,
+        attn_softcap=model.attn_softcap,
+        capture=frozenset(),
+        out={},
+        caches={"k": cache.k, "v": cache.v},
+        write_index=write_index,
+    )
     logits = model.llm.logits(h, capped=model.conventions.final_softcap != "never")[:, 0]
     return logits, KVCache(kv["k"], kv["v"], valid, pos)
 
 
-def sample(logits: jax.Array, key: jax.Array, greedy: bool, temperature: float | jax.Array = 1.0,
-           top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+def sample(
+    logits: jax.Array,
+    key: jax.Array,
+    greedy: bool,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
     """logits float[B, V] -> int32[B]; as torch_impl: temperature, then top-k, then top-p (the smallest prefix of
     mass >= top_p), then a draw by the exponential trick (argmax of p / Exp(1))."""
     if greedy:
@@ -115,16 +138,28 @@ class Sampling:
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _prefill(graphdef, state, image, text, mask_ar, mask_input, size: int, capture: tuple[str, ...]):
     out: dict = {}
-    logits, seq_len, cache = prefill(nnx.merge(graphdef, state), image, text, mask_ar, mask_input, size, capture,
-                                     out)
+    logits, seq_len, cache = prefill(nnx.merge(graphdef, state), image, text, mask_ar, mask_input, size, capture, out)
     return logits, seq_len, cache, {k: v.astype(jnp.float32) for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, temperature, eos_id, ignore_eos,
-            prompt_len, forced=None):
+def _decode(
+    graphdef,
+    s: Sampling,
+    state,
+    logits,
+    seq_len,
+    cache: KVCache,
+    key,
+    temperature,
+    eos_id,
+    ignore_eos,
+    prompt_len,
+    forced=None,
+):
     """The whole decode as one while_loop: step t feeds token t-1 at slot prompt_len + t - 1 (stops when every row
-    has emitted eos_id, unless ignore_eos; eos_id, ignore_eos and temperature are traced: no recompilation). Returns (tokens int32[B, N], logits float32[B, N, V] or None, cache)."""
+    has emitted eos_id, unless ignore_eos; eos_id, ignore_eos and temperature are traced: no recompilation).
+    Returns (tokens int32[B, N], logits float32[B, N, V] or None, cache)."""
     b, n = logits.shape[0], s.max_new_tokens
 
     def pick(logits, key, done):
@@ -134,8 +169,11 @@ def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, 
     key, sub = jax.random.split(key)
     nxt, first, done = pick(logits, sub, jnp.zeros(b, bool))
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
-    all_logits = (jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits.astype(jnp.float32))
-                  if s.return_logits else None)
+    all_logits = (
+        jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits.astype(jnp.float32))
+        if s.return_logits
+        else None
+    )
 
     def cond(c):
         t, _, _, done, _, _, _ = c
@@ -154,7 +192,8 @@ def _decode(graphdef, s: Sampling, state, logits, seq_len, cache: KVCache, key, 
         return t + 1, nxt, tokens, done, cache, key, all_logits
 
     steps, _, tokens, _, cache, _, all_logits = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), nxt, tokens, done, cache, key, all_logits))
+        cond, body, (jnp.int32(1), nxt, tokens, done, cache, key, all_logits)
+    )
     return tokens, all_logits, steps, cache
 
 
@@ -166,10 +205,25 @@ class Generation:
     decode_path: str
 
 
-def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int = 1, return_logits: bool = False, capture: Collection[str] = (),
-             ignore_eos: bool = False, forced_tokens: jax.Array | None = None) -> Generation:
+def generate(
+    model,
+    image,
+    text,
+    mask_ar,
+    mask_input=None,
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int = 1,
+    return_logits: bool = False,
+    capture: Collection[str] = (),
+    ignore_eos: bool = False,
+    forced_tokens: jax.Array | None = None,
+) -> Generation:
     """Prefill, then decode until every row emitted `eos_id` (unless ignore_eos) or `max_new_tokens` were
     generated. Both stages are compiled once per shape and Sampling.
     forced_tokens int32[B, max_new_tokens]: step t+1 is fed forced_tokens[:, t] instead of the token picked at step
@@ -180,12 +234,24 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
     p = model.config.num_image_tokens + text.shape[1]
     graphdef, state = nnx.split(model)
     forward = tuple(sorted(capture & set(points.forward_points(model.config))))
-    logits, seq_len, cache, out = _prefill(graphdef, state, image, text, mask_ar, mask_input, p + max_new_tokens,
-                                           forward)
+    logits, seq_len, cache, out = _prefill(
+        graphdef, state, image, text, mask_ar, mask_input, p + max_new_tokens, forward
+    )
     s = Sampling(max_new_tokens, greedy, top_k, top_p, return_logits)
-    tokens, all_logits, steps, cache = _decode(graphdef, s, state, logits, seq_len, cache, jax.random.key(seed),
-                                        jnp.float32(temperature), jnp.int32(eos_id), jnp.bool_(ignore_eos), jnp.int32(p),
-                                        None if forced_tokens is None else jnp.asarray(forced_tokens, jnp.int32))
+    tokens, all_logits, steps, cache = _decode(
+        graphdef,
+        s,
+        state,
+        logits,
+        seq_len,
+        cache,
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.int32(eos_id),
+        jnp.bool_(ignore_eos),
+        jnp.int32(p),
+        None if forced_tokens is None else jnp.asarray(forced_tokens, jnp.int32),
+    )
     for i in range(model.config.text.depth):
         for name, buf in ((points.llm_k_cache(i), cache.k), (points.llm_v_cache(i), cache.v)):
             if name in capture:

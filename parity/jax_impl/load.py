@@ -6,9 +6,10 @@ transform at all: `llm/layers/attn/q_einsum/w` [L, N, D, H] is the state leaf ("
 "q_einsum", "w"). The model is built abstractly (`nnx.eval_shape`: nothing allocated) and each numpy array is
 copied once, straight to its device or shards.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_dtypes
@@ -60,23 +61,37 @@ def place(model: nnx.Module, arrays: dict[str, jax.Array]) -> nnx.Module:
     graphdef, state = nnx.split(model)
     leaves = set(_flat(nnx.to_pure_dict(state)))
     if leaves != set(arrays):  # a model/spec disagreement, not a user error
-        raise AssertionError(f"model parameters vs spec: only in model {sorted(leaves - set(arrays))}, "
-                             f"only in spec {sorted(set(arrays) - leaves)}")
+        raise AssertionError(
+            f"model parameters vs spec: only in model {sorted(leaves - set(arrays))}, "
+            f"only in spec {sorted(set(arrays) - leaves)}"
+        )
     nnx.replace_by_pure_dict(state, _nest(arrays))
     return nnx.merge(graphdef, state)
 
 
-def load_canonical(model: nnx.Module, params: dict[str, np.ndarray], dtype: str = "float32",
-                   placement: Callable[[str], object] | None = None, source: str = "params") -> nnx.Module:
+def load_canonical(
+    model: nnx.Module,
+    params: dict[str, np.ndarray],
+    dtype: str = "float32",
+    placement: Callable[[str], object] | None = None,
+    source: str = "params",
+) -> nnx.Module:
     """A copy of `model` holding `params`, each cast to `dtype` and placed by `placement(key)` (a device or a
     sharding; default: jax's default device). Checks every key and shape before placing anything."""
     spec.check_params(model.config, params, source)
     default = jax.devices()[0]
-    return place(model, {e.key: to_device(params[e.key], dtype, placement(e.key) if placement else default)
-                         for e in spec.entries(model.config)})
+    return place(
+        model,
+        {
+            e.key: to_device(params[e.key], dtype, placement(e.key) if placement else default)
+            for e in spec.entries(model.config)
+        },
+    )
 
 
 def state_to_canonical(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as canonical float32 numpy arrays (stacked layers, as stored)."""
-    return {k: np.asarray(jax.device_get(v)).astype(np.float32)
-            for k, v in _flat(nnx.to_pure_dict(nnx.state(model))).items()}
+    return {
+        k: np.asarray(jax.device_get(v)).astype(np.float32)
+        for k, v in _flat(nnx.to_pure_dict(nnx.state(model))).items()
+    }

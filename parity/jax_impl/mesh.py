@@ -6,10 +6,11 @@ N, K, F, Nv, Fv, V along "model" (tensor parallel). A letter whose size the mesh
 replicated, as does the depth axis. Activations are sharded along "data" on their batch axis. XLA inserts the
 collectives (AxisType.Auto); nothing here is hand-written communication.
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parity import spec
@@ -17,13 +18,21 @@ from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError
 
 AXES = ("data", "model")
-LETTER_AXIS = {"D": "data", "Dv": "data", "N": "model", "K": "model", "F": "model", "Nv": "model", "Fv": "model",
-               "V": "model"}
+LETTER_AXIS = {
+    "D": "data",
+    "Dv": "data",
+    "N": "model",
+    "K": "model",
+    "F": "model",
+    "Nv": "model",
+    "Fv": "model",
+    "V": "model",
+}
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,model=4" -> {"data": 2, "model": 4} (an omitted axis has size 1)."""
-    sizes = {a: 1 for a in AXES}
+    """ "data=2,model=4" -> {"data": 2, "model": 4} (an omitted axis has size 1)."""
+    sizes = dict.fromkeys(AXES, 1)
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, value = part.partition("=")
         if name.strip() not in AXES or not value.strip().isdigit() or int(value) < 1:
@@ -37,8 +46,9 @@ def make_mesh(text: str, devices: list) -> Mesh:
     sizes = parse_mesh(text)
     n = sizes["data"] * sizes["model"]
     if n > len(devices):
-        raise ConfigError(f"--mesh {text!r} needs {n} devices; {len(devices)} {devices[0].platform} device(s) "
-                          f"available")
+        raise ConfigError(
+            f"--mesh {text!r} needs {n} devices; {len(devices)} {devices[0].platform} device(s) available"
+        )
     grid = np.array(devices[:n]).reshape(sizes["data"], sizes["model"])
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 

@@ -4,9 +4,10 @@ Axis letters: B batch, T image tokens, L text length, S = T + L, D LLM width, V 
 Parameter paths are the canonical keys (`img/...` with the projector at `img/head`, `llm/...`), stacked layers
 included, so the released npz layout loads with no transform (load.py).
 """
+
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from parity.jax_impl.vision import SigLIP
 
 
 class PaliGemma(nnx.Module):
-    def __init__(self, config: PaliGemmaConfig, conventions: Conventions = Conventions()):
+    def __init__(self, config: PaliGemmaConfig, conventions: Conventions = Conventions()):  # noqa: B008 (frozen, immutable)
         self.config = config
         self.conventions = conventions
         self.img = SigLIP(config.vision)
@@ -61,8 +62,14 @@ class PaliGemma(nnx.Module):
         rel = positions_from_mask(input_mask, 0)
         masks = {"global": attn, "local": None}
         if self.windowed:
-            masks["local"] = sliding_window_mask(attn, rel, rel, self.config.text.sliding_window, same_block(mask_ar),
-                                                 rule=self.conventions.sliding_window)
+            masks["local"] = sliding_window_mask(
+                attn,
+                rel,
+                rel,
+                self.config.text.sliding_window,
+                same_block(mask_ar),
+                rule=self.conventions.sliding_window,
+            )
         return input_mask, mask_ar, rel + self.conventions.position_origin, masks
 
     @property
@@ -74,8 +81,14 @@ class PaliGemma(nnx.Module):
         return self.conventions.attn_softcap and self.config.text.attn_softcap is not None
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array, mask_input: jax.Array | None = None,
-                 capture: Collection[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self,
+        image: jax.Array,
+        text: jax.Array,
+        mask_ar: jax.Array,
+        mask_input: jax.Array | None = None,
+        capture: Collection[str] = (),
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Score a batch. image float[B, H, W, 3]; text, mask_ar, mask_input int[B, L] (mask_input 1 on real
         tokens, default all ones). Returns (logits float[B, S, V], {point: array} for exactly `capture`)."""
         capture = frozenset(capture)

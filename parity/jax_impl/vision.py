@@ -4,9 +4,10 @@ Axis letters (parity.config): B batch, T image tokens, P patch size, Dv width, F
 Attribute names follow the canonical keys (`img/Transformer/encoderblock/LayerNorm_0/scale` ->
 `img.Transformer.encoderblock.LayerNorm_0.scale`, stacked [Lv, Dv]). The projector (`img/head`) is projector.py.
 """
+
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,10 @@ class MultiHeadDotProductAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        q, k, v = ((x @ p.kernel[...].reshape(d, -1)).reshape(b, t, *p.bias[...].shape) + p.bias[...]
-                   for p in (self.query, self.key, self.value))  # "BTD,DNH->BTNH" (free reshapes)
+        q, k, v = (
+            (x @ p.kernel[...].reshape(d, -1)).reshape(b, t, *p.bias[...].shape) + p.bias[...]
+            for p in (self.query, self.key, self.value)
+        )  # "BTD,DNH->BTNH" (free reshapes)
         s = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(self.scale, q.dtype)
         p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
         o = jnp.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
@@ -120,8 +123,9 @@ class PatchEmbedding(nnx.Module):
 
     def __call__(self, image: jax.Array) -> jax.Array:
         """image float[B, H, W, 3] -> float[B, T, Dv], patches row-major (h outer, w inner)."""
-        x = jax.lax.conv_general_dilated(image, self.kernel[...], (self.patch, self.patch), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.lax.conv_general_dilated(
+            image, self.kernel[...], (self.patch, self.patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         x = x + self.bias[...]
         return x.reshape(x.shape[0], -1, x.shape[-1])
 

@@ -3,6 +3,7 @@
 inputs: image float32[B, H, W, 3] in [-1, 1]; text int32[B, L]; mask_ar int32[B, L]; optional mask_input int32[B, L]
 (1 on real tokens; right padding).
 """
+
 from __future__ import annotations
 
 import platform
@@ -38,12 +39,16 @@ def resolve_device(device: str) -> str:
         suggestion = "cuda" + (f":{m.group(2)}" if m.group(2) else "")
         raise ConfigError(f"--device {device!r}: torch calls GPUs cuda; use --device {suggestion}")
     if not torch.backends.cuda.is_built():
-        raise ConfigError(f"--device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
-                          f"use --device cpu or install a CUDA build of torch")
+        raise ConfigError(
+            f"--device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
+            f"use --device cpu or install a CUDA build of torch"
+        )
     count = torch.cuda.device_count()
     if count == 0:
-        raise ConfigError(f"--device {device!r}: no CUDA device is visible (torch {torch.__version__}, "
-                          f"CUDA {torch.version.cuda}); use --device cpu")
+        raise ConfigError(
+            f"--device {device!r}: no CUDA device is visible (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}); use --device cpu"
+        )
     index = int(m.group(2) or 0)
     if index >= count:
         raise ConfigError(f"--device {device!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
@@ -80,14 +85,24 @@ def speed_warning(dtype: str, device: str, threshold: float = 4.0) -> str | None
     slow, fast = matmul_gflops(dtype, device), matmul_gflops("float32", device)
     if fast < threshold * slow:
         return None
-    return (f"{dtype} matmuls on this CPU run {fast / slow:.0f}x slower than float32 (measured {slow:.2g} vs "
-            f"{fast:.3g} GFLOP/s); --compute-dtype float32 keeps the {dtype} parameter values and computes in "
-            f"float32")
+    return (
+        f"{dtype} matmuls on this CPU run {fast / slow:.0f}x slower than float32 (measured {slow:.2g} vs "
+        f"{fast:.3g} GFLOP/s); --compute-dtype float32 keeps the {dtype} parameter values and computes in "
+        f"float32"
+    )
+
+
 PRECISIONS = ("highest", "high", "default")
 
 
-def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = "float32", device: str = "cpu",
-                params: dict[str, np.ndarray] | None = None, precision: str = "highest") -> PaliGemma:
+def build_model(
+    config: PaliGemmaConfig,
+    conventions: Conventions,
+    dtype: str = "float32",
+    device: str = "cpu",
+    params: dict[str, np.ndarray] | None = None,
+    precision: str = "highest",
+) -> PaliGemma:
     """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical numpy `params` if given
     (zeros otherwise). precision: float32 matmul precision, "highest" / "high" set with
     torch.set_float32_matmul_precision (process-wide), "default" leaves torch's setting alone."""
@@ -95,6 +110,7 @@ def build_model(config: PaliGemmaConfig, conventions: Conventions, dtype: str = 
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
         from parity.errors import ConfigError
+
         raise ConfigError(f"--precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if precision != "default":
         torch.set_float32_matmul_precision(precision)
@@ -127,8 +143,7 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] | None = None
-            ) -> dict[str, np.ndarray]:
+def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] | None = None) -> dict[str, np.ndarray]:
     """Capture `points` (names from parity.points; None = logits only) as float32 numpy arrays."""
     wanted = [pts.LOGITS] if points is None else list(points)
     t = _tensors(model, inputs)
@@ -137,24 +152,51 @@ def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] |
 
 
 @torch.inference_mode()
-def generate(model: PaliGemma, inputs: dict[str, np.ndarray], max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int = 1, return_logits: bool = False, capture: list[str] | None = None,
-             compile: str | None = None, ignore_eos: bool = False,
-             forced_tokens: np.ndarray | None = None) -> dict[str, Any]:
-    """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V] if asked,
-    captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}.
+def generate(
+    model: PaliGemma,
+    inputs: dict[str, np.ndarray],
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int = 1,
+    return_logits: bool = False,
+    capture: list[str] | None = None,
+    compile: str | None = None,
+    ignore_eos: bool = False,
+    forced_tokens: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Decode. Returns {"tokens": int32[B, max_new] (0 after EOS unless ignore_eos), "logits": float32[B, steps, V] if
+    asked, captured points (cache points: float32[B, S_cache, K, H]), "decode_path": str}.
     forced_tokens int[B, max_new_tokens]: feed these instead of the picked tokens (teacher forcing; `tokens` are
     still the model's own picks, so a forced run shows where it would have chosen differently)."""
     t = _tensors(model, inputs)
     forced = None
     if forced_tokens is not None:
-        forced = torch.as_tensor(check_forced(forced_tokens, t["text"].shape[0], max_new_tokens).astype(np.int64),
-                                 device=t["text"].device)
-    g = _generate(model, t["image"], t["text"], t["mask_ar"], t["mask_input"], max_new_tokens=max_new_tokens,
-                     greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
-                     return_logits=return_logits, capture=capture or (), compile=compile,
-                  ignore_eos=ignore_eos, forced_tokens=forced)
+        forced = torch.as_tensor(
+            check_forced(forced_tokens, t["text"].shape[0], max_new_tokens).astype(np.int64), device=t["text"].device
+        )
+    g = _generate(
+        model,
+        t["image"],
+        t["text"],
+        t["mask_ar"],
+        t["mask_input"],
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_id=eos_id,
+        return_logits=return_logits,
+        capture=capture or (),
+        compile=compile,
+        ignore_eos=ignore_eos,
+        forced_tokens=forced,
+    )
     result: dict[str, Any] = {"tokens": g.tokens.cpu().numpy().astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = _numpy(g.logits)
@@ -173,7 +215,8 @@ def check_forced(forced_tokens: np.ndarray, batch: int, steps: int) -> np.ndarra
 # -- single blocks (teacher-forced comparison: a block of this model run on another run's input to it) ------------
 def _block_input(model: PaliGemma, x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, np.float32), device=model.llm.final_norm.scale.device).to(
-        model.llm.final_norm.scale.dtype)
+        model.llm.final_norm.scale.dtype
+    )
 
 
 @torch.inference_mode()
@@ -195,6 +238,12 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
     _, _, positions, masks = model.full_masks(t["mask_ar"], t["mask_input"])
     wanted = (pts.llm_block_attn(i), pts.llm_block_mlp(i), pts.llm_block_out(i))
     out: dict[str, torch.Tensor] = {}
-    model.llm.layers[i](_block_input(model, x), positions, model.llm.block_mask(i, masks),
-                        attn_softcap=model.attn_softcap, capture=wanted, out=out)
+    model.llm.layers[i](
+        _block_input(model, x),
+        positions,
+        model.llm.block_mask(i, masks),
+        attn_softcap=model.attn_softcap,
+        capture=wanted,
+        out=out,
+    )
     return {name: _numpy(out[name]) for name in wanted}

@@ -4,6 +4,7 @@ Axis letters (parity.config): B batch, T query length, S key length (the whole c
 N query heads, K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n reads kv head n // G (big_vision's `BTKGH` grouping, transformers' `repeat_kv`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,16 +23,16 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 # -- RoPE ----------------------------------------------------------------------------------------------------------
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]: computed once per forward and shared by
     every layer (they all rotate by the same angles).
 
     Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula;
     big_vision divides by the timescale instead, which differs in the last ulp of a few angles).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                               / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, H]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -40,7 +41,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torc
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split rotary embedding of x float[B, T, N, H] by angles from `rope_angles`."""
     h = x.shape[-1]
-    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -63,8 +64,14 @@ def prefix_lm_mask(input_mask: torch.Tensor, mask_ar: torch.Tensor) -> torch.Ten
     return (car[:, None, :] <= car[:, :, None]) & valid[:, None, :] & valid[:, :, None]
 
 
-def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-                        bidirectional: torch.Tensor | None = None, rule: str = "transformers") -> torch.Tensor:
+def sliding_window_mask(
+    mask: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+    bidirectional: torch.Tensor | None = None,
+    rule: str = "transformers",
+) -> torch.Tensor:
     """Local-layer rule of a reference, on positions without the origin; mask & what the rule keeps.
 
     "transformers" (5.x): keys with q - k < window, except pairs of the same bidirectional block (`bidirectional`),
@@ -138,10 +145,17 @@ class Attention(nn.Module):
         kv = (x @ wkv).view(b, t, 2, c.num_kv_heads, c.head_dim)  # "BTD,CKDH->BTCKH" (C = 2)
         return q, kv[:, :, 0], kv[:, :, 1]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *, attn_softcap: bool,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                write_index: torch.Tensor | None = None,
-                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        attn_softcap: bool,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write_index: torch.Tensor | None = None,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S]; angles: `rope_angles` of
         the positions when the caller computed them already.
 
@@ -162,8 +176,7 @@ class Attention(nn.Module):
         return o.reshape(b, t, -1) @ self.attn_vec_einsum.w.reshape(-1, c.width)  # "BTNH,NHD->BTD"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None
-           ) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None) -> torch.Tensor:
     """q float[B, T, N, H] (already scaled), k/v float[B, S, K, H], mask bool[B, T, S] -> float[B, T, N, H].
 
     Order of every reference: scale -> softcap -> mask -> float32 softmax -> probabilities in the value dtype."""

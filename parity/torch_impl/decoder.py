@@ -3,6 +3,7 @@
 Axis letters (parity.config): B batch, T length, D width, F mlp width, V vocabulary rows, L depth.
 Module attribute names follow the canonical keys (`llm/layers/mlp/gating_einsum` -> `llm.layers.{i}.mlp.gating_einsum`).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,15 @@ class Block(nn.Module):
         """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers); angles: RoPE (cos, sin) of
         `positions` if already computed."""
         # Attention.
-        a = self.attn(self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache,
-                      write_index=write_index, angles=angles)
+        a = self.attn(
+            self.pre_attention_norm(x),
+            positions,
+            mask,
+            attn_softcap=attn_softcap,
+            cache=cache,
+            write_index=write_index,
+            angles=angles,
+        )
         if self.gemma2:
             a = self.post_attention_norm(a)
         if (name := points.llm_block_attn(self.index)) in capture:
@@ -122,8 +130,17 @@ class Gemma(nn.Module):
         """x float[B, T, D] -> final-normed float[B, T, D]. masks: {"global": bool[B,T,S], "local": ... or None}."""
         angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)  # shared by all layers
         for i, block in enumerate(self.layers):
-            x = block(x, positions, self.block_mask(i, masks), attn_softcap=attn_softcap, capture=capture, out=out,
-                      cache=None if caches is None else caches[i], write_index=write_index, angles=angles)
+            x = block(
+                x,
+                positions,
+                self.block_mask(i, masks),
+                attn_softcap=attn_softcap,
+                capture=capture,
+                out=out,
+                cache=None if caches is None else caches[i],
+                write_index=write_index,
+                angles=angles,
+            )
             if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
                 monitor.tick("block")
         x = self.final_norm(x)

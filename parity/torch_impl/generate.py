@@ -5,11 +5,12 @@ Prompts are right-padded (mask_input 0 on padding, big_vision style). The cache 
 position continues from its own prompt length. Axis letters: B batch, P prompt length (T image + L text),
 S cache length, K kv heads, H head dim, V vocabulary rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -29,10 +30,12 @@ class KVCache(nn.Module):
         super().__init__()
         self.depth, self.size = depth, size
         for i in range(depth):
-            self.register_buffer(f"k{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device),
-                                 persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                f"k{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device), persistent=False
+            )
+            self.register_buffer(
+                f"v{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device), persistent=False
+            )
         self.register_buffer("valid", torch.zeros(batch, size, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros(batch, size, dtype=torch.long, device=device), persistent=False)
 
@@ -45,8 +48,12 @@ def setup_cache(model, batch: int, size: int) -> KVCache:
     t = model.config.text
     p = model.llm.final_norm.scale
     kv = getattr(model, "kv", None)
-    if not (isinstance(kv, KVCache) and kv.valid.shape == (batch, size) and kv.k0.dtype == p.dtype
-            and kv.k0.device == p.device):
+    if not (
+        isinstance(kv, KVCache)
+        and kv.valid.shape == (batch, size)
+        and kv.k0.dtype == p.dtype
+        and kv.k0.device == p.device
+    ):
         model.kv = KVCache(t.depth, batch, size, t.num_kv_heads, t.head_dim, p.dtype, p.device)
     for b in model.kv.buffers():
         b.zero_()
@@ -57,8 +64,14 @@ def _cache_masks(model, q_mask: torch.Tensor, q_rel: torch.Tensor, bidirectional
     """{"global", "local"} masks of queries against the whole cache. q_mask: bool[B, T, S]; q_rel int[B, T]."""
     masks = {"global": q_mask, "local": None}
     if model.windowed:
-        masks["local"] = sliding_window_mask(q_mask, q_rel, model.kv.pos, model.config.text.sliding_window,
-                                             bidirectional, rule=model.conventions.sliding_window)
+        masks["local"] = sliding_window_mask(
+            q_mask,
+            q_rel,
+            model.kv.pos,
+            model.config.text.sliding_window,
+            bidirectional,
+            rule=model.conventions.sliding_window,
+        )
     return masks
 
 
@@ -75,10 +88,18 @@ def prefill(model, image, text, mask_ar, mask_input, capture: Collection[str] = 
     rel = positions - model.conventions.position_origin
     kv.valid[:, :p] = input_mask.bool()
     kv.pos[:, :p] = rel
-    pad = lambda m: None if m is None else torch.cat([m, m.new_zeros(b, p, kv.size - p)], dim=2)  # noqa: E731
+    pad = lambda m: None if m is None else torch.cat([m, m.new_zeros(b, p, kv.size - p)], dim=2)
     masks = {name: pad(m) for name, m in masks.items()}
-    h = model.llm(x, positions, masks, attn_softcap=model.attn_softcap, capture=capture, out=out,
-                  caches=kv.layers(), write_index=torch.arange(p, device=x.device))
+    h = model.llm(
+        x,
+        positions,
+        masks,
+        attn_softcap=model.attn_softcap,
+        capture=capture,
+        out=out,
+        caches=kv.layers(),
+        write_index=torch.arange(p, device=x.device),
+    )
     if points.LOGITS in capture:
         out[points.LOGITS] = model.llm.logits(h, capped=model.conventions.final_softcap == "always")
     seq_len = input_mask.long().sum(-1)
@@ -94,13 +115,27 @@ def decode_step(model, token: torch.Tensor, rel: torch.Tensor, write_index: torc
     kv.pos.index_copy_(1, write_index, rel)
     x = model.embed_text(token)
     masks = _cache_masks(model, kv.valid[:, None, :], rel, None)
-    h = model.llm(x, rel + model.conventions.position_origin, masks, attn_softcap=model.attn_softcap,
-                  capture=frozenset(), out={}, caches=kv.layers(), write_index=write_index)
+    h = model.llm(
+        x,
+        rel + model.conventions.position_origin,
+        masks,
+        attn_softcap=model.attn_softcap,
+        capture=frozenset(),
+        out={},
+        caches=kv.layers(),
+        write_index=write_index,
+    )
     return model.llm.logits(h, capped=model.conventions.final_softcap != "never")[:, 0]
 
 
-def sample(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    greedy: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits float[B, V] -> int64[B]. Sampling draws with the exponential trick (no host sync)."""
     if greedy:
         return logits.argmax(-1)
@@ -136,11 +171,26 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int = 1, return_logits: bool = False, capture: Collection[str] = (),
-             compile: str | None = None, ignore_eos: bool = False,
-             forced_tokens: torch.Tensor | None = None) -> Generation:
+def generate(
+    model,
+    image,
+    text,
+    mask_ar,
+    mask_input=None,
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int = 1,
+    return_logits: bool = False,
+    capture: Collection[str] = (),
+    compile: str | None = None,
+    ignore_eos: bool = False,
+    forced_tokens: torch.Tensor | None = None,
+) -> Generation:
     """Prefill, then decode until every row emitted `eos_id` or `max_new_tokens` were generated. ignore_eos: every
     row decodes exactly `max_new_tokens` steps and keeps its tokens after `eos_id` (big_vision's decode,
     transformers with eos_token_id=None).
@@ -177,7 +227,7 @@ def generate(model, image, text, mask_ar, mask_input=None, *, max_new_tokens: in
         args = (model, feed[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
         try:
             logits = step(*args)
-        except Exception as e:  # noqa: BLE001 - compile problems of any kind: fall back, say so
+        except Exception as e:
             if step is decode_step:
                 raise
             log.warning("compiled decode step failed (%s: %s); falling back to eager", type(e).__name__, e)

@@ -4,17 +4,18 @@ Every key and shape is checked against `parity.spec.entries(config)` before the 
 mirror the keys, so the only transform is unstacking the layer axis:
     llm/layers/attn/q_einsum/w [L, N, D, H]  ->  llm.layers.{i}.attn.q_einsum.w [N, D, H]
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
 import torch
 
 from parity import spec
-from parity.spec import check_params  # noqa: F401 (shared with jax_impl; re-exported)
 from parity.errors import CheckpointError
+from parity.spec import check_params
 
 _STACKS = {"llm/layers/": "llm.layers.{i}.", "img/Transformer/encoderblock/": "img.Transformer.encoderblock.{i}."}
 
@@ -23,7 +24,7 @@ def torch_names(key: str, layers: int | None) -> list[str]:
     """Parameter names of one canonical key: one per layer for stacked keys."""
     for prefix, template in _STACKS.items():
         if key.startswith(prefix):
-            rest = key[len(prefix):].replace("/", ".")
+            rest = key[len(prefix) :].replace("/", ".")
             return [template.format(i=i) + rest for i in range(layers)]
     return [key.replace("/", ".")]
 

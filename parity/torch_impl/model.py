@@ -4,9 +4,10 @@ Axis letters: B batch, T image tokens, L text length, S = T + L, D LLM width, V 
 Parameter names mirror the canonical keys: `img.*` (ViT + `img.head` projector) and `llm.*` (decoder), with the
 stacked layer axis unrolled into `.{i}.` (see load.py).
 """
+
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from parity.torch_impl.vision import SigLIP
 
 
 class PaliGemma(nn.Module):
-    def __init__(self, config: PaliGemmaConfig, conventions: Conventions = Conventions()):
+    def __init__(self, config: PaliGemmaConfig, conventions: Conventions = Conventions()):  # noqa: B008 (frozen, immutable)
         super().__init__()
         self.config = config
         self.conventions = conventions
@@ -30,8 +31,7 @@ class PaliGemma(nn.Module):
         self.llm = Gemma(config.text)
 
     # -- embeddings ------------------------------------------------------------------------------------------------
-    def embed_image(self, image: torch.Tensor, capture: Collection[str] = (), out: dict | None = None
-                    ) -> torch.Tensor:
+    def embed_image(self, image: torch.Tensor, capture: Collection[str] = (), out: dict | None = None) -> torch.Tensor:
         """image float[B, H, W, 3] in [-1, 1] -> float[B, T, D] (projected; not scaled by sqrt(D))."""
         out = {} if out is None else out
         z = self.img.head(self.img(image, capture, out))
@@ -52,8 +52,9 @@ class PaliGemma(nn.Module):
         return x
 
     # -- masks -----------------------------------------------------------------------------------------------------
-    def full_masks(self, text_mask_ar: torch.Tensor, text_mask_input: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    def full_masks(
+        self, text_mask_ar: torch.Tensor, text_mask_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Masks of the whole prompt [image ; text]: (input_mask, mask_ar, positions, {"global", "local"})."""
         b, t = text_mask_ar.shape[0], self.config.num_image_tokens
         ones = torch.ones(b, t, dtype=text_mask_input.dtype, device=text_mask_input.device)
@@ -63,8 +64,14 @@ class PaliGemma(nn.Module):
         rel = positions_from_mask(input_mask, 0)
         masks = {"global": attn, "local": None}
         if self.windowed:
-            masks["local"] = sliding_window_mask(attn, rel, rel, self.config.text.sliding_window, same_block(mask_ar),
-                                                 rule=self.conventions.sliding_window)
+            masks["local"] = sliding_window_mask(
+                attn,
+                rel,
+                rel,
+                self.config.text.sliding_window,
+                same_block(mask_ar),
+                rule=self.conventions.sliding_window,
+            )
         return input_mask, mask_ar, rel + self.conventions.position_origin, masks
 
     @property
@@ -76,9 +83,14 @@ class PaliGemma(nn.Module):
         return self.conventions.attn_softcap and self.config.text.attn_softcap is not None
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def forward(self, image: torch.Tensor, text: torch.Tensor, mask_ar: torch.Tensor,
-                mask_input: torch.Tensor | None = None, capture: Collection[str] = ()
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        mask_ar: torch.Tensor,
+        mask_input: torch.Tensor | None = None,
+        capture: Collection[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Score a batch. image float[B, H, W, 3]; text, mask_ar, mask_input int[B, L] (mask_input 1 on real
         tokens, default all ones). Returns (logits float[B, S, V], {point: tensor} for exactly `capture`)."""
         capture = frozenset(capture)

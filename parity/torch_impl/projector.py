@@ -2,6 +2,7 @@
 
 Axis letters: B batch, T image tokens, Dv ViT width, D LLM width.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Axis letters (parity.config): B batch, T image tokens, P patch size, Dv width, F
 Attribute names follow the canonical keys (`img/Transformer/encoderblock/LayerNorm_0/scale` ->
 `img.Transformer.encoderblock.{i}.LayerNorm_0.scale`). The projector (`img/head`) lives in projector.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,10 @@ class MultiHeadDotProductAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (F.linear(x, p.kernel.reshape(d, -1).t(), p.bias.reshape(-1)).view(b, t, *p.bias.shape)
-                   for p in (self.query, self.key, self.value))  # "BTD,DNH->BTNH" (+ bias)
+        q, k, v = (
+            F.linear(x, p.kernel.reshape(d, -1).t(), p.bias.reshape(-1)).view(b, t, *p.bias.shape)
+            for p in (self.query, self.key, self.value)
+        )  # "BTD,DNH->BTNH" (+ bias)
         s = torch.einsum("BTNH,BSNH->BNTS", q, k) * self.scale
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
         o = torch.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
