@@ -8,7 +8,6 @@ Every option is checked before the checkpoint is read, so a typo costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -25,7 +24,7 @@ from converters import hub, safetensors_io
 from converters.atomic import atomic_output
 from converters.checkpoint import open_checkpoint
 from converters.dtypes import FLOAT_DTYPES, ST_ALL_DTYPES
-from converters.rawio import JSONProblem, loads_strict, open_regular
+from converters.rawio import JSONProblem, loads_strict
 from parity import monitor
 from parity import points as pts
 from parity.config import PaliGemmaConfig
@@ -48,20 +47,10 @@ Progress = Callable[[str, float | None, float | None], None]
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a file, or of a directory's files (sorted names and contents)."""
-    h = hashlib.sha256()
-    paths = (
-        [path]
-        if os.path.isfile(path)
-        else [os.path.join(d, f) for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
-    )
-    for p in paths:
-        if os.path.isdir(path):
-            h.update(os.path.relpath(p, path).encode() + b"\0")
-        with os.fdopen(open_regular(p), "rb") as f:  # a FIFO beside the checkpoint must not block forever
-            while chunk := f.read(16 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file, or of a directory's files (sorted names and contents); cached per file version."""
+    from converters import digest
+
+    return digest.file_sha256(path)
 
 
 def library_versions() -> dict[str, str]:
