@@ -8,7 +8,7 @@
 What it does:
 1. writes a synthetic checkpoint in the released Kaggle layout (`params/...` keys, bf16 members with the `<V2` npy
    descr that np.savez writes for bfloat16, which np.load reads back as void `|V2`), member by member through
-   `converters.npz_io.NpzWriter`, each member generated in chunks (a layer, or a row block of the embedding) from a
+   `converters.npz_write.NpzWriter`, each member generated in chunks (a layer, or a row block of the embedding) from a
    seeded numpy Generator: random bits masked to finite bf16 values of magnitude 2^-7 .. 2, so nothing close to
    the whole checkpoint is ever in memory;
 2. measures, each in its own child process (peak RSS from os.wait4's rusage of that child alone), after dropping
@@ -62,7 +62,8 @@ def _heavy() -> None:
     import numpy as np
 
     from converters import dtypes
-    from converters.npz_io import NpzReader, NpzWriter
+    from converters.npz_io import NpzReader
+    from converters.npz_write import NpzWriter
     from parity import spec
 
 

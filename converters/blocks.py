@@ -48,14 +48,15 @@ def transposed_columns(
     read_rows: Callable[[int, int], np.ndarray],
     n_rows: int,
     n_cols: int,
-    a: int,
-    b: int,
+    *,
+    cols: tuple[int, int],
     dtype: np.dtype,
     band_bytes: int | None = None,
 ) -> np.ndarray:
-    """M[:, a:b].T of a row-major (n_rows, n_cols) matrix M given by `read_rows(r0, r1)` -> M[r0:r1], read in
-    bands of about `band_bytes` (default BAND_BYTES)."""
+    """M[:, a:b].T for `cols` (a, b) of a row-major (n_rows, n_cols) matrix M given by `read_rows(r0, r1)` ->
+    M[r0:r1], read in bands of about `band_bytes` (default BAND_BYTES)."""
     band_bytes = BAND_BYTES if band_bytes is None else band_bytes
+    a, b = cols
     out = np.empty((b - a, n_rows), dtype)
     step = max(1, band_bytes // max(1, n_cols * np.dtype(dtype).itemsize))
     for r0 in range(0, n_rows, step):

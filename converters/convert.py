@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from converters import dtypes, memory, safetensors_io
 from converters.atomic import atomic_output
 from converters.checkpoint import Checkpoint, open_checkpoint, sidecar_path
 from converters.hf_config import to_hf_config
-from converters.npz_io import NpzWriter
+from converters.npz_write import NpzWriter
 from converters.orbax_io import CUSTOM_KEY
 from parity import spec
 from parity.config import PaliGemmaConfig
@@ -86,18 +87,24 @@ def background(items: Iterator, depth: int = 2) -> Iterator:
             t.join(0.05)
 
 
-def _take(
-    stream: Iterator[np.ndarray], nbytes: int, progress: Progress | None, counter: list[int], total: int, key: str
-) -> Iterator[np.ndarray]:
-    """The next `nbytes` worth of chunks from `stream` (one tensor's), reporting progress."""
-    got = 0
-    while got < nbytes:
-        c = next(stream)
-        got += c.nbytes
-        counter[0] += c.nbytes
-        if progress:
-            progress(counter[0], total, key)
-        yield c
+@dataclass
+class _Meter:
+    """Bytes streamed so far out of `total`, reported to `progress` chunk by chunk."""
+
+    total: int
+    progress: Progress | None
+    done: int = 0
+
+    def take(self, stream: Iterator[np.ndarray], nbytes: int, key: str) -> Iterator[np.ndarray]:
+        """The next `nbytes` worth of chunks from `stream` (one tensor's)."""
+        got = 0
+        while got < nbytes:
+            c = next(stream)
+            got += c.nbytes
+            self.done += c.nbytes
+            if self.progress:
+                self.progress(self.done, self.total, key)
+            yield c
 
 
 def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -> tuple[int, int]:
@@ -105,10 +112,10 @@ def write_npz(ck: Checkpoint, tmp: str, dtype: str, progress: Progress | None) -
     dts = [_target_dtype(ck, e, dtype) for e in ents]
     sizes = [int(np.prod(e.shape)) * dt.itemsize for e, dt in zip(ents, dts)]
     stream = background(dtypes.cast(c, dt) for e, dt in zip(ents, dts) for c in ck.canonical_chunks(e))
-    counter = [0]
+    meter = _Meter(sum(sizes), progress)
     with contextlib.closing(stream), open(tmp, "wb") as f, NpzWriter(f) as w:
         for e, dt, n in zip(ents, dts, sizes):
-            w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, _take(stream, n, progress, counter, sum(sizes), e.key))
+            w.write(spec.NPZ_PREFIX + e.key, dt, e.shape, meter.take(stream, n, e.key))
     return len(ents), sum(sizes)
 
 
@@ -121,10 +128,10 @@ def write_orbax(ck: Checkpoint, tmpdir: str, dtype: str, progress: Progress | No
     dts = [_target_dtype(ck, e, dtype) for e in ents]
     sizes = [int(np.prod(e.shape)) * dt.itemsize for e, dt in zip(ents, dts)]
     stream = background(dtypes.cast(c, dt) for e, dt in zip(ents, dts) for c in ck.canonical_chunks(e))
-    counter = [0]
+    meter = _Meter(sum(sizes), progress)
     w = OrbaxWriter(tmpdir)
     for e, dt, n in zip(ents, dts, sizes):
-        w.write(e.key, dt, e.shape, _take(stream, n, progress, counter, sum(sizes), e.key))
+        w.write(e.key, dt, e.shape, meter.take(stream, n, e.key))
     w.close({CUSTOM_KEY: {"config": ck.config.to_dict(), "source_format": ck.format}})
     return len(ents), sum(sizes)
 
@@ -143,7 +150,7 @@ def write_safetensors(
     names = safetensors_io.shard_names(len(shards))
     order = [i for idx in shards for i in idx]
     stream = background(c for i in order for c in ck.hf_chunks(plan[i][3], plan[i][4], plan[i][1]))
-    counter = [0]
+    meter = _Meter(total, progress)
     weight_map = {}
     with contextlib.closing(stream):
         for name, idx in zip(names, shards):
@@ -151,7 +158,7 @@ def write_safetensors(
                 safetensors_io.write_file(
                     f,
                     [specs[i] for i in idx],
-                    (_take(stream, sizes[i], progress, counter, total, specs[i][0]) for i in idx),
+                    (meter.take(stream, sizes[i], specs[i][0]) for i in idx),
                 )
             weight_map.update({specs[i][0]: name for i in idx})
     if len(names) > 1:

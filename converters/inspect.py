@@ -9,11 +9,14 @@ import numpy as np
 from converters import dtypes
 from converters.checkpoint import departures, expected_shapes, open_checkpoint
 from converters.convert import Progress
+from converters.reader import scan
 from parity import spec
 from parity.config import PaliGemmaConfig
 
 NOT_READ = "headers only: tensor data was not read (no CRC-32 or value check); --verify reads every byte"
-VERIFIED = "every byte read (--verify): npz CRC-32 checked, safetensors offsets checked, NaN/inf values counted"
+VERIFIED = (
+    "every byte read (--verify): npz and orbax CRC-32 checked, safetensors offsets checked, NaN/inf values counted"
+)
 
 
 def inspect(
@@ -21,14 +24,13 @@ def inspect(
 ) -> dict:
     """A report: format, config (and how it was found), dtypes, parameter count, per-tensor rows, departures.
 
-    By default only headers are read. `verify` reads every byte: the CRC-32 of every npz member (a mismatch is a
-    CheckpointError: the file is corrupt), and every value of every tensor, counting non-finite ones (departures).
+    By default only headers are read. `verify` reads every byte: the CRC-32 of every npz member and orbax array
+    (a mismatch is a CheckpointError: the file is corrupt), and every value of every tensor, counting non-finite
+    ones (departures).
     Never raises for departures (they are the report); raises CheckpointError for unreadable files.
     """
     with open_checkpoint(path, config, strict=False) as ck:
         nonfinite = verify_data(ck, progress) if verify else {}
-        verified = verify and nonfinite is not None
-        nonfinite = nonfinite or {}
         cfg = ck.config
         exp = expected_shapes(cfg, ck.format) if cfg is not None else {}
         rows = []
@@ -74,15 +76,8 @@ def inspect(
             "spec_parameters": spec.param_count(cfg) if cfg is not None else None,
             # file parameters = spec parameters + HF vocabulary padding rows (safetensors) + departures
             "vocab_padding_parameters": padding,
-            "notes": list(ck.notes)
-            + [
-                VERIFIED
-                if verified
-                else NOT_READ
-                if not verify
-                else f"--verify is not available for {ck.format} checkpoints: data not read"
-            ],
-            "data_verified": verified,
+            "notes": list(ck.notes) + [VERIFIED if verify else NOT_READ],
+            "data_verified": verify,
             "departures": deps,
             "conforms": not deps,
             "tensors_table": rows,
@@ -97,12 +92,14 @@ def inspect(
         return report
 
 
-def verify_data(ck, progress: Progress | None = None) -> dict[str, int] | None:
-    """Read every byte of the checkpoint: npz members through their CRC-32 (CheckpointError on a mismatch),
-    safetensors tensors in row blocks (their offsets were checked when the header was read). Returns
-    {native key: count of NaN/inf values} for the tensors that have any; None for a format it cannot read."""
+def verify_data(ck, progress: Progress | None = None) -> dict[str, int]:
+    """Read every byte of the checkpoint through its reader, checking the checksums it stores (npz CRC-32, ours
+    in orbax: a mismatch is a CheckpointError, the file is corrupt; safetensors' offsets were checked when the
+    header was read). Returns {key: count of NaN/inf values} for the tensors that have any (the spec's names)."""
+    r = ck.tensors.reader
+    names = {k: n for n, k in ck.tensors.names.items()}
     bad: dict[str, int] = {}
-    total = sum(int(np.prod(s)) * ck.native_dtypes[k].itemsize for k, s in ck.shapes.items())
+    total = sum(int(np.prod(r.shape(k))) * r.dtype(k).itemsize for k in r.keys())
     done = [0]
 
     def count(key: str, block: np.ndarray) -> None:
@@ -113,20 +110,9 @@ def verify_data(ck, progress: Progress | None = None) -> dict[str, int] | None:
         if progress:
             progress(done[0], total, key)
 
-    if ck._npz is not None:
-        for k in ck._npz.keys():
-            ck._npz.verify(k, visit=lambda b, k=k: count(k[len(ck._npz_prefix) :], b))
-    elif ck._st is not None:
-        keys = {v: n for n, v in ck._st_keys.items()}
-        for k, t in ck._st.tensors.items():
-            rows = t.shape[0] if t.shape else 1
-            row_bytes = max(1, (int(np.prod(t.shape[1:])) if t.shape else 1) * t.dtype.itemsize)
-            step = max(1, (64 << 20) // row_bytes)
-            for a in range(0, rows, step):
-                block = ck._st.read(k, (a, min(rows, a + step))) if t.shape else ck._st.read(k)
-                count(keys.get(k, k), block)
-    else:
-        return None
+    for k in r.keys():
+        scan(r, k, lambda b, k=k: count(names.get(k, k), b))
+    r.verify_all()
     return bad
 
 

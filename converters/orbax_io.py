@@ -37,6 +37,7 @@ import numpy as np
 from converters import dtypes
 from converters.blocks import block_shape
 from converters.rawio import crc32
+from converters.reader import TensorReader, scan
 from parity.errors import CheckpointError, describe
 
 METADATA = "_METADATA"
@@ -113,7 +114,7 @@ def _next_box(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple
     return None
 
 
-class OrbaxReader:
+class OrbaxReader(TensorReader):
     """Lazy view of an orbax checkpoint directory. `keys()` are '/'-joined tree paths without a top `params`."""
 
     def __init__(self, path: str | os.PathLike):
@@ -235,6 +236,20 @@ class OrbaxReader:
 
     def keys(self) -> list[str]:
         return list(self.arrays)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.arrays[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.arrays[key].dtype
+
+    def verify_all(self) -> None:
+        """Finish the CRC-32 check (ours, in the custom metadata) of every array not yet read front to back."""
+        for key, state in self._crc.items():
+            a = self.arrays[key]
+            if state[1] != int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize:
+                state[1:] = [0, 0]
+                scan(self, key, lambda _: None)
 
     def read(self, key: str, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> np.ndarray:
         """The array, `array[index]` for leading integer indices, or rows [a, b) of the first axis after them."""

@@ -29,6 +29,7 @@ from converters.rawio import (
     read_json,
     write_chunks,
 )
+from converters.reader import TensorReader
 from parity.errors import CheckpointError, describe
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -191,7 +192,7 @@ def read_header(
     return out, metadata
 
 
-class SafetensorsReader:
+class SafetensorsReader(TensorReader):
     """One file, or a sharded checkpoint through its index. Reads tensors (or leading-index slices) lazily.
 
     Each file is opened once (regular files only) and its header is read from that same descriptor, so what is
@@ -298,18 +299,33 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor, or rows [a, b) of its first axis."""
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.tensors[key].dtype
+
+    def read(self, key: str, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, `tensor[index]` for leading integer indices, or rows [a, b) of the first axis after them."""
         t = self.tensors[key]
-        shape, start = t.shape, t.begin
+        shape, start = t.shape[len(index) :], t.begin
+        flat = 0
+        for i, n in zip(index, t.shape):
+            if not 0 <= i < n:
+                raise IndexError(f"{key}: index {index} out of range for shape {t.shape}")
+            flat = flat * n + i
+        start += flat * math.prod(shape) * t.dtype.itemsize
         if rows is not None:
-            assert 0 <= rows[0] <= rows[1] <= shape[0]
-            row_bytes = math.prod(shape[1:]) * t.dtype.itemsize
-            start += rows[0] * row_bytes
+            if not (shape and 0 <= rows[0] <= rows[1] <= shape[0]):
+                raise IndexError(f"{key}: rows {rows} out of range for shape {t.shape} at index {index}")
+            start += rows[0] * math.prod(shape[1:]) * t.dtype.itemsize
             shape = (rows[1] - rows[0],) + shape[1:]
         buf = np.empty(math.prod(shape) * t.dtype.itemsize, np.uint8)
         pread_into(self._fds[t.file], buf, start, t.file, key)
         return buf.view(t.dtype).reshape(shape)
+
+    def verify_all(self) -> None:
+        """safetensors stores no checksums (its header's offsets were checked on opening): nothing to finish."""
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -132,6 +132,35 @@ class PaliGemmaConfig:
             Vhf=self.hf_vocab_rows,
         )
 
+    @classmethod
+    def from_symbols(cls, name: str, sym: dict[str, int], **text: Any) -> PaliGemmaConfig:
+        """The inverse of `symbols()`: the config whose letters are `sym` (the image size from T and P; Hv and Vhf
+        follow from the others). `text`: TextConfig fields that no letter tells (softcaps, window, query scale).
+        KeyError for a missing letter, ValueError for values no config can have."""
+        side = round(sym["T"] ** 0.5)
+        vision = VisionConfig(
+            width=sym["Dv"],
+            depth=sym["Lv"],
+            mlp_dim=sym["Fv"],
+            num_heads=sym["Nv"],
+            patch_size=sym["P"],
+            image_size=side * sym["P"],
+        )
+        return cls(
+            name,
+            vision,
+            TextConfig(
+                width=sym["D"],
+                depth=sym["L"],
+                mlp_dim=sym["F"],
+                num_heads=sym["N"],
+                num_kv_heads=sym["K"],
+                head_dim=sym["H"],
+                vocab_size=sym["V"],
+                **text,
+            ),
+        )
+
     def with_name(self, name: str) -> PaliGemmaConfig:
         return dataclasses.replace(self, name=name)
 
@@ -156,9 +185,12 @@ class PaliGemmaConfig:
 
 # -- released variants ------------------------------------------------------------------------------------------
 GEMMA_2B = TextConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256)
-_GEMMA2 = dict(gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
-GEMMA2_2B = TextConfig(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256, **_GEMMA2)
-GEMMA2_9B = TextConfig(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256, **_GEMMA2)
+# What every released Gemma 2 sets and shapes cannot tell (checkpoints without a config are read with these).
+GEMMA2_DEFAULTS = dict(gemma2=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
+GEMMA2_2B = TextConfig(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256, **GEMMA2_DEFAULTS)
+GEMMA2_9B = TextConfig(
+    width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256, **GEMMA2_DEFAULTS
+)
 GEMMA2_27B = TextConfig(
     width=4608,
     depth=46,
@@ -167,7 +199,7 @@ GEMMA2_27B = TextConfig(
     num_kv_heads=16,
     head_dim=128,
     query_scale=QueryScale.WIDTH_PER_HEAD,
-    **_GEMMA2,
+    **GEMMA2_DEFAULTS,
 )
 
 RESOLUTIONS = (224, 448, 896)

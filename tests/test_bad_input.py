@@ -790,10 +790,10 @@ def test_enospc_mid_tensor_is_one_line(tiny_npz, out, monkeypatch):
         return real(f, *a)
 
     monkeypatch.setattr(rawio, "write_chunks", full)
-    import converters.npz_io
+    import converters.npz_write
     import converters.safetensors_io
 
-    monkeypatch.setattr(converters.npz_io, "write_chunks", full)
+    monkeypatch.setattr(converters.npz_write, "write_chunks", full)
     monkeypatch.setattr(converters.safetensors_io, "write_chunks", full)
     src, _ = tiny_npz()
     for to in ("npz", "safetensors"):

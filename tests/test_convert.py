@@ -206,10 +206,10 @@ def test_our_npz_writer_gives_what_np_savez_gives_to_numpy_and_zipfile(tmp_path,
     or a directory past 4 GiB), shown here by lowering the member-count limit."""
     import zipfile
 
-    from converters import npz_io
+    from converters import npz_write
 
     if zip64_end:
-        monkeypatch.setattr(npz_io, "_MAX16", 2)
+        monkeypatch.setattr(npz_write, "_MAX16", 2)
     rng = np.random.default_rng(0)
     arrays = {
         "params/a": rng.standard_normal((3, 5)).astype(np.float32),
@@ -218,7 +218,7 @@ def test_our_npz_writer_gives_what_np_savez_gives_to_numpy_and_zipfile(tmp_path,
         "params/empty": np.zeros((0, 4), np.float32),
     }
     ours, theirs = tmp_path / "ours.npz", tmp_path / "theirs.npz"
-    with open(ours, "wb") as f, npz_io.NpzWriter(f) as w:
+    with open(ours, "wb") as f, npz_write.NpzWriter(f) as w:
         for k, a in arrays.items():
             w.write(k, a.dtype, a.shape, [a[:1], a[1:]])  # in two chunks
     np.savez(theirs, **arrays)

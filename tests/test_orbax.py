@@ -190,7 +190,9 @@ def test_blocks_cover_every_tensor_in_order():
 def test_transposed_columns_against_numpy():
     m = np.random.default_rng(0).standard_normal((37, 23)).astype(np.float32)
     for a, b in [(0, 23), (5, 11), (22, 23)]:
-        got = blocks.transposed_columns(lambda r0, r1: m[r0:r1].copy(), 37, 23, a, b, m.dtype, band_bytes=200)
+        got = blocks.transposed_columns(
+            lambda r0, r1: m[r0:r1].copy(), 37, 23, cols=(a, b), dtype=m.dtype, band_bytes=200
+        )
         assert (got == m[:, a:b].T).all()
 
 
