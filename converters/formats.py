@@ -85,6 +85,8 @@ class Tensors:
     notes: list[str] = field(default_factory=list)
     embedded_config: dict | None = None
     embedded_in: str = ""
+    shapes: dict[str, tuple[int, ...]] = field(init=False)  # the spec's names -> shape, from the header
+    dtypes: dict[str, np.dtype] = field(init=False)
 
     def __post_init__(self):
         self.shapes = {n: tuple(self.reader.shape(k)) for n, k in self.names.items()}
@@ -118,7 +120,14 @@ def _npz(path: str, r: NpzReader) -> Tensors:
 
 def _orbax(path: str, r: orbax_io.OrbaxReader) -> Tensors:
     notes = ["tree has a top-level `params` key; read under it"] if r.prefix else []
-    return Tensors(r, "canonical", {k: k for k in r.keys()}, notes, r.config_dict(), orbax_io.CHECKPOINT_METADATA)
+    return Tensors(
+        r,
+        "canonical",
+        {k: k for k in r.keys()},
+        notes,
+        embedded_config=r.config_dict(),
+        embedded_in=orbax_io.CHECKPOINT_METADATA,
+    )
 
 
 def _safetensors(path: str, r: SafetensorsReader) -> Tensors:
@@ -154,10 +163,10 @@ def _check_tied(path: str, r: TensorReader, lm_head: str, emb: str | None) -> No
             )
         )
     shape = r.shape(emb)
-    n = shape[0]
+    n = shape[0] if shape else 1
     step = max(1, ROW_CHUNK_BYTES // max(1, int(np.prod(shape[1:])) * r.dtype(emb).itemsize))
     for a in range(0, n, step):
-        rows = (a, min(n, a + step))
+        rows = (a, min(n, a + step)) if shape else None
         if not np.array_equal(r.read(lm_head, rows=rows), r.read(emb, rows=rows)):
             raise CheckpointError(
                 describe(

@@ -189,3 +189,14 @@ def test_inspect_of_an_unknown_file_infers_its_config(tmp_path):
     assert r["config_source"].startswith("inferred from shapes") and r["conforms"]
     assert r["config_fields"]["text"]["depth"] == 5 and r["config_fields"]["text"]["mlp_dim"] == 80
     assert os.path.exists(p)
+
+
+def test_zero_dimensional_tied_lm_head_is_a_clean_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    from converters.checkpoint import open_checkpoint
+
+    z = np.zeros((), np.float32)
+    save_file({"lm_head.weight": z, "language_model.model.embed_tokens.weight": z}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError):  # was an IndexError from the tie check
+        open_checkpoint(tmp_path / "model.safetensors", "tiny-pg1-mqa")
