@@ -1,0 +1,170 @@
+"""The docs cannot rot. Every `parity ...` line (or `$ parity ...`) in a fenced code block of README.md and docs/*.md
+is either run or checked (and `mkdir -p out` lines run, so that the docs' examples can be run as written):
+
+- a command that names a file shipped under golden/, or an `out/...` path (what such commands write), runs, in the
+  order written, beside a temporary copy of golden/ (so `-o out/...` lands in the temporary directory), and must exit
+  0, or the status a trailing `# exit N` gives, and print every `error: ...` line the docs show below it;
+- every other command (a released checkpoint, a placeholder such as CKPT) must name a real command of
+  `parity.cli.main`, real options of it, a value each Choice option accepts, every required option, and no more
+  positional arguments than the command takes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+import pytest
+
+from parity.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^\s*(```|~~~)")
+EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
+# the `parity` script installed beside this Python, else the same entry point through it
+SCRIPT = Path(sys.executable).with_name("parity")
+PARITY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "from parity.cli import main; main()"]
+
+
+@dataclass(frozen=True)
+class Command:
+    doc: str  # file name relative to ROOT
+    line: int  # 1-based line of the command in that file
+    text: str  # the command as written, continuation lines joined
+    argv: tuple[str, ...]  # `parity` (or `mkdir`) and its arguments
+    exit: int  # expected exit status
+    errors: tuple[str, ...] = ()  # `error: ...` lines the docs show right below the command
+
+    @property
+    def runs(self) -> bool:
+        return self.argv[0] == "mkdir" or any(
+            (a.startswith("golden/") and (ROOT / a).exists()) or a.startswith("out/") for a in self.argv
+        )
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.line}: {self.text}"
+
+
+def commands(path: Path) -> list[Command]:
+    """The `parity` command lines of every fenced block of `path`."""
+    found, fence, pending, start, last = [], None, "", 0, -1
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        m = FENCE.match(raw)
+        if m and (fence is None or m.group(1) == fence):
+            fence = m.group(1) if fence is None else None
+            continue
+        if fence is None:
+            continue
+        line = raw.strip()
+        if line.startswith("error: ") and found and found[-1].doc == str(path.relative_to(ROOT)) and last == n - 1:
+            found[-1] = replace(found[-1], errors=(*found[-1].errors, line))
+            last = n
+            continue
+        if not pending:
+            line = line.removeprefix("$ ")
+            if not line.startswith(("parity ", "mkdir -p out")):
+                continue
+            start = n
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        code = EXIT.search(text)
+        argv = shlex.split(text, comments=True)
+        found.append(Command(str(path.relative_to(ROOT)), start, text, tuple(argv), int(code.group(1)) if code else 0))
+        last = n
+    return found
+
+
+ALL = [c for doc in DOCS for c in commands(doc)]
+PARITY_LINES = [c for c in ALL if c.argv[0] == "parity"]
+
+
+def resolve(argv: tuple[str, ...]) -> tuple[click.Command, list[str], str]:
+    """The click command `argv` names, the arguments left for it, and its name."""
+    cmd, args, name = main, list(argv[1:]), "parity"
+    while isinstance(cmd, click.Group):
+        assert args and args[0] in cmd.commands, f"`{name}` has no command {args[:1]}; it has {sorted(cmd.commands)}"
+        name += " " + args[0]
+        cmd = cmd.commands[args.pop(0)]
+    return cmd, args, name
+
+
+def check_parses(c: Command) -> None:
+    cmd, args, name = resolve(c.argv)
+    options = {o: p for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+    seen, positional = set(), []
+    it = iter(args)
+    for tok in it:
+        if not tok.startswith("-") or tok == "-":
+            positional.append(tok)
+            continue
+        opt, eq, value = tok.partition("=")
+        assert opt in options, f"`{name}` has no option {opt}"
+        p = options[opt]
+        seen.add(p.name)
+        if p.is_flag or p.count:
+            continue
+        if not eq:
+            value = next(it, None)
+            assert value is not None, f"{opt} needs a value"
+        if isinstance(p.type, click.Choice):
+            assert value in p.type.choices, f"{opt} {value!r} is not one of {list(p.type.choices)}"
+    missing = [p.opts[-1] for p in cmd.params if isinstance(p, click.Option) and p.required and p.name not in seen]
+    assert not missing, f"`{name}` requires {missing}"
+    arguments = [p for p in cmd.params if isinstance(p, click.Argument)]
+    if not any(p.nargs == -1 for p in arguments):
+        assert len(positional) <= sum(p.nargs for p in arguments), f"too many arguments for `{name}`: {positional}"
+    need = sum(p.nargs if p.nargs > 0 else 1 for p in arguments if p.required)
+    assert len(positional) >= need, f"`{name}` takes {need} argument(s), got {positional}"
+
+
+def test_the_docs_have_commands_of_both_kinds():
+    """The extraction works: the README's quick start alone has commands that run and commands only checked."""
+    readme = [c for c in PARITY_LINES if c.doc == "README.md"]
+    assert sum(c.runs for c in readme) >= 5 and sum(not c.runs for c in readme) >= 5, readme
+    assert {Path(d).name for d in {c.doc for c in ALL}} >= {"README.md", "cli.md", "compare.md", "formats.md"}
+
+
+@pytest.mark.parametrize("c", PARITY_LINES, ids=str)
+def test_command_names_real_commands_and_options(c):
+    check_parses(c)
+
+
+def test_a_wrong_option_is_caught():
+    """The checker itself: the mistakes the docs could make are refused."""
+    bad = [
+        ("compare", "CKPT", "--a", "torch", "--b", "jax", "--layerwise"),
+        ("convert", "SRC", "-o", "X", "--to", "gguf"),
+        ("capture", "CKPT", "--inputs", "IN"),
+        ("inspect", "A", "B"),
+        ("golden", "verify", "B"),
+    ]
+    for argv in bad:
+        with pytest.raises(AssertionError):
+            check_parses(Command("x", 0, " ".join(argv), ("parity", *argv), 0))
+
+
+@pytest.mark.parametrize("doc", sorted({c.doc for c in ALL if c.runs}))
+def test_commands_on_the_shipped_files_run(doc, tmp_path):
+    """Every command of `doc` that uses golden/ runs as written, in order, beside a copy of golden/."""
+    shutil.copytree(ROOT / "golden", tmp_path / "golden")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    for c in (c for c in ALL if c.doc == doc and c.runs):
+        exe = PARITY if c.argv[0] == "parity" else [c.argv[0]]
+        p = subprocess.run([*exe, *c.argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == c.exit, (
+            f"{c}\nexit {p.returncode}, expected {c.exit}\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}"
+        )
