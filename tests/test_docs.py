@@ -168,3 +168,38 @@ def test_commands_on_the_shipped_files_run(doc, tmp_path):
         assert p.returncode == c.exit, (
             f"{c}\nexit {p.returncode}, expected {c.exit}\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}"
         )
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+OTHER_BRANCHES = {"docs/architecture.md", "docs/assets.md"}  # written by other branches; checked once they exist
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_links_between_the_docs_resolve():
+    """Every relative link of README.md and docs/*.md names a file of the tree, and its #anchor a heading there."""
+    bad = []
+    for doc in DOCS:
+        for target in LINK.findall(doc.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file).resolve() if file else doc
+            rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
+            if not dest.exists():
+                if rel not in OTHER_BRANCHES:
+                    bad.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and anchor not in anchors(dest):
+                bad.append(f"{doc.name}: {target} (no such heading)")
+    assert not bad, bad
+    assert slug("`parity compare --generate N`: do the two sides *say* the same thing?") == (
+        "parity-compare---generate-n-do-the-two-sides-say-the-same-thing"
+    )
