@@ -1,7 +1,7 @@
 """The docs cannot rot. Every `parity ...` line (or `$ parity ...`) in a fenced code block of README.md and docs/*.md
 is either run or checked (and `mkdir -p out` lines run, so that the docs' examples can be run as written):
 
-- a command that names a file shipped under golden/, or an `out/...` path (what such commands write), runs, in the
+- a command that names a file shipped under golden/, or an `out/...` path that such a command wrote, runs, in the
   order written, beside a temporary copy of golden/ (so `-o out/...` lands in the temporary directory), and must exit
   0, or the status a trailing `# exit N` gives, and print every `error: ...` line the docs show below it;
 - every other command (a released checkpoint, a placeholder such as CKPT) must name a real command of
@@ -41,13 +41,8 @@ class Command:
     text: str  # the command as written, continuation lines joined
     argv: tuple[str, ...]  # `parity` (or `mkdir`) and its arguments
     exit: int  # expected exit status
+    runs: bool  # uses a shipped golden/ file, or an out/ path that an earlier command of the page that runs wrote
     errors: tuple[str, ...] = ()  # `error: ...` lines the docs show right below the command
-
-    @property
-    def runs(self) -> bool:
-        return self.argv[0] == "mkdir" or any(
-            (a.startswith("golden/") and (ROOT / a).exists()) or a.startswith("out/") for a in self.argv
-        )
 
     def __str__(self) -> str:
         return f"{self.doc}:{self.line}: {self.text}"
@@ -55,7 +50,7 @@ class Command:
 
 def commands(path: Path) -> list[Command]:
     """The `parity` command lines of every fenced block of `path`."""
-    found, fence, pending, start, last = [], None, "", 0, -1
+    found, fence, pending, start, last, written = [], None, "", 0, -1, set()
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         m = FENCE.match(raw)
         if m and (fence is None or m.group(1) == fence):
@@ -80,7 +75,13 @@ def commands(path: Path) -> list[Command]:
         pending = ""
         code = EXIT.search(text)
         argv = shlex.split(text, comments=True)
-        found.append(Command(str(path.relative_to(ROOT)), start, text, tuple(argv), int(code.group(1)) if code else 0))
+        runs = argv[0] == "mkdir" or any(
+            (a.startswith("golden/") and (ROOT / a).exists()) or a in written for a in argv
+        )
+        if runs:
+            written.update(a for a in argv if a.startswith("out/"))
+        doc, exit_status = str(path.relative_to(ROOT)), int(code.group(1)) if code else 0
+        found.append(Command(doc, start, text, tuple(argv), exit_status, runs))
         last = n
     return found
 
@@ -151,7 +152,7 @@ def test_a_wrong_option_is_caught():
     ]
     for argv in bad:
         with pytest.raises(AssertionError):
-            check_parses(Command("x", 0, " ".join(argv), ("parity", *argv), 0))
+            check_parses(Command("x", 0, " ".join(argv), ("parity", *argv), 0, False))
 
 
 @pytest.mark.parametrize("doc", sorted({c.doc for c in ALL if c.runs}))
@@ -200,6 +201,48 @@ def test_links_between_the_docs_resolve():
             elif anchor and anchor not in anchors(dest):
                 bad.append(f"{doc.name}: {target} (no such heading)")
     assert not bad, bad
+    assert (ROOT / "docs/img/compare-report.png").stat().st_size < 200_000  # docs/make_figures.py keeps it small
     assert slug("`parity compare --generate N`: do the two sides *say* the same thing?") == (
         "parity-compare---generate-n-do-the-two-sides-say-the-same-thing"
     )
+
+
+def leaves(cmd: click.Command, name: str = "parity"):
+    if isinstance(cmd, click.Group):
+        for sub, c in cmd.commands.items():
+            yield from leaves(c, f"{name} {sub}")
+    else:
+        yield name, cmd
+
+
+SAME_OPTIONS_AS = {"parity generate": "parity capture"}  # generate's section says "Same model options as `capture`"
+
+
+def sections(text: str) -> dict[str, str]:
+    """Each `## ...` section of a page by its heading line."""
+    parts = re.split(r"^(## .*)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_cli_md_documents_every_command_and_option():
+    """Each command of parity.cli.main has a section of docs/cli.md naming every option it takes (`parity assets`:
+    docs/assets.md, written with that command)."""
+    missing = []
+    for name, cmd in leaves(main):
+        doc = ROOT / "docs" / ("assets.md" if name.startswith("parity assets") else "cli.md")
+        if not doc.exists():
+            missing.append(f"no {doc.name} for {name}")
+            continue
+        page = sections(doc.read_text())
+        texts = [t for h, t in page.items() for n in (name, SAME_OPTIONS_AS.get(name)) if n and f"`{n}`" in h]
+        if not texts and doc.name == "assets.md":
+            texts = [doc.read_text()]
+        if not texts:
+            missing.append(f"{doc.name}: no section for {name}")
+            continue
+        for p in cmd.params:
+            if isinstance(p, click.Option) and "--help" not in p.opts:
+                longest = max((*p.opts, *p.secondary_opts), key=len)
+                if not any(re.search(rf"(`|\s){re.escape(longest)}\b", t) for t in texts):
+                    missing.append(f"{doc.name}: {name} {longest}")
+    assert not missing, missing
