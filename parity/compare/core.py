@@ -20,6 +20,7 @@ from parity import points as pts
 from parity.compare import tolerances as tol
 from parity.compare.sides import Capture, Side, job, parse_side, run_side, supports_teacher_forcing
 from parity.compare.stats import PointStats, point_stats
+from parity.compare.verdict import Verdict, decide
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
 
@@ -69,7 +70,8 @@ class PointRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Truthy when every compared point passes (and, with teacher forcing, every block's local error)."""
+    """Truthy when the verdict passes (verdict.py): with teacher forcing, every unit's local error; else (or when
+    the policy requires propagated agreement) every compared point."""
 
     sides: dict[str, dict[str, Any]]  # label -> {"spec", "kind", "manifest"}
     differences: list[dict[str, Any]]  # manifest fields that differ
@@ -81,7 +83,10 @@ class Comparison:
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return all(r.passed for r in self.records)
+        return self.verdict().passed
+
+    def verdict(self) -> Verdict:
+        return decide(self.records, self.teacher_forced, self.tolerances.require_propagated, self.amplification())
 
     @property
     def exit_code(self) -> int:
@@ -135,6 +140,7 @@ class Comparison:
             "manifest_differences": self.differences,
             "notes": list(self.notes),
             "amplification": _finite(self.amplification()),
+            "verdict": _finite(self.verdict().to_dict()),
             "points": [r.to_dict() for r in self.records],
         }
 
@@ -402,14 +408,6 @@ def save(c: Comparison, path: str) -> None:
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w") as f:
             json.dump(c.to_dict(), f, indent=1)
-        readable(tmp)
-
-
-def readable(path: str) -> None:
-    """A report's permissions as for any new file (the temporary name is created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def load(path: str) -> Comparison:
@@ -434,7 +432,7 @@ def load(path: str) -> Comparison:
     return Comparison(
         d["sides"],
         d["manifest_differences"],
-        tol.Tolerances(d["profile"], ()),
+        tol.Tolerances(d["profile"], (), None, d.get("tolerances", {}).get("require_propagated", False)),
         records,
         d["ulp_dtype"],
         d["teacher_forced"],
