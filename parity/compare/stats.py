@@ -195,22 +195,35 @@ class _Accumulator:
             self._add_logits(rows, a, b, a64, b64)
 
     def _add_logits(self, rows, a, b, a64, b64) -> None:
-        """KL(softmax(a) || softmax(b)) per row = sum p (la - lb) - log sa + log sb with la = a - max a,
-        sa = sum exp(la), p = exp(la) / sa; top-1 / top-5 from the float32 rows."""
-        la = a64 - a64.max(-1, keepdims=True)
-        lb = b64 - b64.max(-1, keepdims=True)
-        ea = np.exp(la)
-        sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
-        kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
+        """KL, one-hot positions and top-1 / top-5 of the float32 rows (`kl_rows`, `top_overlap`)."""
+        kl, one_hot = kl_rows(a64, b64)
         self.kl_sum += float(kl.sum())
-        self.one_hot += int((((sa - 1) / sa < ONE_HOT_TAIL) & ((sb - 1) / sb < ONE_HOT_TAIL)).sum())
+        self.one_hot += int(one_hot.sum())
         self.positions += len(kl)
         k = int(kl.argmax())
         if kl[k] > self.kl_max:
             self.kl_max, self.kl_worst = float(kl[k]), int(rows[k])
         self.top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
-        ta, tb = _top(a, 5), _top(b, 5)
-        self.top5 += float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / ta.shape[1])
+        self.top5 += float(int(top_counts(a, b, 5).sum()) / min(5, a.shape[-1]))
+
+
+def kl_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(softmax(a) || softmax(b)) per row, in nats; bool per row: both softmaxes one-hot, ONE_HOT_TAIL) of
+    float[R, V] scores, in float64: KL = sum p (la - lb) - log sa + log sb with la = a - max a, sa = sum exp(la),
+    p = exp(la) / sa; the top probability is 1 / sa, so the mass off it is (sa - 1) / sa."""
+    a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+    la = a64 - a64.max(-1, keepdims=True)
+    lb = b64 - b64.max(-1, keepdims=True)
+    ea = np.exp(la)
+    sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
+    kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
+    return kl, ((sa - 1) / sa < ONE_HOT_TAIL) & ((sb - 1) / sb < ONE_HOT_TAIL)
+
+
+def top_counts(a: np.ndarray, b: np.ndarray, k: int = 5) -> np.ndarray:
+    """int[R]: |topk(a) & topk(b)| per row of float[R, V] scores (k capped at V)."""
+    ta, tb = _top(a, k), _top(b, k)
+    return np.array([len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())], np.int64)
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:
