@@ -139,7 +139,8 @@ def test_ulp_of_the_scale_by_hand():
     b[1] = np.float32(2e-30)  # far in per-element ULPs, nothing at the point's scale
     s = point_stats(a, b)
     assert s.scale_ulp == pytest.approx(3.0) and s.ulp > 1e6
-    assert scale_ulp(2.0**-7, 1.5, "bfloat16") == 1.0  # bfloat16 keeps 7 mantissa bits and scale_ulp(0.0, 0.0, "float32") == 0.0
+    assert scale_ulp(2.0**-7, 1.5, "bfloat16") == 1.0  # bfloat16 keeps 7 mantissa bits
+    assert scale_ulp(0.0, 0.0, "float32") == 0.0
     assert math.isinf(scale_ulp(1.0, 0.0, "float32"))
 
 
