@@ -3,6 +3,8 @@ every capture point in forward order, one point in memory at a time; `rejudge`: 
 comparison under another profile or policy, without running anything.
 
 Side A is the reference: relative statistics are relative to A, and teacher-forced blocks of B run on A's inputs.
+The verdict (pass / fail, in words) is verdict.py's: on the units' local errors when teacher-forced, else on every
+point's propagated error.
 """
 
 from __future__ import annotations
