@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pg2_shapes import batch, random_weights, reduced_pg2_3b
+from pg2_shapes import WEIGHTS, batch, random_weights, reduced_pg2_3b
 
 from parity import hf_side, points, spec
 from parity.compare.stats import point_stats
@@ -78,16 +78,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vision-depth", type=int, default=4)
     ap.add_argument("--text-depth", type=int, default=4)
+    ap.add_argument("--weights", choices=WEIGHTS, default="realistic", help="synthetic weights (pg2_shapes)")
     ap.add_argument("-o", "--output", default=str(Path(__file__).parent / "results" / "profile_calibration.json"))
     args = ap.parse_args()
     report = {"reference": "torch float32, CPU, transformers convention", "machine": platform.processor(), "models": {}}
     big = reduced_pg2_3b(args.vision_depth, args.text_depth)
     print(big.name, file=sys.stderr)
-    report["models"][big.name] = measure(big, random_weights(big), batch(big))
+    report["models"][big.name] = measure(big, random_weights(big, weights=args.weights), batch(big))
     for name, cfg in TINY_VARIANTS.items():
         print(name, file=sys.stderr)
         report["models"][name] = measure(
-            cfg, spec.random_params(cfg, seed=1), batch(cfg, lengths=(12, 9), prefix=(3, 6))
+            cfg, spec.random_params(cfg, seed=1, weights=args.weights), batch(cfg, lengths=(12, 9), prefix=(3, 6))
         )
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pg2_shapes import batch, random_weights, reduced_pg2_3b  # noqa: E402
+from pg2_shapes import WEIGHTS, batch, random_weights, reduced_pg2_3b  # noqa: E402
 
 from converters.checkpoint import sidecar_path  # noqa: E402
 from parity import spec  # noqa: E402
@@ -92,9 +92,10 @@ def main() -> None:
     ap.add_argument("--vision-depth", type=int, default=4)
     ap.add_argument("--text-depth", type=int, default=4)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--weights", choices=WEIGHTS, default="realistic", help="synthetic weights (pg2_shapes)")
     args = ap.parse_args()
     cfg = reduced_pg2_3b(args.vision_depth, args.text_depth)
-    params = random_weights(cfg)
+    params = random_weights(cfg, weights=args.weights)
     inputs = batch(cfg)
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as d:
         ckpt, inp = os.path.join(d, "ckpt.npz"), os.path.join(d, "in.npz")

@@ -9,8 +9,10 @@ What it does:
 1. writes a synthetic checkpoint in the released Kaggle layout (`params/...` keys, bf16 members with the `<V2` npy
    descr that np.savez writes for bfloat16, which np.load reads back as void `|V2`), member by member through
    `converters.npz_write.NpzWriter`, each member generated in chunks (a layer, or a row block of the embedding) from a
-   seeded numpy Generator: random bits masked to finite bf16 values of magnitude 2^-7 .. 2, so nothing close to
-   the whole checkpoint is ever in memory;
+   seeded numpy Generator, so nothing close to the whole checkpoint is ever in memory. `--weights realistic` (the
+   default): per-leaf statistics like a release's (`parity.synthetic`: kernels ~ 1/sqrt(fan_in), norms near their
+   init, ...) rounded to bf16; `--weights chaotic` (the stress case): random bits masked to finite bf16 values of
+   magnitude 2^-7 .. 2;
 2. measures, each in its own child process (peak RSS from os.wait4's rusage of that child alone), after dropping
    the page cache when allowed (root): (a) `cp` of the npz (the I/O floor), (b) npz -> safetensors, (c) `cp -r`
    of the safetensors directory, (d) safetensors -> npz; the orbax legs (e) npz -> orbax (floor: (a)), (f) `cp -r`
@@ -52,19 +54,19 @@ if ROOT not in sys.path:
 
 from parity.config import get_config  # noqa: E402  (stdlib only: the parent stays small, see _heavy)
 
-np = dtypes = spec = NpzReader = NpzWriter = None
+np = dtypes = spec = synthetic = NpzReader = NpzWriter = None
 
 
 def _heavy() -> None:
     """numpy and the converters, imported only in the child processes: a child's peak RSS (os.wait4) includes
     the RSS its parent had when it forked, so the parent keeps to the stdlib (~10 MB)."""
-    global np, dtypes, spec, NpzReader, NpzWriter
+    global np, dtypes, spec, synthetic, NpzReader, NpzWriter
     import numpy as np
 
     from converters import dtypes
     from converters.npz_io import NpzReader
     from converters.npz_write import NpzWriter
-    from parity import spec
+    from parity import spec, synthetic
 
 
 GB = 1e9
@@ -93,29 +95,36 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return bits.view(dtypes.BF16).reshape(shape)
 
 
-def member_chunks(e: spec.Entry, rng: np.random.Generator):
+def member_chunks(e: spec.Entry, rng: np.random.Generator, weights: str = "realistic"):
     """Consecutive C-order chunks of one canonical tensor: per layer, or row blocks, or whole."""
+    piece = synthetic.piece_shape(e.key, e.shape, e.layers is not None)
+
+    def chunk(shape):
+        if weights == "chaotic":
+            return random_bf16(rng, shape)
+        return synthetic.draw(rng, e.key, shape, piece, "realistic", 1.0).astype(dtypes.BF16)
+
     if e.layers is not None:
         for _ in range(e.layers):
-            yield random_bf16(rng, e.shape[1:])
+            yield chunk(e.shape[1:])
         return
     row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * 2
     if len(e.shape) > 1 and e.shape[0] * row_bytes > ROW_BLOCK_BYTES:
         step = max(1, ROW_BLOCK_BYTES // row_bytes)
         for a in range(0, e.shape[0], step):
-            yield random_bf16(rng, (min(e.shape[0], a + step) - a,) + e.shape[1:])
+            yield chunk((min(e.shape[0], a + step) - a,) + e.shape[1:])
         return
-    yield random_bf16(rng, e.shape)
+    yield chunk(e.shape)
 
 
-def generate(variant: str, path: str, seed: int) -> dict:
+def generate(variant: str, path: str, seed: int, weights: str = "realistic") -> dict:
     cfg = get_config(variant)
     rng = np.random.default_rng(seed)
     ents = spec.entries(cfg)
     with open(path + ".partial", "wb") as f:
         w = NpzWriter(f)
         for e in ents:
-            w.write(spec.NPZ_PREFIX + e.key, dtypes.BF16, e.shape, member_chunks(e, rng))
+            w.write(spec.NPZ_PREFIX + e.key, dtypes.BF16, e.shape, member_chunks(e, rng, weights))
         w.close()
     os.replace(path + ".partial", path)
     return {
@@ -216,7 +225,7 @@ def child_main(argv: list[str]) -> None:
     action, *args = argv
     _heavy()
     if action == "generate":
-        res = generate(args[0], args[1], int(args[2]))
+        res = generate(args[0], args[1], int(args[2]), args[3] if len(args) > 3 else "realistic")
     elif action == "convert":
         res = run_convert(args[0], args[1], args[2], args[3] if len(args) > 3 and args[3] else None)
     elif action == "verify":
@@ -388,13 +397,14 @@ def benchmark(args) -> dict:
     out: dict = {
         "variant": variant,
         "seed": args.seed,
+        "weights": args.weights,
         "workdir": workdir,
         "cache": "cold" if cold else "warm",
         "cpus": os.cpu_count(),
         "steps": {},
     }
     log(
-        f"convert benchmark: {variant}, seed {args.seed}, workdir {workdir}, "
+        f"convert benchmark: {variant}, seed {args.seed}, {args.weights} weights, workdir {workdir}, "
         f"{'cold cache (drop_caches before each step)' if cold else 'warm cache (each step run twice, 2nd timed)'}"
     )
     try:
@@ -403,17 +413,17 @@ def benchmark(args) -> dict:
         reuse = False
         if args.reuse and os.path.exists(src) and os.path.exists(stamp):
             with open(stamp) as f:
-                reuse = json.load(f) == {"variant": variant, "seed": args.seed}
+                reuse = json.load(f) == {"variant": variant, "seed": args.seed, "weights": args.weights}
         if reuse:
             log(f"  reusing {src}")
         else:
             remove(src)
             g = Runner(workdir, cold, log).measure(
-                "generate npz", child("generate", variant, src, str(args.seed)), None
+                "generate npz", child("generate", variant, src, str(args.seed), args.weights), None
             )
             out["steps"]["generate"] = g
             with open(stamp, "w") as f:
-                json.dump({"variant": variant, "seed": args.seed}, f)
+                json.dump({"variant": variant, "seed": args.seed, "weights": args.weights}, f)
         out["npz_bytes"] = os.path.getsize(src)
         steps = out["steps"]
         cp_a = ("(a) cp npz", ["cp", src, cp_npz], cp_npz)
@@ -564,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         help="reuse a checkpoint generated earlier in --workdir (same variant and seed; needs --keep on that run)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--weights",
+        choices=("realistic", "chaotic"),
+        default="realistic",
+        help="realistic: per-leaf statistics like a release's (parity.synthetic); chaotic: bf16 values 2^-7 .. 2",
+    )
     ap.add_argument(
         "--repeat",
         type=int,

@@ -11,7 +11,8 @@ import numpy as np
 from parity import spec
 from parity.config import VARIANTS, PaliGemmaConfig
 
-WEIGHT_SCALE = 0.02  # Gemma's initializer_range: last-position logits of a few units, like the issue's ~6
+WEIGHT_SCALE = 0.02  # chaotic: every leaf N(0, 0.02^2) (Gemma's initializer_range), norms included
+WEIGHTS = ("realistic", "chaotic")
 
 
 def reduced_pg2_3b(vision_depth: int = 2, text_depth: int = 2) -> PaliGemmaConfig:
@@ -23,8 +24,12 @@ def reduced_pg2_3b(vision_depth: int = 2, text_depth: int = 2) -> PaliGemmaConfi
     )
 
 
-def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    return spec.random_params(cfg, seed=seed, scale=WEIGHT_SCALE)
+def random_weights(cfg: PaliGemmaConfig, seed: int = 0, weights: str = "realistic") -> dict[str, np.ndarray]:
+    """realistic: per-leaf statistics like a release's (parity.synthetic); chaotic: the stress case, every leaf
+    N(0, WEIGHT_SCALE^2)."""
+    if weights == "chaotic":
+        return spec.random_params(cfg, seed=seed, scale=WEIGHT_SCALE, weights="chaotic")
+    return spec.random_params(cfg, seed=seed, weights=weights)
 
 
 def batch(cfg: PaliGemmaConfig, seed: int = 0, lengths=(16, 11), prefix=(6, 9)) -> dict[str, np.ndarray]:

@@ -339,11 +339,21 @@ def assemble(e: Entry, pieces: dict[tuple[int | None, int | None], np.ndarray]) 
 
 
 def random_params(
-    config: PaliGemmaConfig, seed: int = 0, dtype=np.float32, scale: float = 0.3
+    config: PaliGemmaConfig, seed: int = 0, dtype=np.float32, scale: float | None = None, weights: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Deterministic random canonical parameters (tests and the shipped tiny checkpoint), generated from the spec."""
+    """Deterministic random canonical parameters (tests and the shipped tiny checkpoint), generated from the spec.
+    `weights`: "realistic" (the default: per-leaf statistics like a release's, `parity.synthetic`) or "chaotic"
+    (every leaf N(0, scale^2), scale 0.3 by default); an explicit `scale` alone means chaotic, as it always did."""
+    from parity import synthetic
+
+    weights, scale = synthetic.resolve(weights, scale)
     rng = np.random.default_rng(seed)
-    return {e.key: (rng.standard_normal(e.shape, dtype=np.float32) * scale).astype(dtype) for e in entries(config)}
+    return {
+        e.key: synthetic.draw(
+            rng, e.key, e.shape, synthetic.piece_shape(e.key, e.shape, e.layers is not None), weights, scale
+        ).astype(dtype)
+        for e in entries(config)
+    }
 
 
 def check_params(config: PaliGemmaConfig, params, source: str = "params") -> None:

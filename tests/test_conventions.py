@@ -42,9 +42,10 @@ def test_position_origin_moves_logits_slightly_not_image(cfg):
 
 
 def test_final_softcap_maps_by_30_tanh():
-    never = run(PG2, Conventions(final_softcap="never"))[points.LOGITS]
-    always = run(PG2, Conventions(final_softcap="always"))[points.LOGITS]
-    decode_only = run(PG2, Conventions(final_softcap="decode_only"))[points.LOGITS]
+    chaotic = spec.random_params(PG2, seed=4, weights="chaotic")  # logits past 7, where 30 tanh(x / 30) bites
+    never = run(PG2, Conventions(final_softcap="never"), params=chaotic)[points.LOGITS]
+    always = run(PG2, Conventions(final_softcap="always"), params=chaotic)[points.LOGITS]
+    decode_only = run(PG2, Conventions(final_softcap="decode_only"), params=chaotic)[points.LOGITS]
     np.testing.assert_allclose(always, 30 * np.tanh(never / 30), rtol=0, atol=2e-6)
     assert np.abs(always - never).max() > 0.1
     np.testing.assert_array_equal(decode_only, never)  # a full forward is uncapped under decode_only

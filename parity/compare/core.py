@@ -3,11 +3,14 @@ every capture point in forward order, one point in memory at a time; `rejudge`: 
 comparison under another profile or policy, without running anything.
 
 Side A is the reference: relative statistics are relative to A, and teacher-forced blocks of B run on A's inputs.
+The verdict (pass / fail, in words) is verdict.py's: on the units' local errors when teacher-forced, else on every
+point's propagated error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -18,25 +21,15 @@ import numpy as np
 
 from parity import points as pts
 from parity.compare import tolerances as tol
+from parity.compare.manifests import check_manifests, manifest_differences, valid_mask
 from parity.compare.sides import Capture, Side, job, parse_side, run_side, supports_teacher_forcing
 from parity.compare.stats import PointStats, point_stats
+from parity.compare.verdict import Verdict, decide
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
 
 SCHEMA = "parity.compare/1"
 COMPARED, MISSING_A, MISSING_B = "compared", "not captured in A", "not captured in B"
-# Manifest fields that always differ between two runs and say nothing about them.
-_IGNORED = {
-    "created",
-    "seconds",
-    "load_seconds",
-    "run_seconds",
-    "points",
-    "tensors",
-    "output",
-    "warnings",
-    "teacher_forced_from",
-}  # what differs between any two runs, not what they mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +62,8 @@ class PointRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Truthy when every compared point passes (and, with teacher forcing, every block's local error)."""
+    """Truthy when the verdict passes (verdict.py): with teacher forcing, every unit's local error; else (or when
+    the policy requires propagated agreement) every compared point."""
 
     sides: dict[str, dict[str, Any]]  # label -> {"spec", "kind", "manifest"}
     differences: list[dict[str, Any]]  # manifest fields that differ
@@ -81,7 +75,10 @@ class Comparison:
     notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return all(r.passed for r in self.records)
+        return self.verdict().passed
+
+    def verdict(self) -> Verdict:
+        return decide(self.records, self.teacher_forced, self.tolerances.require_propagated, self.amplification())
 
     @property
     def exit_code(self) -> int:
@@ -135,6 +132,7 @@ class Comparison:
             "manifest_differences": self.differences,
             "notes": list(self.notes),
             "amplification": _finite(self.amplification()),
+            "verdict": _finite(self.verdict().to_dict()),
             "points": [r.to_dict() for r in self.records],
         }
 
@@ -147,65 +145,6 @@ def _finite(x):
     if isinstance(x, list):
         return [_finite(v) for v in x]
     return x
-
-
-# -- manifests ----------------------------------------------------------------------------------------------------
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def manifest_differences(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    fa = _flat({k: v for k, v in a.items() if k not in _IGNORED})
-    fb = _flat({k: v for k, v in b.items() if k not in _IGNORED})
-    fa.setdefault("precision", "highest"), fb.setdefault("precision", "highest")
-    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-
-
-def check_manifests(a: dict, b: dict, allow_convention_mismatch: bool) -> None:
-    ia, ib = a.get("inputs", {}).get("sha256"), b.get("inputs", {}).get("sha256")
-    if ia is None or ia != ib:
-        raise InputsError(f"the two sides ran on different inputs: side A inputs sha256 {ia}, side B {ib}")
-    if a.get("config") != b.get("config"):
-        diff = [d["key"] for d in manifest_differences({"config": a.get("config")}, {"config": b.get("config")})]
-        raise ConfigError(f"the two sides are different models: config fields {', '.join(diff[:6])} differ")
-    if a.get("conventions") != b.get("conventions") and not allow_convention_mismatch:
-        diff = list(manifest_differences({"c": a.get("conventions")}, {"c": b.get("conventions")}))
-        raise ConfigError(
-            "the two sides ran under different conventions ("
-            + ", ".join(f"{d['key'][2:]}: {d['a']} vs {d['b']}" for d in diff)
-            + "); pass --allow-convention-mismatch"
-        )
-
-
-def valid_mask(cfg: PaliGemmaConfig, manifest: dict, inputs: str | None) -> tuple[np.ndarray | None, str]:
-    """bool[B, S] of the real (non-padding) positions, from the inputs file (given, or recorded in the manifest when
-    it is still there with the same digest); None (every position compared) when there is none."""
-    from parity.inputs import inputs_sha256, load_inputs
-
-    path = inputs or manifest.get("inputs", {}).get("path")
-    if not path or not os.path.isfile(path):
-        return None, "all positions (inputs file not available: padding positions are compared too)"
-    batch = load_inputs(path, cfg)
-    if inputs_sha256(batch) != manifest["inputs"]["sha256"]:
-        if inputs:
-            raise InputsError(
-                describe(
-                    path,
-                    "sha256",
-                    manifest["inputs"]["sha256"],
-                    inputs_sha256(batch),
-                    "--inputs is not the inputs the sides ran on",
-                )
-            )
-        return None, "all positions (the recorded inputs file has changed: padding positions are compared too)"
-    b = batch["text"].shape[0]
-    mask = np.concatenate([np.ones((b, cfg.num_image_tokens), bool), batch["mask_input"].astype(bool)], axis=1)
-    return mask, f"real positions of {path}"
 
 
 # -- the comparison -----------------------------------------------------------------------------------------------
@@ -257,26 +196,12 @@ def compare(
     selection = (points or None) if layer_by_layer else [pts.LOGITS]
     say = progress or (lambda msg: None)
     with tempfile.TemporaryDirectory(prefix="parity-compare-") as tmp:
-        paths = {}
-        for side in (side_a, side_b):
-            if not side.runs:
-                paths[side.label] = (side.capture, None)
-                continue
-            say(f"side {side.label}: {side.describe()}")
-            teacher_from = paths["A"][0] if teacher_forced and side.label == "B" else None
-            r = run_side(
-                job(
-                    side,
-                    inputs,
-                    os.path.join(tmp, f"{side.label}.safetensors"),
-                    convention,
-                    config,
-                    selection,
-                    teacher_from,
-                ),
-                isolate,
-            )
-            paths[side.label] = (r["capture"], r["teacher"])
+
+        def side_job(side: Side, a_path: str | None) -> dict[str, Any]:
+            out = os.path.join(tmp, f"{side.label}.safetensors")
+            return job(side, inputs, out, convention, config, selection, a_path if teacher_forced else None)
+
+        paths = run_sides(side_a, side_b, side_job, lambda j: run_side(j, isolate), say)
         say("comparing")
         return compare_captures(
             paths["A"][0],
@@ -290,6 +215,39 @@ def compare(
             policy=policy,
             allow_convention_mismatch=allow_convention_mismatch,
         )
+
+
+def run_sides(
+    side_a: Side,
+    side_b: Side,
+    side_job: Callable[[Side, str | None], dict[str, Any]],
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    say: Callable[[str], None],
+) -> dict[str, tuple[str, str | None]]:
+    """label -> (capture, teacher capture or None) of both sides: a capture side as it is, a running side through
+    `run(side_job(side, A's capture))` (B after A, so that B can be fed A's capture)."""
+    paths: dict[str, tuple[str, str | None]] = {}
+    for side in (side_a, side_b):
+        if not side.runs:
+            paths[side.label] = (side.capture, None)
+            continue
+        say(f"side {side.label}: {side.describe()}")
+        r = run(side_job(side, paths["A"][0] if side.label == "B" else None))
+        paths[side.label] = (r["capture"], r["teacher"])
+    return paths
+
+
+def point_record(
+    name: str, read_a, read_b, ulp_dtype: str, valid=None, logits=False, text=None
+) -> tuple[PointRecord | None, np.ndarray | None]:
+    """(the unjudged record of one point, A's array) from both sides' readers (zero-argument callables, None where a
+    side lacks the point; nothing is read unless both have it). (None, None) when neither has it."""
+    if read_a is None or read_b is None:
+        if read_a is None and read_b is None:
+            return None, None
+        return PointRecord(name, MISSING_B if read_b is None else MISSING_A), None
+    a = read_a()
+    return PointRecord(name, COMPARED, _stats(name, a, read_b(), ulp_dtype, valid, logits, text)), a
 
 
 def compare_captures(
@@ -324,18 +282,14 @@ def compare_captures(
         order = pts.select(order, points) if points else order
         records = []
         for name in order:
-            have_a, have_b = name in caps["A"].points, name in caps["B"].points
-            if not (have_a or have_b):
+            a, b = (functools.partial(caps[k].read, name) if name in caps[k].points else None for k in "AB")
+            r, a = point_record(name, a, b, ulp_dtype, valid, name == pts.LOGITS, text)
+            if r is None:
                 continue
-            if not (have_a and have_b):
-                records.append(PointRecord(name, MISSING_B if have_a else MISSING_A))
-                continue
-            a, is_logits = caps["A"].read(name), name == pts.LOGITS
-            s = _stats(name, a, caps["B"].read(name), ulp_dtype, valid, is_logits, text)
-            ls = None
-            if local is not None and name in local.points:
-                ls = _stats(name, a, local.read(name), ulp_dtype, valid, is_logits, text)
-            records.append(PointRecord(name, COMPARED, s, None, ls, None))
+            if r.status == COMPARED and local is not None and name in local.points:
+                ls = _stats(name, a, local.read(name), ulp_dtype, valid, name == pts.LOGITS, text)
+                r = dataclasses.replace(r, local=ls)
+            records.append(r)
         sides_d = {
             k: {
                 "spec": sides[k].spec if sides else caps[k].path,
@@ -402,14 +356,6 @@ def save(c: Comparison, path: str) -> None:
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w") as f:
             json.dump(c.to_dict(), f, indent=1)
-        readable(tmp)
-
-
-def readable(path: str) -> None:
-    """A report's permissions as for any new file (the temporary name is created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def load(path: str) -> Comparison:
@@ -434,7 +380,7 @@ def load(path: str) -> Comparison:
     return Comparison(
         d["sides"],
         d["manifest_differences"],
-        tol.Tolerances(d["profile"], ()),
+        tol.Tolerances(d["profile"], (), None, d.get("tolerances", {}).get("require_propagated", False)),
         records,
         d["ulp_dtype"],
         d["teacher_forced"],

@@ -1,6 +1,7 @@
-"""The HTML report: one self-contained page (no network, no script), inline SVG error curves per tower
-(propagated and, when present, teacher-forced error per block, log scale, the tolerance as a dashed line, the first
-divergence marked), the point table, the manifest comparison and the environment of both sides."""
+"""The HTML report: one self-contained page (no network, no script): the verdict in words (verdict.py), inline SVG
+error curves per tower (propagated and, when present, teacher-forced error per block on the same axes, log scale,
+the tolerance as a dashed line, the first divergence marked), a table of the units with their local and propagated
+error side by side, the point table, the manifest comparison and the environment of both sides."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import html
 import json
 import math
 
-from parity.compare.core import COMPARED, Comparison, readable
+from parity.compare.core import COMPARED, Comparison
 
 W, H, PAD = 640, 240, 48
 COLORS = {"propagated": "#d62728", "teacher-forced": "#1f77b4", "tolerance": "#7f7f7f"}
@@ -88,6 +89,35 @@ def _curve_svg(title: str, rows: list[dict], bound: float | None, first: str | N
     return "".join(parts) + "</svg>"
 
 
+def _ulp(v) -> str:
+    return "-" if v is None else "inf" if math.isinf(v) else f"{v:.3g}"
+
+
+def _units_table(amp: dict[str, list[dict]]) -> str:
+    """Per block: its local (teacher-forced) error beside its propagated error and the amplification ratio."""
+    rows = [row for tower in ("img", "llm") for row in amp.get(tower, [])]
+    if not any(row["local_max_rel"] is not None for row in rows):
+        return ""
+    cells = "".join(
+        f"<tr class='{'pass' if row['passed'] else 'fail'}'><td>{_esc(row['point'])}</td>"
+        f"<td>{_num(row['local_max_rel'])}</td><td>{_num(row['max_rel'])}</td>"
+        f"<td>{_ratio(row['ratio'])}</td></tr>"
+        for row in rows
+    )
+    return (
+        "<table class='units'><tr><th>unit (residual stream after it)</th><th>local (teacher-forced) max rel</th>"
+        f"<th>propagated max rel</th><th>amplification</th></tr>{cells}</table>"
+    )
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"×{v:.2f}"
+
+
 def render_html(c: Comparison) -> str:
     amp = c.amplification()
     first = c.first_divergence
@@ -108,7 +138,7 @@ def render_html(c: Comparison) -> str:
         cls = "pass" if r.passed else "fail"
         rows.append(
             f"<tr class='{cls}'><td>{_esc(r.point)}</td><td>{s.max_abs:.2e}</td><td>{s.max_rel:.2e}</td>"
-            f"<td>{s.cosine:.6f}</td><td>{s.sqnr_db:.1f}</td><td>{s.ulp}</td><td>{local}</td>"
+            f"<td>{s.cosine:.6f}</td><td>{s.sqnr_db:.1f}</td><td>{_ulp(s.scale_ulp)}</td><td>{local}</td>"
             f"<td>{_esc(bound)}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>"
         )
     diffs = (
@@ -122,7 +152,12 @@ def render_html(c: Comparison) -> str:
         for k, v in c.sides.items()
     )
     notes = "".join(f"<li>{_esc(n)}</li>" for n in c.notes)
+    v = c.verdict()
     verdict = "every point passes" if c else f"mismatch: first divergence {first}"
+    if v.basis == "local":
+        verdict = (
+            "same function (teacher-forced units pass)" if v else f"computes differently: {v.first_differing_unit}"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>parity compare: {_esc(verdict)}</title>
 <style>
@@ -133,6 +168,7 @@ td.na {{ color: #a60; }} pre {{ font-size: 11px; background: #f6f6f6; padding: 6
 </style></head><body>
 <h1>parity compare</h1>
 <p class="verdict" id="verdict">{_esc(verdict)}</p>
+<p id="verdict-words">{_esc(v.words)}{"<br>hint: " + _esc(v.hint) if v.hint else ""}</p>
 <p>profile <b>{_esc(c.tolerances.profile)}</b>{", policy " + _esc(c.tolerances.policy) if c.tolerances.policy else ""};
 ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="first">{_esc(first or "none")}</b>
 {
@@ -143,8 +179,9 @@ ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="
 <ul>{notes}</ul>
 <h2>Error per block</h2>
 {"".join(curves)}
+{_units_table(amp)}
 <h2>Points</h2>
-<table><tr><th>point</th><th>max abs</th><th>max rel</th><th>cosine</th><th>SQNR dB</th><th>ULP</th>
+<table><tr><th>point</th><th>max abs</th><th>max rel</th><th>cosine</th><th>SQNR dB</th><th>ULP of scale</th>
 <th>local rel</th><th>tolerance</th><th>pass</th></tr>
 {"".join(rows)}</table>
 <h2>Manifest differences (A → B)</h2>
@@ -161,4 +198,3 @@ def write_html(c: Comparison, path: str) -> None:
     with atomic_output(path, False, True) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(render_html(c))
-        readable(tmp)

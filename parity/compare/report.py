@@ -1,5 +1,6 @@
 """The terminal report of a comparison: header (sides, profile, first divergence, manifest differences, notes),
-one table row per point, the error amplification per tower. The JSON report is `Comparison.to_dict()`; its
+one table row per point (ULP: the worst error in units in the last place of the point's scale, stats.scale_ulp),
+the error amplification per tower, and the verdict (verdict.py) in words. The JSON report is `Comparison.to_dict()`; its
 schema is documented in the README ("parity compare", JSON schema `parity.compare/1`)."""
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def render(c: Comparison, console=None) -> None:
         "max rel",
         "cosine",
         "SQNR dB",
-        "ULP",
+        "ULP of scale",
         *(["local rel"] if c.teacher_forced else []),
         "tolerance",
         "pass",
@@ -86,7 +87,7 @@ def render(c: Comparison, console=None) -> None:
             _g(s.max_rel),
             f"{s.cosine:.6f}",
             f"{s.sqnr_db:.1f}",
-            str(s.ulp),
+            _ulp(s.scale_ulp),
             *local,
             _bound(r.judgement),
             ok,
@@ -95,8 +96,7 @@ def render(c: Comparison, console=None) -> None:
     for r in c.records:
         if r.stats is not None and r.stats.kl_max is not None:
             con.print(
-                f"{r.point}: KL(A‖B) max {_g(r.stats.kl_max)} at {r.stats.kl_worst_position}, mean "
-                f"{_g(r.stats.kl_mean)}; top-1 agreement {r.stats.top1:.1%}, top-5 overlap {r.stats.top5:.1%}"
+                f"{r.point}: {kl_words(r.stats)}; top-1 agreement {r.stats.top1:.1%}, top-5 overlap {r.stats.top5:.1%}"
             )
     for r in c.records:
         for j in (r.judgement, r.local_judgement):
@@ -111,8 +111,27 @@ def render(c: Comparison, console=None) -> None:
                     for row in rows
                 )
             )
-    con.print(
-        "[green]every point passes[/green]"
-        if c
-        else f"[bold red]mismatch[/bold red]: {sum(not r.passed for r in c.records)} of {len(c.records)} points fail"
-    )
+    v = c.verdict()
+    con.print(f"[green]{v.words}[/green]" if v.passed else f"[bold red]{v.words}[/bold red]")
+    if v.hint:
+        con.print(f"hint: {v.hint}")
+
+
+def _ulp(v) -> str:
+    if v is None:
+        return "-"
+    return "inf" if math.isinf(v) else f"{v:.3g}"
+
+
+def kl_words(s) -> str:
+    """KL(A‖B) in words; labelled, not printed as ~0, where the softmaxes are one-hot (stats.ONE_HOT_TAIL)."""
+    one_hot = s.kl_degenerate or 0.0
+    if one_hot == 1.0:
+        return (
+            "KL(A‖B) degenerate: every position's softmax is one-hot on both sides (mass off the top token < 2^-23), "
+            f"so KL ({_g(s.kl_max)}) measures nothing"
+        )
+    words = f"KL(A‖B) max {_g(s.kl_max)} at {s.kl_worst_position}, mean {_g(s.kl_mean)}"
+    if one_hot:
+        words += f" ({one_hot:.0%} of positions one-hot on both sides: KL ~0 there says nothing)"
+    return words

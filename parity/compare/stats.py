@@ -5,12 +5,19 @@ With d = b - a over the compared elements (finite on both sides; padding positio
   max_rel  = max |d| / max |a|           rms_rel  = sqrt(sum d^2 / sum a^2)
   cosine   = sum a b / (|a| |b|)         sqnr_db  = 10 log10(sum a^2 / sum d^2)   (inf when d = 0)
   ulp      = max distance in units in the last place of the compared dtype, both values rounded to it
-             (float32, bfloat16 or float16): the number of representable values between them
+             (float32, bfloat16 or float16): the number of representable values between them, per element (huge
+             for elements near zero, where representable values are dense: a policy can bound it, reports show
+             scale_ulp)
+  scale_ulp = max |d| / ulp(max |a|): the largest error in units in the last place of the point's scale (what
+             rounding at the point's magnitude can explain: a few units is rounding, thousands is not)
   worst    = index (in the point's full shape) and both values of the element with the largest |d|
   nan/inf  = counts on each side
 Logits (one row of V scores per position) add, over the positions asked for (parity compare: the text positions; the
 next-token distribution at image positions is never trained, as MaxText's checker also reasons):
   kl_max / kl_mean  KL(softmax(a) || softmax(b)) in nats, its position
+  kl_degenerate     fraction of the positions where both softmaxes are one-hot to float32 resolution (the mass
+                    off the top token, 1 - p_top, below float32's epsilon 2^-23 on both sides): KL there is ~0
+                    whatever the logits say, so reports label it instead of printing 0.0
   top1              fraction of positions whose argmax agrees
   top5              mean overlap |top5(a) & top5(b)| / 5
 Rows are processed in chunks, spread over threads (numpy releases the GIL), so a point never needs more than a few
@@ -29,6 +36,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+ONE_HOT_TAIL = 2.0**-23  # float32 epsilon: a softmax whose mass off its top token is below it is one-hot
+MANTISSA_BITS = {"float32": 23, "bfloat16": 7, "float16": 10}
 ULP_DTYPES = {
     "float32": (np.float32, np.int32, 0x7FFFFFFF),
     "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
@@ -62,6 +71,8 @@ class PointStats:
     kl_worst_position: tuple[int, ...] | None = None
     top1: float | None = None
     top5: float | None = None
+    scale_ulp: float | None = None
+    kl_degenerate: float | None = None  # fraction of the KL positions where both softmaxes are one-hot
 
     @property
     def nonfinite(self) -> int:
@@ -120,6 +131,7 @@ class _Accumulator:
         self.worst: tuple[int, int, float, float] | None = None  # (row, offset in row, a, b)
         self.nan_a = self.inf_a = self.nan_b = self.inf_b = 0
         self.kl_sum, self.kl_max, self.kl_worst, self.top1, self.top5, self.positions = 0.0, -1.0, None, 0, 0.0, 0
+        self.one_hot = 0
 
     def merge(self, other: _Accumulator) -> _Accumulator:
         """Both accumulators' rows together (the earlier row wins ties, as in one pass)."""
@@ -138,6 +150,7 @@ class _Accumulator:
             "top1",
             "top5",
             "positions",
+            "one_hot",
         ):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.max_a, self.ulp = max(self.max_a, other.max_a), max(self.ulp, other.ulp)
@@ -182,21 +195,35 @@ class _Accumulator:
             self._add_logits(rows, a, b, a64, b64)
 
     def _add_logits(self, rows, a, b, a64, b64) -> None:
-        """KL(softmax(a) || softmax(b)) per row = sum p (la - lb) - log sa + log sb with la = a - max a,
-        sa = sum exp(la), p = exp(la) / sa; top-1 / top-5 from the float32 rows."""
-        la = a64 - a64.max(-1, keepdims=True)
-        lb = b64 - b64.max(-1, keepdims=True)
-        ea = np.exp(la)
-        sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
-        kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
+        """KL, one-hot positions and top-1 / top-5 of the float32 rows (`kl_rows`, `top_overlap`)."""
+        kl, one_hot = kl_rows(a64, b64)
         self.kl_sum += float(kl.sum())
+        self.one_hot += int(one_hot.sum())
         self.positions += len(kl)
         k = int(kl.argmax())
         if kl[k] > self.kl_max:
             self.kl_max, self.kl_worst = float(kl[k]), int(rows[k])
         self.top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
-        ta, tb = _top(a, 5), _top(b, 5)
-        self.top5 += float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / ta.shape[1])
+        self.top5 += float(int(top_counts(a, b, 5).sum()) / min(5, a.shape[-1]))
+
+
+def kl_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(softmax(a) || softmax(b)) per row, in nats; bool per row: both softmaxes one-hot, ONE_HOT_TAIL) of
+    float[R, V] scores, in float64: KL = sum p (la - lb) - log sa + log sb with la = a - max a, sa = sum exp(la),
+    p = exp(la) / sa; the top probability is 1 / sa, so the mass off it is (sa - 1) / sa."""
+    a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+    la = a64 - a64.max(-1, keepdims=True)
+    lb = b64 - b64.max(-1, keepdims=True)
+    ea = np.exp(la)
+    sa, sb = ea.sum(-1), np.exp(lb).sum(-1)
+    kl = np.einsum("rv,rv->r", ea, la - lb) / sa - np.log(sa) + np.log(sb)
+    return kl, ((sa - 1) / sa < ONE_HOT_TAIL) & ((sb - 1) / sb < ONE_HOT_TAIL)
+
+
+def top_counts(a: np.ndarray, b: np.ndarray, k: int = 5) -> np.ndarray:
+    """int[R]: |topk(a) & topk(b)| per row of float[R, V] scores (k capped at V)."""
+    ta, tb = _top(a, k), _top(b, k)
+    return np.array([len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())], np.int64)
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:
@@ -284,6 +311,7 @@ def _finish(acc: _Accumulator, shape, index, row_shape) -> PointStats:
             kl_worst_position=tuple(int(i) for i in index[acc.kl_worst]),
             top1=acc.top1 / acc.positions,
             top5=acc.top5 / acc.positions,
+            kl_degenerate=acc.one_hot / acc.positions,
         )
     return PointStats(
         shape=tuple(shape),
@@ -296,6 +324,7 @@ def _finish(acc: _Accumulator, shape, index, row_shape) -> PointStats:
         sqnr_db=sqnr,
         ulp=acc.ulp,
         ulp_dtype=acc.ulp_dtype,
+        scale_ulp=scale_ulp(max_abs, acc.max_a, acc.ulp_dtype),
         worst_index=worst_index,
         worst_a=worst_a,
         worst_b=worst_b,
@@ -305,6 +334,16 @@ def _finish(acc: _Accumulator, shape, index, row_shape) -> PointStats:
         inf_b=acc.inf_b,
         **extra,
     )
+
+
+def scale_ulp(max_abs: float, scale: float, dtype: str) -> float:
+    """max_abs in units in the last place of `dtype` at magnitude `scale` (2^(e - mantissa bits) for scale in
+    [2^e, 2^(e+1))): 0 when there is no error, inf when the scale is 0 but the error is not."""
+    if max_abs == 0:
+        return 0.0
+    if not scale or not math.isfinite(scale):
+        return math.inf
+    return max_abs / math.ldexp(1.0, math.frexp(scale)[1] - 1 - MANTISSA_BITS[dtype])
 
 
 def _ratio(x: float, ref: float) -> float:

@@ -8,6 +8,8 @@ would (Polygraphy's "minimum required tolerance").
 
 Policy file (TOML or JSON), e.g.:
     profile = "bf16"            # optional: the profile whose rules follow the policy's
+    require_propagated = true   # optional: judge on propagated error even when --teacher-forced gives local
+                                # errors (verdict.py: by default the port is judged on its units' local errors)
     [[rules]]
     points = "llm/layer*/attn"   # glob (fnmatch), or a list of globs
     rms_rel = 0.05
@@ -30,7 +32,7 @@ from typing import Any
 from parity.compare.stats import PointStats
 from parity.errors import ConfigError, describe
 
-LOWER_IS_BETTER = ("max_abs", "mean_abs", "max_rel", "rms_rel", "ulp", "kl_max", "kl_mean")
+LOWER_IS_BETTER = ("max_abs", "mean_abs", "max_rel", "rms_rel", "ulp", "scale_ulp", "kl_max", "kl_mean")
 HIGHER_IS_BETTER = ("cosine", "sqnr_db", "top1", "top5")
 STATS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 ORDER = ("fp32", "tf32", "f16", "bf16")  # from strictest to loosest
@@ -136,6 +138,7 @@ class Tolerances:
     profile: str
     rules: tuple[Rule, ...]  # policy rules first, then the profile's
     policy: str | None = None
+    require_propagated: bool = False  # the policy's: judge propagated error even when local errors exist
 
     def rule_for(self, point: str) -> Rule | None:
         return next((r for r in self.rules if r.matches(point)), None)
@@ -161,11 +164,16 @@ class Tolerances:
         return Judgement(point, all(c.passed for c in checks) and not reason, tuple(checks), rule.source, reason)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "policy": self.policy, "rules": [r.to_dict() for r in self.rules]}
+        return {
+            "profile": self.profile,
+            "policy": self.policy,
+            "require_propagated": self.require_propagated,
+            "rules": [r.to_dict() for r in self.rules],
+        }
 
 
-def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...]]:
-    """(profile named by the policy or None, its rules) from a TOML or JSON file."""
+def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...], bool]:
+    """(profile named by the policy or None, its rules, require_propagated) from a TOML or JSON file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -177,9 +185,14 @@ def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...]]:
         raise ConfigError(describe(path, what=f"not a TOML or JSON policy: {e}")) from None
     if not isinstance(doc, dict):
         raise ConfigError(describe(path, expected="a table with 'rules'", found=type(doc).__name__))
-    unknown = set(doc) - {"profile", "rules", "version"}
+    unknown = set(doc) - {"profile", "rules", "version", "require_propagated"}
     if unknown:
-        raise ConfigError(describe(path, sorted(unknown)[0], "profile, rules, version", "an unknown key"))
+        raise ConfigError(
+            describe(path, sorted(unknown)[0], "profile, rules, require_propagated, version", "an unknown key")
+        )
+    require_propagated = doc.get("require_propagated", False)
+    if not isinstance(require_propagated, bool):
+        raise ConfigError(describe(path, "require_propagated", "true or false", repr(require_propagated)))
     profile = doc.get("profile")
     if profile is not None and profile not in PROFILES:
         raise ConfigError(describe(path, "profile", " | ".join(PROFILES), repr(profile)))
@@ -200,7 +213,7 @@ def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...]]:
         if not bounds:
             raise ConfigError(describe(path, key, "at least one bound", "none"))
         rules.append(_rule(pts, f"policy {os.path.basename(path)}", **{k: float(v) for k, v in bounds.items()}))
-    return profile, tuple(rules)
+    return profile, tuple(rules), require_propagated
 
 
 def precision_class(manifest: dict[str, Any]) -> str:
@@ -231,8 +244,8 @@ def compared_dtype(manifest_a: dict, manifest_b: dict) -> str:
 
 def tolerances(profile: str | None, policy: str | None, manifest_a: dict, manifest_b: dict) -> Tolerances:
     """--profile if given, else the policy's, else the one chosen from the manifests; policy rules first."""
-    policy_profile, rules = load_policy(policy) if policy else (None, ())
+    policy_profile, rules, require_propagated = load_policy(policy) if policy else (None, (), False)
     name = profile or policy_profile or choose_profile(manifest_a, manifest_b)
     if name not in PROFILES:
         raise ConfigError(f"--profile {name!r}; known: {', '.join(PROFILES)}")
-    return Tolerances(name, rules + PROFILES[name], policy)
+    return Tolerances(name, rules + PROFILES[name], policy, require_propagated)
