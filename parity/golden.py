@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -139,62 +138,34 @@ def run_expectation(
     precision: str = "highest",
     config: str | None = None,
     steps: int | None = None,
-    forced_tokens: np.ndarray | None = None,
+    forced_from: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, str | None, dict[str, Any]]:
-    """Capture every point of one run (and decode `steps` greedy tokens, fed `forced_tokens` when given) into
-    NAME.capture.safetensors / NAME.generation.safetensors in out_dir. Returns (capture, generation, manifest)."""
-    from parity import run
+    """Capture every point of one run (and decode `steps` greedy tokens, fed the tokens of the generation file
+    `forced_from` when given) into NAME.capture.safetensors / NAME.generation.safetensors in out_dir.
+    Returns (capture, generation, manifest)."""
+    from parity.job import Generate, Job
+    from parity.pipeline import record_run
 
     say = progress or (lambda msg: None)
     say(f"loading {os.path.basename(ckpt)} ({impl})")
-    api, model, cfg, batch, manifest = run.prepare(
-        ckpt, inputs, impl, convention, dtype, device, config, precision=precision
-    )
-    say("forward pass")
-    wanted = pts.forward_points(cfg)
-    t0 = time.perf_counter()
-    out = api.forward(model, batch, wanted)
-    arrays = {k: np.ascontiguousarray(out[k], np.float32) for k in wanted if k in out}
+    stages = {"forward": "forward pass", "decoding": f"decoding {steps} steps"}
+    seen: set[str] = set()
+
+    def stage(name: str, done, total) -> None:  # the stages of the run as status lines, each once
+        if name in stages and name not in seen:
+            seen.add(name)
+            say(stages[name])
+
     cap = os.path.join(out_dir, f"{name}.capture.safetensors")
-    man = {**manifest, "points": list(arrays), "run_seconds": round(time.perf_counter() - t0, 3)}
-    if hasattr(api, "side_notes"):
-        man["notes"] = api.side_notes(model)
-    run.write_capture(cap, arrays, man, True)
-    gen = None
+    gen = os.path.join(out_dir, f"{name}.generation.safetensors") if steps else None
+    decode = None
     if steps:
-        say(f"decoding {steps} steps")
-        t0 = time.perf_counter()
-        g = api.generate(
-            model,
-            batch,
-            steps,
-            greedy=True,
-            return_logits=True,
-            capture=list(pts.cache_points(cfg)),
-            ignore_eos=True,
-            **({"forced_tokens": forced_tokens} if forced_tokens is not None else {}),
-        )
-        garrays = {
-            "tokens": np.ascontiguousarray(g["tokens"], np.int32),
-            "logits": np.ascontiguousarray(g["logits"], np.float32),
-        }
-        garrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
-        gen = os.path.join(out_dir, f"{name}.generation.safetensors")
-        run.write_capture(
-            gen,
-            garrays,
-            {
-                **manifest,
-                "points": list(garrays),
-                "run_seconds": round(time.perf_counter() - t0, 3),
-                "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
-                "decode_path": g.get("decode_path"),
-                "forced_tokens": forced_tokens is not None,
-            },
-            True,
-        )
-    return cap, gen, manifest
+        record = {"forced_tokens": forced_from is not None}
+        decode = Generate(steps, forced_from=forced_from, record=record, output=gen)
+    job = Job(ckpt, inputs, impl, convention, config=config, dtype=dtype, device=device, precision=precision)
+    rec = record_run(dataclasses.replace(job, capture=cap, generate=decode), stage if progress else None)
+    return cap, gen, rec.manifest
 
 
 # -- record -----------------------------------------------------------------------------------------------------
@@ -388,11 +359,11 @@ def check(
 ) -> GoldenCheck:
     """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
     and compare it with the closest expectation (see the module docstring)."""
-    from parity.run import conventions, file_sha256, impl_api, read_capture
+    from parity import backend
+    from parity.run import conventions, file_sha256
 
     b = Bundle.open(bundle)
-    api = impl_api(impl)
-    dev_class = device_class(api.resolve_device(device))
+    dev_class = device_class(backend.get(impl).resolve_device(device))
     run_profile = tol.precision_class({"dtype": dtype, "precision": precision, "device": dev_class})
     exp, note = b.closest(dev_class, run_profile)
     notes = [note] if note else []
@@ -422,9 +393,7 @@ def check(
     else:
         ckpt, ck = checkpoint, {"path": os.path.abspath(checkpoint), "sha256_verified": False}
     conv = conventions(_conventions(b.manifest["conventions"]))
-    forced = None
-    if exp.generation:
-        forced = read_capture(b.file(exp.generation))[0]["tokens"]
+    forced = b.file(exp.generation) if exp.generation else None
     with tempfile.TemporaryDirectory(prefix="parity-golden-check-") as scratch:
         cap, gen, _ = run_expectation(
             ckpt,
@@ -437,8 +406,8 @@ def check(
             device=device,
             precision=precision,
             config=None,
-            steps=forced.shape[1] if forced is not None else None,
-            forced_tokens=forced,
+            steps=_steps(forced) if forced else None,
+            forced_from=forced,
             progress=progress,
         )
         if progress:
@@ -494,6 +463,15 @@ def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
 
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
         return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
+
+
+def _steps(path: str) -> int:
+    """The number of decoding steps of a generation file (the columns of its tokens; nothing else is read)."""
+    from converters import safetensors_io
+    from parity.run import CAPTURE_DTYPES
+
+    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
+        return r.read("tokens").shape[1]
 
 
 def _conventions(d: dict[str, Any]):

@@ -1,15 +1,16 @@
 """Library entry points behind `parity capture` and `parity generate`: checkpoint + inputs -> captured points or
 generated tokens, with a manifest recording everything needed to reproduce them.
 
-The implementation is chosen by name (`impl`); only the chosen framework is imported, and device names, speed
-warnings and model building go through its api module (parity.torch_impl.api, parity.jax_impl.api).
+The implementation is chosen by name (`impl`, a backend of parity.backend's registry); only the chosen framework is
+imported. The run itself is parity.pipeline.record_run; this module holds the option checks it shares with the
+CLI, the capture-file format (a safetensors file with the manifest in its header) and the digests of the manifest.
 Every option is checked before the checkpoint is read, so a typo costs nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -21,25 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from converters import hub, safetensors_io
+from converters import safetensors_io
 from converters.atomic import atomic_output
 from converters.checkpoint import open_checkpoint
-from converters.dtypes import FLOAT_DTYPES, ST_ALL_DTYPES
+from converters.dtypes import ST_ALL_DTYPES
 from converters.rawio import JSONProblem, loads_strict, open_regular
-from parity import monitor
+from parity import backend, monitor
 from parity import points as pts
+from parity.backend import DTYPES, Backend
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions, get_conventions, with_settings
 from parity.errors import CheckpointError, ConfigError, OutputError, UsageError, describe
-from parity.inputs import inputs_sha256, load_inputs
+from parity.inputs import load_inputs
 
-IMPLS = {
-    "torch": "parity.torch_impl.api",
-    "jax": "parity.jax_impl.api",
-    "transformers": "parity.hf_side",
-}  # transformers: an optional outside side
 LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers", "safetensors")
-DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_SUFFIX = ".safetensors"
 
 # progress(stage, done, total): stage "loading" (bytes), "building", "hashing" (sha256 of the files), "forward"
@@ -75,11 +71,9 @@ def library_versions() -> dict[str, str]:
 
 
 # -- options, checked before any file is read ---------------------------------------------------------------------
-def impl_api(name: str):
-    """The api module of implementation `name` (ConfigError naming the available ones)."""
-    if name not in IMPLS:
-        raise ConfigError(f"--impl {name!r}; available: {', '.join(IMPLS)}")
-    return importlib.import_module(IMPLS[name])
+def impl_api(name: str) -> Backend:
+    """The backend registered as `name` (parity.backend.get; ConfigError naming the available ones)."""
+    return backend.get(name)
 
 
 def conventions(convention: str | Conventions, settings: list[str] | tuple[str, ...] = ()) -> Conventions:
@@ -168,113 +162,6 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
     return box["value"]
 
 
-def _jax_manifest(model) -> dict[str, Any]:
-    """What a jax run adds to the manifest: backend, device kind, mesh, the persistent compilation cache (if any)."""
-    import jax
-
-    return {
-        "backend": model.backend,
-        "device_kind": model.device_kind,
-        "mesh": model.mesh_spec,
-        "compile_cache": jax.config.jax_compilation_cache_dir or None,
-    }
-
-
-def prepare(
-    ckpt: str,
-    inputs_path: str,
-    impl: str,
-    convention: str | Conventions,
-    dtype: str,
-    device: str,
-    config: PaliGemmaConfig | str | None = None,
-    *,
-    settings: list[str] | tuple[str, ...] = (),
-    compute_dtype: str | None = None,
-    progress: Progress | None = None,
-    warn: Callable[[str], None] | None = None,
-    check: Callable[[PaliGemmaConfig], Any] | None = None,
-    precision: str = "highest",
-    mesh: str | None = None,
-):
-    """Check the options, load checkpoint and inputs (validated against the config) and build the model.
-    `check(config)` runs before any tensor is read (e.g. to validate capture points).
-    Returns (api, model, config, inputs, manifest)."""
-    t0 = time.perf_counter()
-    conv = conventions(convention, settings)
-    compute = check_dtypes(dtype, compute_dtype)
-    api = impl_api(impl)
-    if mesh and impl != "jax":
-        raise UsageError(f"--mesh is an option of --impl jax (got --impl {impl})")
-    device = api.resolve_device(device)
-    speed_warning = getattr(api, "speed_warning", None)
-    if warn is not None and speed_warning is not None and (msg := speed_warning(compute, device)):
-        warn(msg)
-    ckpt = hub.resolve(ckpt)
-
-    def on_chunk(done: int, total: int, key: str) -> None:
-        monitor.check()
-        if progress:
-            progress("loading", done, total)
-
-    with open_checkpoint(ckpt, config) as ck:
-        cfg = ck.config
-        inputs = load_inputs(inputs_path, cfg)
-        if check is not None:
-            check(cfg)
-        # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
-        # otherwise the implementation casts them.
-        params = ck.load(FLOAT_DTYPES[dtype] if compute != dtype else None, on_chunk)
-    if progress:
-        progress("building", None, None)
-    model = api.build_model(
-        cfg, conv, dtype=compute, device=device, params=params, precision=precision, **({"mesh": mesh} if mesh else {})
-    )
-    del params
-    if progress:
-        progress("hashing", None, None)
-    manifest = {
-        "config": cfg.to_dict(),
-        "conventions": conv.to_dict(),
-        "impl": impl,
-        "dtype": dtype,
-        "compute_dtype": compute,
-        "device": api.device_description(device),
-        "precision": precision,
-        **(_jax_manifest(model) if impl == "jax" else {}),
-        "libraries": library_versions(),
-        "checkpoint": {"path": os.path.abspath(ckpt), "sha256": file_sha256(ckpt)},
-        "inputs": {
-            "path": os.path.abspath(inputs_path),
-            "sha256": inputs_sha256(inputs),
-            "file_sha256": file_sha256(inputs_path),
-            "shapes": {k: list(v.shape) for k, v in inputs.items()},
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_seconds": round(time.perf_counter() - t0, 3),
-    }
-    return api, model, cfg, inputs, manifest
-
-
-def _counting(cfg: PaliGemmaConfig, progress: Progress | None, decode_total: int | None = None):
-    """A monitor reporter turning block/token ticks into forward (blocks) and decoding (tokens) progress."""
-    if progress is None:
-        return None
-    blocks = cfg.vision.depth + cfg.text.depth
-    state = {"blocks": 0, "tokens": 0}
-    progress("forward", 0, blocks)
-
-    def report(unit: str) -> None:
-        if unit == "token":
-            state["tokens"] += 1
-            progress("decoding", state["tokens"], decode_total)
-        elif unit == "block" and state["tokens"] == 0 and state["blocks"] < blocks:
-            state["blocks"] += 1
-            progress("forward", state["blocks"], blocks)
-
-    return report
-
-
 def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool = False) -> None:
     """One safetensors file (the manifest in the header), written atomically; a Ctrl-C before it writes nothing."""
     monitor.check()
@@ -287,10 +174,6 @@ def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, ov
                 ([np.ascontiguousarray(v)] for v in arrays.values()),
                 metadata={"format": "np", "parity_manifest": json.dumps(manifest)},
             )
-
-
-def _tensor_fields(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
 
 
 def capture(
@@ -314,34 +197,27 @@ def capture(
 ) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
     metadata holds the manifest under "parity_manifest". Returns the manifest (with "output")."""
+    from parity.job import Job
+    from parity.pipeline import record_run
+
     t0 = time.perf_counter()
     output = check_output(output, overwrite)
-    api, model, cfg, batch, manifest = prepare(
+    job = Job(
         ckpt,
         inputs,
         impl,
         convention,
-        dtype,
-        device,
+        settings,
         config,
-        settings=settings,
-        compute_dtype=compute_dtype,
-        progress=progress,
-        warn=warn,
-        check=lambda c: pts.select(pts.forward_points(c), points),
-        precision=precision,
-        mesh=mesh,
+        dtype,
+        compute_dtype,
+        device,
+        precision,
+        mesh,
+        capture=output,
+        points=points,
     )
-    wanted = pts.select(pts.forward_points(cfg), points)
-    t1 = time.perf_counter()
-    with monitor.reporting(_counting(cfg, progress)):
-        out = api.forward(model, batch, wanted)
-    run_seconds = time.perf_counter() - t1
-    arrays = {k: np.ascontiguousarray(out[k], np.float32) for k in wanted}
-    manifest.update(points=wanted, tensors=_tensor_fields(arrays), run_seconds=round(run_seconds, 3))
-    if progress:
-        progress("writing", None, None)
-    write_capture(output, arrays, manifest, overwrite)
+    manifest = record_run(job, progress, warn).capture
     manifest.update(seconds=round(time.perf_counter() - t0, 3), output=output)
     return manifest
 
@@ -407,6 +283,9 @@ def generate(
     greedy=False samples with temperature (default 1.0), top_k, top_p, seed; passing any of those with greedy=True
     is refused. `output`: also write tokens (int32[B, N]) and step logits (float32[B, N, V]) with the manifest to a
     safetensors file."""
+    from parity.job import Generate, Job
+    from parity.pipeline import record_run
+
     t0 = time.perf_counter()
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -418,67 +297,32 @@ def generate(
         from parity.processor import Tokenizer, decode_tokens
 
         tok = Tokenizer(tokenizer)
-    api, model, cfg, batch, manifest = prepare(
-        ckpt,
-        inputs,
-        impl,
-        convention,
-        dtype,
-        device,
-        config,
-        settings=settings,
-        compute_dtype=compute_dtype,
-        progress=progress,
-        warn=warn,
-        precision=precision,
-        mesh=mesh,
+    decode = Generate(
+        max_new_tokens,
+        greedy,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        ignore_eos,
+        compile,
+        caches=False,
+        logits=output is not None,
+        output=output,
     )
-    temperature = 1.0 if temperature is None else temperature
-    t1 = time.perf_counter()
-    with monitor.reporting(_counting(cfg, progress, max_new_tokens)):
-        g = api.generate(
-            model,
-            batch,
-            max_new_tokens,
-            greedy=greedy,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            compile=compile,
-            return_logits=output is not None,
-            ignore_eos=ignore_eos,
-        )
-    run_seconds = time.perf_counter() - t1
+    job = Job(ckpt, inputs, impl, convention, settings, config, dtype, compute_dtype, device, precision, mesh)
+    rec = record_run(dataclasses.replace(job, generate=decode), progress, warn)
     rows = []
-    for b, ids in enumerate(g["tokens"].tolist()):
+    for b, ids in enumerate(rec.generated["tokens"].tolist()):
         n = ids.index(1) + 1 if 1 in ids and not ignore_eos else len(ids)
         row = {"row": b, "tokens": ids[:n]}
         if tok is not None:
             row["text"] = decode_tokens(tok, ids)
         rows.append(row)
-    manifest.update(
-        sampling={
-            "greedy": greedy,
-            "temperature": None if greedy else temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "seed": seed,
-            "max_new_tokens": max_new_tokens,
-            "ignore_eos": ignore_eos,
-        },
-        decode_path=g.get("decode_path"),
-        run_seconds=round(run_seconds, 3),
-    )
-    if output is not None:
-        arrays = {
-            "tokens": np.ascontiguousarray(g["tokens"], np.int32),
-            "logits": np.ascontiguousarray(g["logits"], np.float32),
-        }
-        manifest["tensors"] = _tensor_fields(arrays)
-        if progress:
-            progress("writing", None, None)
-        write_capture(output, arrays, manifest, overwrite)
+    manifest = rec.generation
+    if output is None:  # nothing written: no tensors to describe
+        del manifest["points"], manifest["tensors"]
+    else:
         manifest["output"] = output
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     return {"rows": rows, "manifest": manifest}

@@ -28,7 +28,6 @@ import html
 import math
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,77 +45,13 @@ from parity.compare.core import (
     manifest_differences,
     resolve_sides,
 )
-from parity.compare.sides import Side, job, run_side
+from parity.compare.sides import Side, generation_job, run_side
 from parity.compare.stats import point_stats
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
 
 SCHEMA = "parity.compare.generate/1"
 STEP_LOGITS = "decode/logits"  # the record of the step logits (judged by the profile's `logits` rule)
-
-
-# -- one side: a generation file ------------------------------------------------------------------------------------
-def generation_job(
-    side: Side,
-    inputs: str,
-    output: str,
-    convention: str,
-    config: str | None,
-    steps: int,
-    ignore_eos: bool = True,
-    forced_from: str | None = None,
-) -> dict[str, Any]:
-    return {
-        **job(side, inputs, output, convention, config, None),
-        "generate": steps,
-        "ignore_eos": ignore_eos,
-        "forced_from": forced_from,
-    }
-
-
-def run_generation_job(j: dict[str, Any]) -> dict[str, Any]:
-    """Greedy decoding of one side (fed the tokens of `forced_from` when given) into a generation file."""
-    from parity import run
-
-    api, model, cfg, batch, manifest = run.prepare(
-        j["ckpt"],
-        j["inputs"],
-        j["impl"],
-        j["convention"],
-        j["dtype"],
-        j["device"],
-        j["config"],
-        precision=j["precision"],
-    )
-    kw = {}
-    if j.get("forced_from"):
-        tensors, _ = run.read_capture(j["forced_from"])
-        kw["forced_tokens"] = tensors["tokens"]
-    t0 = time.perf_counter()
-    g = api.generate(
-        model,
-        batch,
-        j["generate"],
-        greedy=True,
-        return_logits=True,
-        capture=list(pts.cache_points(cfg)),
-        ignore_eos=j["ignore_eos"],
-        **kw,
-    )
-    arrays = {
-        "tokens": np.ascontiguousarray(g["tokens"], np.int32),
-        "logits": np.ascontiguousarray(g["logits"], np.float32),
-    }
-    arrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
-    manifest.update(
-        points=list(arrays),
-        run_seconds=round(time.perf_counter() - t0, 3),
-        sampling={"greedy": True, "max_new_tokens": j["generate"], "ignore_eos": j["ignore_eos"]},
-        decode_path=g.get("decode_path"),
-        forced_tokens_from=j.get("forced_from"),
-    )
-    run.write_capture(j["output"], arrays, manifest, True)
-    return {"capture": j["output"], "teacher": None}
 
 
 # -- records ----------------------------------------------------------------------------------------------------
@@ -279,7 +214,7 @@ def compare_generation(
                 ignore_eos,
                 forced,
             )
-            r = run_side(j) if isolate else run_generation_job(j)  # the worker dispatches on j["generate"]
+            r = run_side(j, isolate)
             paths[side.label] = r["capture"]
         say("comparing")
         return compare_generation_files(

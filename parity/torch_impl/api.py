@@ -247,3 +247,33 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
         out=out,
     )
     return {name: _numpy(out[name]) for name in wanted}
+
+
+# -- the backend: this module's functions as a parity.backend.BlockBackend (the registry's "torch") ---------------
+from parity import backend  # noqa: E402  (the protocol; framework-free)
+
+
+class TorchBackend:
+    """parity.backend.BlockBackend implemented by PyTorch (the functions above)."""
+
+    name = "torch"
+    build_options: tuple[str, ...] = ()
+    resolve_device = staticmethod(resolve_device)
+    device_description = staticmethod(device_description)
+    build_model = staticmethod(build_model)
+    forward = staticmethod(forward)
+    generate = staticmethod(generate)
+    vit_block = staticmethod(vit_block)
+    llm_block = staticmethod(llm_block)
+    speed_warning = staticmethod(speed_warning)
+
+    def manifest(self, model: PaliGemma) -> dict[str, Any]:
+        return {}
+
+    def notes(self, model: PaliGemma) -> dict[str, Any]:
+        return {}
+
+
+BACKEND = TorchBackend()
+assert isinstance(BACKEND, backend.BlockBackend)
+assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)
