@@ -295,7 +295,7 @@ def _changes(old: Bundle, cap: str, gen: str | None, exp: Expectation, inputs: s
         "points_unchanged": sum(1 for r in c.records if r.stats is not None and not r.stats.max_abs),
     }
     if gen and prev.generation:
-        from parity.run import read_capture
+        from parity.capture_file import read_capture
 
         ta, _ = read_capture(old.file(prev.generation))
         tb, _ = read_capture(gen)
@@ -360,7 +360,8 @@ def check(
     """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
     and compare it with the closest expectation (see the module docstring)."""
     from parity import backend
-    from parity.run import conventions, file_sha256
+    from parity.capture_file import file_sha256
+    from parity.pipeline import conventions
 
     b = Bundle.open(bundle)
     dev_class = device_class(backend.get(impl).resolve_device(device))
@@ -459,7 +460,7 @@ PARTIAL_REFERENCES = ("keras_hub",)
 def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
     """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
     from converters import safetensors_io
-    from parity.run import CAPTURE_DTYPES, capture_manifest
+    from parity.capture_file import CAPTURE_DTYPES, capture_manifest
 
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
         return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
@@ -468,7 +469,7 @@ def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
 def _steps(path: str) -> int:
     """The number of decoding steps of a generation file (the columns of its tokens; nothing else is read)."""
     from converters import safetensors_io
-    from parity.run import CAPTURE_DTYPES
+    from parity.capture_file import CAPTURE_DTYPES
 
     with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
         return r.read("tokens").shape[1]

@@ -22,19 +22,37 @@ from converters.dtypes import FLOAT_DTYPES
 from parity import backend as backends
 from parity import monitor
 from parity import points as pts
+from parity.backend import DTYPES
+from parity.capture_file import Capture, file_sha256, library_versions, read_capture, write_capture
 from parity.config import PaliGemmaConfig
-from parity.errors import UsageError
+from parity.conventions import Conventions, get_conventions, with_settings
+from parity.errors import ConfigError, UsageError
 from parity.inputs import inputs_sha256, load_inputs
 from parity.job import Job
-from parity.run import (
-    Progress,
-    check_dtypes,
-    conventions,
-    file_sha256,
-    library_versions,
-    read_capture,
-    write_capture,
-)
+
+# progress(stage, done, total): stage "loading" (bytes), "building", "hashing" (sha256 of the files), "forward"
+# (blocks), "decoding" (tokens), "writing"; done/total None when unknown.
+Progress = Callable[[str, float | None, float | None], None]
+
+
+# -- options, checked before any file is read ---------------------------------------------------------------------
+def conventions(convention: str | Conventions, settings: list[str] | tuple[str, ...] = ()) -> Conventions:
+    """A preset (or Conventions) with `--set NAME=VALUE` overrides applied in order."""
+    try:
+        base = convention if isinstance(convention, Conventions) else get_conventions(convention)
+        return with_settings(base, settings)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_dtypes(dtype: str, compute_dtype: str | None) -> str:
+    """The dtype the model computes in: `compute_dtype`, else `dtype` (the parameters' values)."""
+    for flag, d in (("--dtype", dtype), ("--compute-dtype", compute_dtype)):
+        if d is not None and d not in DTYPES:
+            raise UsageError(f"{flag} {d!r}; allowed: {', '.join(DTYPES)}")
+    return compute_dtype or dtype
 
 
 @dataclasses.dataclass
@@ -251,8 +269,6 @@ def _generation_arrays(g: dict[str, Any], cfg: PaliGemmaConfig) -> dict[str, np.
 
 def teacher_forced_blocks(be, model, cfg: PaliGemmaConfig, batch, reference: str) -> dict[str, np.ndarray]:
     """Every block of `model` run on the reference capture's input to that block (a BlockBackend's blocks)."""
-    from parity.compare.sides import Capture
-
     if not isinstance(be, backends.BlockBackend):
         raise UsageError(f"--teacher-forced: implementation {be.name!r} has no vit_block/llm_block")
     ref = Capture(reference)

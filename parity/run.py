@@ -2,97 +2,48 @@
 generated tokens, with a manifest recording everything needed to reproduce them.
 
 The implementation is chosen by name (`impl`, a backend of parity.backend's registry); only the chosen framework is
-imported. The run itself is parity.pipeline.record_run; this module holds the option checks it shares with the
-CLI, the capture-file format (a safetensors file with the manifest in its header) and the digests of the manifest.
-Every option is checked before the checkpoint is read, so a typo costs nothing.
+imported. The run itself is parity.pipeline.record_run (a parity.job.Job); this module adds the command-level
+checks (output name, sampling options), Ctrl-C handling and the report. The capture-file format lives in
+parity.capture_file (its names are importable from here too). Every option is checked before the checkpoint is
+read, so a typo costs nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.metadata
-import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from converters import safetensors_io
-from converters.atomic import atomic_output
 from converters.checkpoint import open_checkpoint
-from converters.dtypes import ST_ALL_DTYPES
-from converters.rawio import JSONProblem, loads_strict, open_regular
 from parity import backend, monitor
 from parity import points as pts
-from parity.backend import DTYPES, Backend
+from parity.backend import Backend
+from parity.capture_file import (  # noqa: F401  (the capture-file format, importable from here as before)
+    CAPTURE_DTYPES,
+    LIBRARIES,
+    OUTPUT_SUFFIX,
+    capture_manifest,
+    check_output,
+    file_sha256,
+    library_versions,
+    read_capture,
+    write_capture,
+)
 from parity.config import PaliGemmaConfig
-from parity.conventions import Conventions, get_conventions, with_settings
-from parity.errors import CheckpointError, ConfigError, OutputError, UsageError, describe
+from parity.conventions import Conventions
+from parity.errors import ConfigError, UsageError, describe
 from parity.inputs import load_inputs
-
-LIBRARIES = ("paligemma-parity", "numpy", "ml_dtypes", "torch", "jax", "jaxlib", "flax", "transformers", "safetensors")
-OUTPUT_SUFFIX = ".safetensors"
-
-# progress(stage, done, total): stage "loading" (bytes), "building", "hashing" (sha256 of the files), "forward"
-# (blocks), "decoding" (tokens), "writing"; done/total None when unknown.
-Progress = Callable[[str, float | None, float | None], None]
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, or of a directory's files (sorted names and contents)."""
-    h = hashlib.sha256()
-    paths = (
-        [path]
-        if os.path.isfile(path)
-        else [os.path.join(d, f) for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
-    )
-    for p in paths:
-        if os.path.isdir(path):
-            h.update(os.path.relpath(p, path).encode() + b"\0")
-        with os.fdopen(open_regular(p), "rb") as f:  # a FIFO beside the checkpoint must not block forever
-            while chunk := f.read(16 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+from parity.job import Generate, Job
+from parity.pipeline import Progress, check_dtypes, conventions, record_run  # noqa: F401  (as before)
 
 
 # -- options, checked before any file is read ---------------------------------------------------------------------
 def impl_api(name: str) -> Backend:
     """The backend registered as `name` (parity.backend.get; ConfigError naming the available ones)."""
     return backend.get(name)
-
-
-def conventions(convention: str | Conventions, settings: list[str] | tuple[str, ...] = ()) -> Conventions:
-    """A preset (or Conventions) with `--set NAME=VALUE` overrides applied in order."""
-    try:
-        base = convention if isinstance(convention, Conventions) else get_conventions(convention)
-        return with_settings(base, settings)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def check_dtypes(dtype: str, compute_dtype: str | None) -> str:
-    """The dtype the model computes in: `compute_dtype`, else `dtype` (the parameters' values)."""
-    for flag, d in (("--dtype", dtype), ("--compute-dtype", compute_dtype)):
-        if d is not None and d not in DTYPES:
-            raise UsageError(f"{flag} {d!r}; allowed: {', '.join(DTYPES)}")
-    return compute_dtype or dtype
 
 
 MAX_SEED = 2**63 - 1
@@ -113,25 +64,6 @@ def check_sampling(
     given = [f for f, v in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p)) if v is not None]
     if greedy and given:
         raise UsageError(f"--greedy contradicts {', '.join(given)} (sampling options); drop them or pass --sample")
-
-
-def check_output(output: str, overwrite: bool) -> str:
-    """Absolute path of a safetensors output that may be written (refused before any work)."""
-    output = os.path.abspath(output)
-    if not output.endswith(OUTPUT_SUFFIX):
-        raise OutputError(
-            describe(
-                output,
-                expected=f"a {OUTPUT_SUFFIX} name",
-                found=repr(os.path.splitext(output)[1] or "no suffix"),
-                what="outputs are safetensors files (manifest in the header)",
-            )
-        )
-    if os.path.lexists(output) and not overwrite:
-        raise OutputError(describe(output, what="output exists; pass --overwrite to replace it"))
-    if not os.path.isdir(os.path.dirname(output)):
-        raise OutputError(describe(output, what=f"output directory {os.path.dirname(output)} does not exist"))
-    return output
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -162,20 +94,6 @@ def interruptible(fn: Callable[..., Any], *args, grace: float = 2.0, **kwargs) -
     return box["value"]
 
 
-def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, overwrite: bool = False) -> None:
-    """One safetensors file (the manifest in the header), written atomically; a Ctrl-C before it writes nothing."""
-    monitor.check()
-    specs = [(k, v.dtype, tuple(v.shape)) for k, v in arrays.items()]
-    with atomic_output(output, False, overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            safetensors_io.write_file(
-                f,
-                specs,
-                ([np.ascontiguousarray(v)] for v in arrays.values()),
-                metadata={"format": "np", "parity_manifest": json.dumps(manifest)},
-            )
-
-
 def capture(
     ckpt: str,
     inputs: str,
@@ -197,9 +115,6 @@ def capture(
 ) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
     metadata holds the manifest under "parity_manifest". Returns the manifest (with "output")."""
-    from parity.job import Job
-    from parity.pipeline import record_run
-
     t0 = time.perf_counter()
     output = check_output(output, overwrite)
     job = Job(
@@ -220,35 +135,6 @@ def capture(
     manifest = record_run(job, progress, warn).capture
     manifest.update(seconds=round(time.perf_counter() - t0, 3), output=output)
     return manifest
-
-
-# Captures hold float32 points; generation files also hold int32 tokens.
-CAPTURE_DTYPES = {k: v for k, v in ST_ALL_DTYPES.items() if not k.startswith("F8")}
-
-
-def capture_manifest(path: str, raw: str) -> dict[str, Any]:
-    """The manifest of a capture file from its header text; CheckpointError (one line) if malformed."""
-    try:
-        manifest = loads_strict(raw)
-    except JSONProblem as e:
-        raise CheckpointError(describe(path, "parity_manifest", what=f"unreadable capture manifest: {e}")) from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(
-            describe(path, "parity_manifest", "a JSON object", type(manifest).__name__, "unreadable capture manifest")
-        )
-    return manifest
-
-
-def read_capture(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, manifest) of a capture or generation file (tensors in the manifest's point order, then file
-    order); CheckpointError (one line) for anything malformed."""
-    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        manifest = capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
-        keys = list(r.keys())
-        listed = manifest.get("points", [])
-        listed = [k for k in listed if isinstance(k, str) and k in keys] if isinstance(listed, list) else []
-        order = listed + [k for k in keys if k not in listed]
-        return {k: r.read(k) for k in order}, manifest
 
 
 def generate(
@@ -283,9 +169,6 @@ def generate(
     greedy=False samples with temperature (default 1.0), top_k, top_p, seed; passing any of those with greedy=True
     is refused. `output`: also write tokens (int32[B, N]) and step logits (float32[B, N, V]) with the manifest to a
     safetensors file."""
-    from parity.job import Generate, Job
-    from parity.pipeline import record_run
-
     t0 = time.perf_counter()
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

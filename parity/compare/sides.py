@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from converters import safetensors_io
-from parity import backend, errors
+from parity import backend, capture_file, errors
 from parity.backend import DTYPES, PRECISIONS
+from parity.capture_file import Capture  # noqa: F401  (a capture file opened point by point)
 from parity.errors import ConfigError, InputsError, ParityError, describe
 from parity.job import Generate, Job
 
@@ -79,43 +79,25 @@ def supports_teacher_forcing(impl: str) -> bool:
 # -- capture files ------------------------------------------------------------------------------------------------
 def write_capture(path: str, tensors: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
     """A capture file (float32 tensors named by point, manifest in the header), written under a temporary name."""
-    from parity import run
-
-    run.write_capture(
-        path, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, manifest, overwrite=True
-    )
-
-
-class Capture:
-    """A capture file opened for reading one point at a time."""
-
-    def __init__(self, path: str):
-        try:
-            self.reader = safetensors_io.SafetensorsReader.open(path)
-        except (ParityError, OSError, ValueError) as e:
-            raise InputsError(describe(path, what=f"not a capture file: {e}")) from None
-        self.path = path
-        raw = self.reader.metadata.get("parity_manifest")
-        if raw is None:
-            self.reader.close()
-            raise InputsError(describe(path, "parity_manifest", "a capture manifest in the header", "none"))
-        try:
-            from parity.run import capture_manifest
-
-            self.manifest = capture_manifest(path, raw)
-        except ParityError as e:
-            self.reader.close()
-            raise InputsError(str(e)) from None
-        self.points = set(self.reader.keys())
-
-    def read(self, point: str) -> np.ndarray:
-        return self.reader.read(point)
-
-    def close(self) -> None:
-        self.reader.close()
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    capture_file.write_capture(path, arrays, manifest, overwrite=True)
 
 
 # -- running a side -----------------------------------------------------------------------------------------------
+def _job(side: Side, inputs: str, convention: str, config: str | None, **what: Any) -> Job:
+    return Job(
+        side.ckpt,
+        inputs,
+        side.impl,
+        convention,
+        config=config,
+        dtype=side.dtype,
+        device=side.device,
+        precision=side.precision,
+        **what,
+    )
+
+
 def job(
     side: Side,
     inputs: str,
@@ -127,19 +109,16 @@ def job(
 ) -> Job:
     """The job of a run side capturing `points` into `output` (and, with `teacher_from`, its blocks on that
     capture's block inputs into OUTPUT.teacher.safetensors)."""
-    return Job(
-        side.ckpt,
+    teacher = None if teacher_from is None else output.replace(".safetensors", ".teacher.safetensors")
+    return _job(
+        side,
         inputs,
-        side.impl,
         convention,
-        config=config,
-        dtype=side.dtype,
-        device=side.device,
-        precision=side.precision,
+        config,
         capture=output,
         points=points,
         teacher_from=teacher_from,
-        teacher_output=None if teacher_from is None else output.replace(".safetensors", ".teacher.safetensors"),
+        teacher_output=teacher,
     )
 
 
@@ -155,20 +134,9 @@ def generation_job(
 ) -> Job:
     """The job of a run side decoding `steps` greedy tokens into the generation file `output` (fed the tokens of
     the generation file `forced_from` when given)."""
-    decode = Generate(
-        steps, ignore_eos=ignore_eos, forced_from=forced_from, record={"forced_tokens_from": forced_from}, output=output
-    )
-    return Job(
-        side.ckpt,
-        inputs,
-        side.impl,
-        convention,
-        config=config,
-        dtype=side.dtype,
-        device=side.device,
-        precision=side.precision,
-        generate=decode,
-    )
+    record = {"forced_tokens_from": forced_from}
+    decode = Generate(steps, ignore_eos=ignore_eos, forced_from=forced_from, record=record, output=output)
+    return _job(side, inputs, convention, config, generate=decode)
 
 
 def run_job(j: Job) -> dict[str, Any]:
