@@ -114,6 +114,18 @@ def read_capture(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {k: r.read(k) for k in order}, manifest
 
 
+def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
+    """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
+    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
+        return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
+
+
+def decoding_steps(path: str) -> int:
+    """The number of decoding steps of a generation file (the columns of its tokens; nothing else is read)."""
+    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
+        return r.read("tokens").shape[1]
+
+
 class Capture:
     """A capture file opened for reading one point at a time."""
 

@@ -35,11 +35,13 @@ from typing import Any
 import numpy as np
 
 from parity import points as pts
+from parity.capture_file import capture_header, decoding_steps
 from parity.compare import tolerances as tol
 from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
 from parity.config import PaliGemmaConfig
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
+from parity.golden_report import render, render_record  # noqa: F401  (the terminal reports, as before)
 
 SCHEMA = "parity.golden/1"
 CHECK_SCHEMA = "parity.golden.check/1"
@@ -407,7 +409,7 @@ def check(
             device=device,
             precision=precision,
             config=None,
-            steps=_steps(forced) if forced else None,
+            steps=decoding_steps(forced) if forced else None,
             forced_from=forced,
             progress=progress,
         )
@@ -457,80 +459,7 @@ def check(
 PARTIAL_REFERENCES = ("keras_hub",)
 
 
-def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
-    """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
-    from converters import safetensors_io
-    from parity.capture_file import CAPTURE_DTYPES, capture_manifest
-
-    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
-
-
-def _steps(path: str) -> int:
-    """The number of decoding steps of a generation file (the columns of its tokens; nothing else is read)."""
-    from converters import safetensors_io
-    from parity.capture_file import CAPTURE_DTYPES
-
-    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        return r.read("tokens").shape[1]
-
-
 def _conventions(d: dict[str, Any]):
     from parity.conventions import Conventions
 
     return Conventions.from_dict(d)
-
-
-def render(r: GoldenCheck, console=None) -> None:
-    import sys
-
-    from rich.console import Console
-
-    from parity.compare import generation, report
-
-    con = console or Console(width=None if sys.stdout.isatty() else 150)
-    e = r.expectation
-    con.print(
-        f"[bold]golden[/bold] {r.bundle}: expectation {e.device_class}/{e.profile} recorded from {e.impl} "
-        f"({e.recorded}); checkpoint {r.checkpoint['path']}"
-        + (" (sha256 verified)" if r.checkpoint["sha256_verified"] else " (given, not verified)")
-    )
-    for n in r.notes:
-        con.print(f"note: {n}")
-    report.render(r.capture, con)
-    if r.generation is not None:
-        generation.render(r.generation, con)
-    con.print(
-        "[green]matches the golden bundle[/green]"
-        if r
-        else f"[bold red]golden check failed[/bold red]: first divergence {r.first_divergence}"
-    )
-
-
-def render_record(rep: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-
-    con = console or Console()
-    e = rep["expectation"]
-    con.print(
-        f"recorded {e['device_class']}/{e['profile']} from {e['impl']} into {rep['bundle']} "
-        f"(checkpoint {rep['manifest']['checkpoint']['path']}, {len(rep['manifest']['expectations'])} "
-        f"expectation(s))"
-    )
-    ch = rep.get("changes")
-    if ch is None:
-        return
-    if "points_changed" not in ch:
-        con.print(ch["note"])
-        return
-    con.print(f"changes against {ch['against']}" + (f" ({ch['note']})" if ch.get("note") else "") + ":")
-    for d in ch["manifest"]:
-        con.print(f"  manifest {d['key']}: {d['a']} → {d['b']}")
-    for p in ch["points_changed"]:
-        con.print(f"  {p['point']}: max abs {p['max_abs']:.3g}, max rel {p['max_rel']:.3g}")
-    con.print(f"  {ch['points_unchanged']} points unchanged (bit-identical)")
-    if "tokens_changed_rows" in ch:
-        con.print(
-            f"  generated tokens changed in rows: {ch['tokens_changed_rows'] or 'none'}; step logits max abs "
-            f"change {ch['step_logits_max_abs_change']}"
-        )

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
 CKPT = os.path.join(GOLDEN, "tiny-pg1-mqa.npz")
 INPUTS = os.path.join(GOLDEN, "tiny-inputs.npz")
+TORCH_VS_EXAMPLE = ("compare", CKPT, "--a", "torch", "--b", "example", "--inputs", INPUTS)
 NUDGE = "llm/layers/mlp/linear:1,5,7:1e-3"  # layer 1's MLP output projection, one element
 
 
@@ -65,20 +66,7 @@ def test_the_registered_backend_is_listed_without_importing_a_framework(plugin_p
 
 
 def test_compare_torch_against_the_example_backend_teacher_forced(plugin_path):
-    r = parity(
-        plugin_path,
-        "compare",
-        CKPT,
-        "--a",
-        "torch",
-        "--b",
-        "example",
-        "--inputs",
-        INPUTS,
-        "--layer-by-layer",
-        "--teacher-forced",
-        "--json",
-    )
+    r = parity(plugin_path, *TORCH_VS_EXAMPLE, "--layer-by-layer", "--teacher-forced", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert d["passed"] and d["teacher_forced"] and d["sides"]["B"]["manifest"]["impl"] == "example"
@@ -88,21 +76,7 @@ def test_compare_torch_against_the_example_backend_teacher_forced(plugin_path):
 
 
 def test_a_fault_in_the_example_backend_is_found_and_placed(plugin_path):
-    r = parity(
-        plugin_path,
-        "compare",
-        CKPT,
-        "--a",
-        "torch",
-        "--b",
-        "example",
-        "--inputs",
-        INPUTS,
-        "--layer-by-layer",
-        "--teacher-forced",
-        "--json",
-        nudge=NUDGE,
-    )
+    r = parity(plugin_path, *TORCH_VS_EXAMPLE, "--layer-by-layer", "--teacher-forced", "--json", nudge=NUDGE)
     assert r.returncode == 1, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert d["first_divergence"] == "llm/layer01/mlp" and d["first_local_divergence"] == "llm/layer01/mlp"
@@ -117,20 +91,6 @@ def test_capture_generate_and_golden_check_run_the_example_backend(plugin_path, 
     assert json.loads(r.stdout)["impl"] == "example" and out.is_file()
     r = parity(plugin_path, "golden", "check", os.path.join(GOLDEN, "tiny-pg1-mqa.bundle"), "--impl", "example")
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
-    r = parity(
-        plugin_path,
-        "compare",
-        CKPT,
-        "--a",
-        "torch",
-        "--b",
-        "example",
-        "--inputs",
-        INPUTS,
-        "--generate",
-        "3",
-        "--teacher-forced",
-        "--json",
-    )
+    r = parity(plugin_path, *TORCH_VS_EXAMPLE, "--generate", "3", "--teacher-forced", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["sides"]["B"]["manifest"]["impl"] == "example"
