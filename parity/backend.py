@@ -1,10 +1,10 @@
 """The backend protocol: what an implementation of PaliGemma offers so that `parity` can run it as a side.
 
-Three backends ship with parity, each naming the protocol it implements at the end of its module:
-`parity.torch_impl.api.BACKEND` (PyTorch), `parity.jax_impl.api.BACKEND` (JAX / Flax NNX) and
-`parity.hf_side.BACKEND` (transformers, an outside reference). A package outside this repository adds one by
-naming an object (or a class taking no arguments) that satisfies `Backend` under the entry-point group
-`parity.backends`:
+Three backends ship with parity: the modules `parity.torch_impl.api` (PyTorch), `parity.jax_impl.api` (JAX / Flax
+NNX) and `parity.hf_side` (transformers, an outside reference). Each module is its own backend (its functions are the
+protocol's methods) and ends with `BACKEND = sys.modules[__name__]` and an assertion naming the protocol it
+implements. A package outside this repository adds one by naming an object (a module, an instance, or a class
+taking no arguments) that satisfies `Backend` under the entry-point group `parity.backends`:
 
     [project.entry-points."parity.backends"]
     mybackend = "mypackage.parity_backend:BACKEND"
@@ -45,8 +45,8 @@ BUILTIN = {
 
 @runtime_checkable
 class Backend(Protocol):
-    """One implementation of PaliGemma, numpy in, numpy out. Implemented by parity.torch_impl.api.TorchBackend,
-    parity.jax_impl.api.JaxBackend, parity.hf_side.TransformersBackend (and any `parity.backends` entry point)."""
+    """One implementation of PaliGemma, numpy in, numpy out. Implemented by the modules parity.torch_impl.api,
+    parity.jax_impl.api (both BlockBackends) and parity.hf_side, and by any `parity.backends` entry point."""
 
     name: str
     build_options: tuple[str, ...]  # extra keyword options of build_model (jax: ("mesh",)); () for none

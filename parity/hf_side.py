@@ -14,6 +14,7 @@ the backend's `notes` say whether the argmax at any real position ever fell in t
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Any
 
@@ -295,27 +296,23 @@ def generate(
     return result
 
 
-class TransformersBackend:
-    """parity.backend.Backend implemented by transformers (the functions above)."""
-
-    name = "transformers"
-    build_options: tuple[str, ...] = ()
-    resolve_device = staticmethod(resolve_device)
-    device_description = staticmethod(device_description)
-    build_model = staticmethod(build_model)
-    forward = staticmethod(forward)
-    generate = staticmethod(generate)
-
-    def speed_warning(self, dtype: str, device: str) -> str | None:
-        return None
-
-    def manifest(self, model: HFModel) -> dict[str, Any]:
-        return {}
-
-    def notes(self, model: HFModel) -> dict[str, Any]:
-        """What the last forward noticed beyond the capture points (the vocabulary padding rows' argmax check)."""
-        return dict(model.notes)
+# -- the backend: this module is a parity.backend.Backend (the registry's "transformers") -------------------------
+name = "transformers"
+build_options: tuple[str, ...] = ()
 
 
-BACKEND = TransformersBackend()
+def speed_warning(dtype: str, device: str) -> str | None:
+    return None
+
+
+def manifest(model: HFModel) -> dict[str, Any]:
+    return {}
+
+
+def notes(model: HFModel) -> dict[str, Any]:
+    """What the last forward noticed beyond the capture points (the vocabulary padding rows' argmax check)."""
+    return dict(model.notes)
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, Backend)

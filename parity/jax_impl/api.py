@@ -305,39 +305,33 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
     return {pts.llm_block_attn(i): out["attn"], pts.llm_block_mlp(i): out["mlp"], pts.llm_block_out(i): out["out"]}
 
 
-# -- the backend: this module's functions as a parity.backend.BlockBackend (the registry's "jax") -----------------
+# -- the backend: this module is a parity.backend.BlockBackend (the registry's "jax"; build_model takes `mesh`) ------
+import sys  # noqa: E402
+
 from parity import backend  # noqa: E402  (the protocol; framework-free)
 
-
-class JaxBackend:
-    """parity.backend.BlockBackend implemented by JAX / Flax NNX (the functions above); build_model takes `mesh`."""
-
-    name = "jax"
-    build_options: tuple[str, ...] = ("mesh",)
-    resolve_device = staticmethod(resolve_device)
-    device_description = staticmethod(device_description)
-    build_model = staticmethod(build_model)
-    forward = staticmethod(forward)
-    generate = staticmethod(generate)
-    vit_block = staticmethod(vit_block)
-    llm_block = staticmethod(llm_block)
-
-    def speed_warning(self, dtype: str, device: str) -> str | None:
-        return None
-
-    def manifest(self, model: Model) -> dict[str, Any]:
-        """Backend, device kind, mesh and the persistent compilation cache (if any)."""
-        return {
-            "backend": model.backend,
-            "device_kind": model.device_kind,
-            "mesh": model.mesh_spec,
-            "compile_cache": jax.config.jax_compilation_cache_dir or None,
-        }
-
-    def notes(self, model: Model) -> dict[str, Any]:
-        return {}
+name = "jax"
+build_options: tuple[str, ...] = ("mesh",)
 
 
-BACKEND = JaxBackend()
+def speed_warning(dtype: str, device: str) -> str | None:
+    return None
+
+
+def manifest(model: Model) -> dict[str, Any]:
+    """Backend, device kind, mesh and the persistent compilation cache (if any)."""
+    return {
+        "backend": model.backend,
+        "device_kind": model.device_kind,
+        "mesh": model.mesh_spec,
+        "compile_cache": jax.config.jax_compilation_cache_dir or None,
+    }
+
+
+def notes(model: Model) -> dict[str, Any]:
+    return {}
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.BlockBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

@@ -249,31 +249,24 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
     return {name: _numpy(out[name]) for name in wanted}
 
 
-# -- the backend: this module's functions as a parity.backend.BlockBackend (the registry's "torch") ---------------
+# -- the backend: this module is a parity.backend.BlockBackend (the registry's "torch") ----------------------------
+import sys  # noqa: E402
+
 from parity import backend  # noqa: E402  (the protocol; framework-free)
 
-
-class TorchBackend:
-    """parity.backend.BlockBackend implemented by PyTorch (the functions above)."""
-
-    name = "torch"
-    build_options: tuple[str, ...] = ()
-    resolve_device = staticmethod(resolve_device)
-    device_description = staticmethod(device_description)
-    build_model = staticmethod(build_model)
-    forward = staticmethod(forward)
-    generate = staticmethod(generate)
-    vit_block = staticmethod(vit_block)
-    llm_block = staticmethod(llm_block)
-    speed_warning = staticmethod(speed_warning)
-
-    def manifest(self, model: PaliGemma) -> dict[str, Any]:
-        return {}
-
-    def notes(self, model: PaliGemma) -> dict[str, Any]:
-        return {}
+name = "torch"
+build_options: tuple[str, ...] = ()
 
 
-BACKEND = TorchBackend()
+def manifest(model: PaliGemma) -> dict[str, Any]:
+    """Nothing beyond the common manifest fields."""
+    return {}
+
+
+def notes(model: PaliGemma) -> dict[str, Any]:
+    return {}
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.BlockBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)
