@@ -29,18 +29,19 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from parity import points as pts
+from parity.capture_file import capture_header, decoding_steps
 from parity.compare import tolerances as tol
 from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
 from parity.config import PaliGemmaConfig
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
+from parity.golden_report import render, render_record  # noqa: F401  (the terminal reports, as before)
 
 SCHEMA = "parity.golden/1"
 CHECK_SCHEMA = "parity.golden.check/1"
@@ -139,62 +140,34 @@ def run_expectation(
     precision: str = "highest",
     config: str | None = None,
     steps: int | None = None,
-    forced_tokens: np.ndarray | None = None,
+    forced_from: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, str | None, dict[str, Any]]:
-    """Capture every point of one run (and decode `steps` greedy tokens, fed `forced_tokens` when given) into
-    NAME.capture.safetensors / NAME.generation.safetensors in out_dir. Returns (capture, generation, manifest)."""
-    from parity import run
+    """Capture every point of one run (and decode `steps` greedy tokens, fed the tokens of the generation file
+    `forced_from` when given) into NAME.capture.safetensors / NAME.generation.safetensors in out_dir.
+    Returns (capture, generation, manifest)."""
+    from parity.job import Generate, Job
+    from parity.pipeline import record_run
 
     say = progress or (lambda msg: None)
     say(f"loading {os.path.basename(ckpt)} ({impl})")
-    api, model, cfg, batch, manifest = run.prepare(
-        ckpt, inputs, impl, convention, dtype, device, config, precision=precision
-    )
-    say("forward pass")
-    wanted = pts.forward_points(cfg)
-    t0 = time.perf_counter()
-    out = api.forward(model, batch, wanted)
-    arrays = {k: np.ascontiguousarray(out[k], np.float32) for k in wanted if k in out}
+    stages = {"forward": "forward pass", "decoding": f"decoding {steps} steps"}
+    seen: set[str] = set()
+
+    def stage(name: str, done, total) -> None:  # the stages of the run as status lines, each once
+        if name in stages and name not in seen:
+            seen.add(name)
+            say(stages[name])
+
     cap = os.path.join(out_dir, f"{name}.capture.safetensors")
-    man = {**manifest, "points": list(arrays), "run_seconds": round(time.perf_counter() - t0, 3)}
-    if hasattr(api, "side_notes"):
-        man["notes"] = api.side_notes(model)
-    run.write_capture(cap, arrays, man, True)
-    gen = None
+    gen = os.path.join(out_dir, f"{name}.generation.safetensors") if steps else None
+    decode = None
     if steps:
-        say(f"decoding {steps} steps")
-        t0 = time.perf_counter()
-        g = api.generate(
-            model,
-            batch,
-            steps,
-            greedy=True,
-            return_logits=True,
-            capture=list(pts.cache_points(cfg)),
-            ignore_eos=True,
-            **({"forced_tokens": forced_tokens} if forced_tokens is not None else {}),
-        )
-        garrays = {
-            "tokens": np.ascontiguousarray(g["tokens"], np.int32),
-            "logits": np.ascontiguousarray(g["logits"], np.float32),
-        }
-        garrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
-        gen = os.path.join(out_dir, f"{name}.generation.safetensors")
-        run.write_capture(
-            gen,
-            garrays,
-            {
-                **manifest,
-                "points": list(garrays),
-                "run_seconds": round(time.perf_counter() - t0, 3),
-                "sampling": {"greedy": True, "max_new_tokens": steps, "ignore_eos": True},
-                "decode_path": g.get("decode_path"),
-                "forced_tokens": forced_tokens is not None,
-            },
-            True,
-        )
-    return cap, gen, manifest
+        record = {"forced_tokens": forced_from is not None}
+        decode = Generate(steps, forced_from=forced_from, record=record, output=gen)
+    job = Job(ckpt, inputs, impl, convention, config=config, dtype=dtype, device=device, precision=precision)
+    rec = record_run(dataclasses.replace(job, capture=cap, generate=decode), stage if progress else None)
+    return cap, gen, rec.manifest
 
 
 # -- record -----------------------------------------------------------------------------------------------------
@@ -324,7 +297,7 @@ def _changes(old: Bundle, cap: str, gen: str | None, exp: Expectation, inputs: s
         "points_unchanged": sum(1 for r in c.records if r.stats is not None and not r.stats.max_abs),
     }
     if gen and prev.generation:
-        from parity.run import read_capture
+        from parity.capture_file import read_capture
 
         ta, _ = read_capture(old.file(prev.generation))
         tb, _ = read_capture(gen)
@@ -388,11 +361,12 @@ def check(
 ) -> GoldenCheck:
     """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
     and compare it with the closest expectation (see the module docstring)."""
-    from parity.run import conventions, file_sha256, impl_api, read_capture
+    from parity import backend
+    from parity.capture_file import file_sha256
+    from parity.pipeline import conventions
 
     b = Bundle.open(bundle)
-    api = impl_api(impl)
-    dev_class = device_class(api.resolve_device(device))
+    dev_class = device_class(backend.get(impl).resolve_device(device))
     run_profile = tol.precision_class({"dtype": dtype, "precision": precision, "device": dev_class})
     exp, note = b.closest(dev_class, run_profile)
     notes = [note] if note else []
@@ -422,9 +396,7 @@ def check(
     else:
         ckpt, ck = checkpoint, {"path": os.path.abspath(checkpoint), "sha256_verified": False}
     conv = conventions(_conventions(b.manifest["conventions"]))
-    forced = None
-    if exp.generation:
-        forced = read_capture(b.file(exp.generation))[0]["tokens"]
+    forced = b.file(exp.generation) if exp.generation else None
     with tempfile.TemporaryDirectory(prefix="parity-golden-check-") as scratch:
         cap, gen, _ = run_expectation(
             ckpt,
@@ -437,8 +409,8 @@ def check(
             device=device,
             precision=precision,
             config=None,
-            steps=forced.shape[1] if forced is not None else None,
-            forced_tokens=forced,
+            steps=decoding_steps(forced) if forced else None,
+            forced_from=forced,
             progress=progress,
         )
         if progress:
@@ -487,71 +459,7 @@ def check(
 PARTIAL_REFERENCES = ("keras_hub",)
 
 
-def capture_header(path: str) -> tuple[list[str], dict[str, Any]]:
-    """The tensor names a capture file holds and its manifest, from its header (no tensor is read)."""
-    from converters import safetensors_io
-    from parity.run import CAPTURE_DTYPES, capture_manifest
-
-    with safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES) as r:
-        return list(r.keys()), capture_manifest(path, r.metadata.get("parity_manifest", "{}"))
-
-
 def _conventions(d: dict[str, Any]):
     from parity.conventions import Conventions
 
     return Conventions.from_dict(d)
-
-
-def render(r: GoldenCheck, console=None) -> None:
-    import sys
-
-    from rich.console import Console
-
-    from parity.compare import generation, report
-
-    con = console or Console(width=None if sys.stdout.isatty() else 150)
-    e = r.expectation
-    con.print(
-        f"[bold]golden[/bold] {r.bundle}: expectation {e.device_class}/{e.profile} recorded from {e.impl} "
-        f"({e.recorded}); checkpoint {r.checkpoint['path']}"
-        + (" (sha256 verified)" if r.checkpoint["sha256_verified"] else " (given, not verified)")
-    )
-    for n in r.notes:
-        con.print(f"note: {n}")
-    report.render(r.capture, con)
-    if r.generation is not None:
-        generation.render(r.generation, con)
-    con.print(
-        "[green]matches the golden bundle[/green]"
-        if r
-        else f"[bold red]golden check failed[/bold red]: first divergence {r.first_divergence}"
-    )
-
-
-def render_record(rep: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-
-    con = console or Console()
-    e = rep["expectation"]
-    con.print(
-        f"recorded {e['device_class']}/{e['profile']} from {e['impl']} into {rep['bundle']} "
-        f"(checkpoint {rep['manifest']['checkpoint']['path']}, {len(rep['manifest']['expectations'])} "
-        f"expectation(s))"
-    )
-    ch = rep.get("changes")
-    if ch is None:
-        return
-    if "points_changed" not in ch:
-        con.print(ch["note"])
-        return
-    con.print(f"changes against {ch['against']}" + (f" ({ch['note']})" if ch.get("note") else "") + ":")
-    for d in ch["manifest"]:
-        con.print(f"  manifest {d['key']}: {d['a']} → {d['b']}")
-    for p in ch["points_changed"]:
-        con.print(f"  {p['point']}: max abs {p['max_abs']:.3g}, max rel {p['max_rel']:.3g}")
-    con.print(f"  {ch['points_unchanged']} points unchanged (bit-identical)")
-    if "tokens_changed_rows" in ch:
-        con.print(
-            f"  generated tokens changed in rows: {ch['tokens_changed_rows'] or 'none'}; step logits max abs "
-            f"change {ch['step_logits_max_abs_change']}"
-        )

@@ -1,18 +1,20 @@
 """transformers' PaliGemmaForConditionalGeneration as a third implementation (`--impl transformers`, a compare side).
 
-It offers the implementation API of parity.torch_impl.api (build_model, forward) so parity.run and parity.compare
-drive it like the others: eager attention, weights mapped by `parity.spec.to_hf` (with the vocabulary padding rows),
-`token_type_ids` from `mask_ar`, `<image>` placeholder ids and NCHW pixels built from the inputs file, and forward
-hooks that record our capture points from transformers' modules. It runs under the `transformers` convention only.
+It implements parity.backend.Backend (`BACKEND`, the registry's "transformers"; not a BlockBackend: its layers are
+not run one by one here) so parity.pipeline drives it like the others: eager attention, weights mapped by
+`parity.spec.to_hf` (with the vocabulary padding rows), `token_type_ids` from `mask_ar`, `<image>` placeholder ids
+and NCHW pixels built from the inputs file, and forward hooks that record our capture points from transformers'
+modules. It runs under the `transformers` convention only.
 transformers is imported inside the functions: nothing here is loaded unless this side is asked for.
 
 Logits: transformers scores the padded vocabulary (config.hf_vocab_rows). `forward` returns the real rows, and
-`side_notes` says whether the argmax at any real position ever fell in the padding rows.
+the backend's `notes` say whether the argmax at any real position ever fell in the padding rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Any
 
@@ -20,11 +22,10 @@ import numpy as np
 
 from converters.hf_config import to_hf_config
 from parity import points, spec
+from parity.backend import DTYPES, PRECISIONS, Backend
 from parity.config import PaliGemmaConfig
 from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
 _RENAMES = (
@@ -93,8 +94,8 @@ def build_model(
         raise ConfigError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if impl_kw:
         raise ConfigError(f"the transformers side takes no options {sorted(impl_kw)}")
-    if precision not in ("highest", "high", "default"):
-        raise ConfigError(f"precision {precision!r}; allowed: highest, high, default")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if precision == "high":  # TF32 matmuls on GPUs that have them ("default" leaves torch's own setting)
         torch.set_float32_matmul_precision("high")
     params = params if params is not None else spec.random_params(config, scale=0.0)
@@ -183,26 +184,17 @@ def forward(
     return {k: out[k].detach().float().cpu().numpy() for k in wanted if k in out}
 
 
-def side_notes(model: HFModel) -> dict:
-    """What the last forward noticed beyond the capture points (recorded in the side's manifest)."""
-    return dict(model.notes)
-
-
 def resolve_device(device: str) -> str:
-    """transformers runs on torch: torch's device rules (parity.torch_impl.api.resolve_device where present)."""
+    """transformers runs on torch: torch's device rules."""
     from parity.torch_impl import api as torch_api
 
-    return torch_api.resolve_device(device) if hasattr(torch_api, "resolve_device") else device
+    return torch_api.resolve_device(device)
 
 
 def device_description(device: str) -> str:
-    import platform
-
     from parity.torch_impl import api as torch_api
 
-    if hasattr(torch_api, "device_description"):
-        return torch_api.device_description(device)
-    return f"{device} ({platform.processor() or platform.machine()})"
+    return torch_api.device_description(device)
 
 
 def generate(
@@ -302,3 +294,25 @@ def generate(
         result["logits"] = logits[:, :steps]
     result.update(caches)
     return result
+
+
+# -- the backend: this module is a parity.backend.Backend (the registry's "transformers") -------------------------
+name = "transformers"
+build_options: tuple[str, ...] = ()
+
+
+def speed_warning(dtype: str, device: str) -> str | None:
+    return None
+
+
+def manifest(model: HFModel) -> dict[str, Any]:
+    return {}
+
+
+def notes(model: HFModel) -> dict[str, Any]:
+    """What the last forward noticed beyond the capture points (the vocabulary padding rows' argmax check)."""
+    return dict(model.notes)
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
+assert isinstance(BACKEND, Backend)

@@ -20,9 +20,10 @@ judged, and its cache slots from the divergent token on are not compared.
 Passes (exit 0) when every divergence is a near-tie, the step logits of the comparable steps pass the profile's
 `logits` rule, and every cache point passes its rule over the real slots.
 
-Modules: this one compares; generation_job.py runs one side, generation_records.py holds the records (steps, rows,
-the comparison), generation_report.py and generation_html.py the terminal and HTML reports. The statistics are
-stats.py's (kl_rows, top_counts, point_stats), the point records core.py's.
+Modules: this one compares (a side runs through compare.sides.generation_job and the pipeline);
+generation_records.py holds the records (steps, rows, the comparison), generation_report.py and generation_html.py
+the terminal and HTML reports. The statistics are stats.py's (kl_rows, top_counts, point_stats), the point records
+core.py's.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ from parity import points as pts
 from parity.compare import tolerances as tol
 from parity.compare.core import COMPARED, PointRecord, point_record, resolve_sides, run_sides
 from parity.compare.generation_html import render_html, write_html
-from parity.compare.generation_job import generation_job, run_generation_job
 from parity.compare.generation_records import SCHEMA, GenerationComparison, Row, Step, build_row, margins
 from parity.compare.generation_report import render
 from parity.compare.manifests import check_manifests, manifest_differences, valid_mask
-from parity.compare.sides import Side, run_side
+from parity.compare.sides import Side, generation_job, run_side
 from parity.compare.stats import point_stats
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
+from parity.job import Job
 
 __all__ = [  # the public names of `parity compare --generate`, wherever they live
     "SCHEMA",
@@ -61,7 +62,6 @@ __all__ = [  # the public names of `parity compare --generate`, wherever they li
     "margins",
     "render",
     "render_html",
-    "run_generation_job",
     "write_html",
 ]
 STEP_LOGITS = "decode/logits"  # the record of the step logits (judged by the profile's `logits` rule)
@@ -104,13 +104,14 @@ def compare_generation(
     say = progress or (lambda msg: None)
     with tempfile.TemporaryDirectory(prefix="parity-generate-") as tmp:
 
-        def side_job(side: Side, a_path: str | None) -> dict[str, Any]:
+        def side_job(side: Side, a_path: str | None) -> Job:
             out = os.path.join(tmp, f"{side.label}.generation.safetensors")
             forced = a_path if teacher_forced else None
             return generation_job(side, inputs, out, convention, config, steps, ignore_eos, forced)
 
-        run = run_side if isolate else run_generation_job  # the worker dispatches on j["generate"]
-        paths = run_sides(side_a, side_b, side_job, run, lambda msg: say(f"{msg}, {steps} greedy steps"))
+        paths = run_sides(
+            side_a, side_b, side_job, lambda j: run_side(j, isolate), lambda msg: say(f"{msg}, {steps} greedy steps")
+        )
         say("comparing")
         return compare_generation_files(
             paths["A"][0],

@@ -1,5 +1,5 @@
-"""One side of a comparison in its own process: `python -m parity.compare.worker` reads a job (JSON) on stdin,
-writes the capture file(s) it names, and prints one JSON line: {"capture", "teacher"} or {"error", "class"}."""
+"""One side of a comparison in its own process: `python -m parity.compare.worker` reads a parity.job.Job (JSON) on
+stdin, runs it (parity.pipeline.record_run), and prints one JSON line: {"capture", "teacher"} or {"error", "class"}."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import sys
 
 from parity.compare.sides import run_job
 from parity.errors import ParityError
+from parity.job import Job
 
 
 def main() -> int:
-    j = json.loads(sys.stdin.read())
+    job = Job.from_json(sys.stdin.read())
     try:
-        if j.get("generate"):  # parity compare --generate: a generation file
-            from parity.compare.generation import run_generation_job
-
-            reply = run_generation_job(j)
-        else:
-            reply = run_job(j)
+        reply = run_job(job)
     except ParityError as e:
         print(json.dumps({"error": str(e), "class": type(e).__name__}))
         return 2

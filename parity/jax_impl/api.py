@@ -303,3 +303,35 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
             )
         )
     return {pts.llm_block_attn(i): out["attn"], pts.llm_block_mlp(i): out["mlp"], pts.llm_block_out(i): out["out"]}
+
+
+# -- the backend: this module is a parity.backend.BlockBackend (the registry's "jax"; build_model takes `mesh`) ------
+import sys  # noqa: E402
+
+from parity import backend  # noqa: E402  (the protocol; framework-free)
+
+name = "jax"
+build_options: tuple[str, ...] = ("mesh",)
+
+
+def speed_warning(dtype: str, device: str) -> str | None:
+    return None
+
+
+def manifest(model: Model) -> dict[str, Any]:
+    """Backend, device kind, mesh and the persistent compilation cache (if any)."""
+    return {
+        "backend": model.backend,
+        "device_kind": model.device_kind,
+        "mesh": model.mesh_spec,
+        "compile_cache": jax.config.jax_compilation_cache_dir or None,
+    }
+
+
+def notes(model: Model) -> dict[str, Any]:
+    return {}
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
+assert isinstance(BACKEND, backend.BlockBackend)
+assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

@@ -247,3 +247,26 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
         out=out,
     )
     return {name: _numpy(out[name]) for name in wanted}
+
+
+# -- the backend: this module is a parity.backend.BlockBackend (the registry's "torch") ----------------------------
+import sys  # noqa: E402
+
+from parity import backend  # noqa: E402  (the protocol; framework-free)
+
+name = "torch"
+build_options: tuple[str, ...] = ()
+
+
+def manifest(model: PaliGemma) -> dict[str, Any]:
+    """Nothing beyond the common manifest fields."""
+    return {}
+
+
+def notes(model: PaliGemma) -> dict[str, Any]:
+    return {}
+
+
+BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
+assert isinstance(BACKEND, backend.BlockBackend)
+assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)
