@@ -3,6 +3,8 @@
 Axis letters (parity.config): B batch, T query length, S key length (the whole cache when decoding), D width,
 N query heads, K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n reads kv head n // G (big_vision's `BTKGH` grouping, transformers' `repeat_kv`).
+Mirrors parity/jax_impl/attention.py function for function; layers are one module each (`stack`, the canonical
+depth axis unrolled) and run by a Python loop with jax.lax.scan's signature (`scan`).
 """
 
 from __future__ import annotations
