@@ -52,6 +52,12 @@ def llm_block_out(i: int) -> str:
     return f"llm/layer{i:02d}/out"
 
 
+# Per-layer points of a block, by the name a block returns them under (its output and named intermediates):
+# the model-level code records block i's `aux[kind]` as `BLOCK_POINTS[kind](i)`.
+IMG_BLOCK_POINTS = {"attn": img_block_attn, "out": img_block_out}
+LLM_BLOCK_POINTS = {"attn": llm_block_attn, "mlp": llm_block_mlp, "out": llm_block_out}
+
+
 def llm_k_cache(i: int) -> str:
     return f"llm/layer{i:02d}/k_cache"
 

@@ -1,9 +1,9 @@
 """What users (and the CLI) import: build a model, score a batch, generate, run one block. Numpy in, numpy out.
 
-Same functions and signatures as parity/torch_impl/api.py (INTERFACES.md). inputs: image float32[B, H, W, 3] in
-[-1, 1]; text int32[B, L]; mask_ar int32[B, L]; optional mask_input int32[B, L] (1 on real tokens; right padding).
-Every computation is jitted once per shape (graphdef static, state traced) and runs under
-`jax.default_matmul_precision(model.precision)`.
+Same functions and signatures as parity/torch_impl/api.py, which documents them. inputs: image float32[B, H, W, 3]
+in [-1, 1]; text int32[B, L]; mask_ar int32[B, L]; optional mask_input int32[B, L] (1 on real tokens; right
+padding). Every computation is jitted once per shape (graphdef static, state traced) and runs under
+`matmul_precision(model.precision)`, entered per call as torch_impl's.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from flax import nnx
 
 from parity import points as pts
 from parity import spec
+from parity.blockcheck import check_block
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
 from parity.jax_impl import mesh as meshes
+from parity.jax_impl.decoder import block_mask
 from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
 from parity.jax_impl.model import PaliGemma
@@ -32,6 +34,12 @@ from parity.jax_impl.model import PaliGemma
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRECISIONS = ("highest", "high", "default")
 PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def matmul_precision(precision: str):
+    """jax's default matmul precision set to `precision` inside the block and restored after, so nothing
+    process-wide outlives a call ("highest" / "high" / "default"). Every run call enters it."""
+    return jax.default_matmul_precision(precision)
 
 
 # -- devices -------------------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def forward(model: Model, inputs: dict[str, np.ndarray], points: list[str] | Non
     """Capture `points` (names from parity.points; None = logits only) as float32 numpy arrays."""
     wanted = [pts.LOGITS] if points is None else list(points)
     batch = _batch(model, inputs)
-    with jax.default_matmul_precision(model.precision):
+    with matmul_precision(model.precision):
         out = _numpy(_forward(model.graphdef, model.state, batch, tuple(sorted(set(wanted)))))
     return {name: out[name] for name in wanted}
 
@@ -211,7 +219,7 @@ def generate(
     forced = None
     if forced_tokens is not None:
         forced = check_forced(forced_tokens, b["text"].shape[0], max_new_tokens).astype(np.int32)
-    with jax.default_matmul_precision(model.precision):
+    with matmul_precision(model.precision):
         g = _generate(
             model.module,
             b["image"],
@@ -261,37 +269,30 @@ def _vit_block(graphdef, state, i, x):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _llm_block(graphdef, state, i, x, mask_ar, mask_input):
-    from parity.jax_impl.decoder import block_mask
-
     model = nnx.merge(graphdef, state)
     _, _, positions, masks = model.full_masks(mask_ar, mask_input)
-    block = _layer(model.llm.layers, i)
     x = x.astype(model.llm.final_norm.scale[...].dtype)
-    _, aux, _ = block(x, positions, block_mask(masks, model.llm.local_layers()[i]), attn_softcap=model.attn_softcap)
+    mask = block_mask(masks, model.llm.local_layers()[i])
+    _, aux, _ = _layer(model.llm.layers, i)(
+        x, model.llm.angles(positions, x.dtype), mask, attn_softcap=model.attn_softcap
+    )
     return {k: v.astype(jnp.float32) for k, v in aux.items()}
-
-
-def _check_block(i: int, depth: int, x: np.ndarray, width: int, what: str) -> None:
-    if not 0 <= i < depth:
-        raise ValueError(f"{what} block {i}: the model has blocks 0..{depth - 1}")
-    if np.ndim(x) != 3 or np.shape(x)[-1] != width:
-        raise ValueError(f"{what} block input: expected float[B, T, {width}], found shape {np.shape(x)}")
 
 
 def vit_block(model: Model, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
     """ViT block i on x float32[B, T, Dv] (its input: IMG_POS_EMBED for i = 0, else img_block_out(i - 1))."""
-    _check_block(i, model.config.vision.depth, x, model.config.vision.width, "ViT")
-    with jax.default_matmul_precision(model.precision):
+    check_block(i, model.config.vision.depth, x, model.config.vision.width, "ViT")
+    with matmul_precision(model.precision):
         out = _numpy(_vit_block(model.graphdef, model.state, jnp.int32(i), model.put(np.asarray(x, np.float32))))
-    return {pts.img_block_attn(i): out["attn"], pts.img_block_out(i): out["out"]}
+    return {name(i): out[k] for k, name in pts.IMG_BLOCK_POINTS.items()}
 
 
 def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """LLM block i on x float32[B, S, D] (LLM_INPUT for i = 0, else llm_block_out(i - 1)), with the masks,
     positions and local/global choice the model's forward builds from `inputs`."""
-    _check_block(i, model.config.text.depth, x, model.config.text.width, "LLM")
+    check_block(i, model.config.text.depth, x, model.config.text.width, "LLM")
     b = _batch(model, inputs)
-    with jax.default_matmul_precision(model.precision):
+    with matmul_precision(model.precision):
         out = _numpy(
             _llm_block(
                 model.graphdef,
@@ -302,7 +303,7 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
                 b["mask_input"],
             )
         )
-    return {pts.llm_block_attn(i): out["attn"], pts.llm_block_mlp(i): out["mlp"], pts.llm_block_out(i): out["out"]}
+    return {name(i): out[k] for k, name in pts.LLM_BLOCK_POINTS.items()}
 
 
 # -- the backend: this module is a parity.backend.BlockBackend (the registry's "jax"; build_model takes `mesh`) ------

@@ -25,18 +25,29 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 
 
 # -- RoPE ----------------------------------------------------------------------------------------------------------
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Half-split rotary embedding. x: float[B, T, N, H]; positions: int[B, T].
+def rope_angles(positions: jax.Array, head_dim: int, base: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]. The decoder computes them once per call
+    and every layer applies them (all layers rotate by the same angles).
 
     Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula,
     as torch_impl)."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, angles: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Half-split rotary embedding of x float[B, T, N, H] by `angles` = rope_angles(...) (cos, sin)."""
+    cos, sin = angles
+    h = x.shape[-1]
     x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Half-split rotary embedding in one call. x: float[B, T, N, H]; positions: int[B, T]."""
+    return apply_rope(x, rope_angles(positions, x.shape[-1], base, x.dtype))
 
 
 def positions_from_mask(input_mask: jax.Array, origin: int) -> jax.Array:
@@ -97,7 +108,8 @@ def stack(make: Callable[[], nnx.Module], depth: int) -> nnx.Module:
 
 
 def scan(layers: nnx.Module, body: Callable, carry, xs):
-    """jax.lax.scan of `body(layer, carry, x) -> (carry, y)` over a stacked module and `xs` (leading depth axis).
+    """jax.lax.scan of `body(layer, carry, x) -> (carry, y)` over a stacked module and `xs` (a tuple of arrays with a
+    leading depth axis, or None), y a dict. Returns (carry, ys) with ys[k][i] = y[k] of layer i (stacked arrays).
 
     The stack is split into (graphdef, state) and merged per step inside the scan: one traced block, whatever the
     depth, and safe inside other loops (no module crosses a trace level)."""
@@ -159,22 +171,22 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        positions: jax.Array,
+        angles: tuple[jax.Array, jax.Array],
         mask: jax.Array,
         *,
         attn_softcap: bool,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         write_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
-        """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S].
+        """x: float[B, T, D]; angles: rope_angles of the positions [B, T] (with origin); mask: bool[B, T, S].
 
         Without a cache S = T. With `cache` = (k, v float[L, B, S_cache, K, H] of the whole stack, this layer's
-        index) the new k, v are written in place at slots write_index .. write_index + T - 1 (shared by the batch)
-        of this layer, and the query attends to this layer's whole cache. Returns (float[B, T, D], the cache)."""
+        index) the new k, v are written at slots write_index .. write_index + T - 1 (shared by the batch) of this
+        layer, and the query attends to this layer's whole cache. Returns (float[B, T, D], the cache)."""
         c = self.cfg
         q, k, v = self.project(x)
-        q = rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale_value, q.dtype)
-        k = rope(k, positions, c.rope_base)
+        q = apply_rope(q, angles) * jnp.asarray(c.query_scale_value, q.dtype)
+        k = apply_rope(k, angles)
         if cache is not None:
             k_all, v_all, layer = cache
             at = (layer, 0, write_index, 0, 0)  # only the new slots are written: no copy of the cache
@@ -185,8 +197,7 @@ class Attention(nnx.Module):
             cache = (k_all, v_all, layer)
         o = attend(q, k, v, mask, c.attn_softcap if attn_softcap else None)
         b, t = x.shape[:2]
-        w = self.attn_vec_einsum.w[...]
-        return o.reshape(b, t, -1) @ w.reshape(-1, w.shape[-1]), cache  # "BTNH,NHD->BTD" (free reshapes)
+        return o.reshape(b, t, -1) @ self.attn_vec_einsum.w[...].reshape(-1, c.width), cache  # "BTNH,NHD->BTD"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float | None) -> jax.Array:

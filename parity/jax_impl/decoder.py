@@ -16,7 +16,7 @@ from flax import nnx
 
 from parity import points
 from parity.config import TextConfig
-from parity.jax_impl.attention import Attention, _param, grouped_matmul, scan, softcap, stack
+from parity.jax_impl.attention import Attention, _param, grouped_matmul, rope_angles, scan, softcap, stack
 
 
 class RMSNorm(nnx.Module):
@@ -78,11 +78,11 @@ class Block(nnx.Module):
             self.post_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
             self.post_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
 
-    def __call__(self, x, positions, mask, *, attn_softcap, cache=None, write_index=0):
-        """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers).
-        Returns (x, {"attn", "mlp", "out"}, the updated cache or None)."""
+    def __call__(self, x, angles, mask, *, attn_softcap, cache=None, write_index=0):
+        """x float[B, T, D]; angles: rope_angles of the positions; mask bool[B, T, S] (the local mask in local
+        layers). Returns (x, {"attn", "mlp", "out"}: points.LLM_BLOCK_POINTS' kinds, the updated cache or None)."""
         a, cache = self.attn(
-            self.pre_attention_norm(x), positions, mask, attn_softcap=attn_softcap, cache=cache, write_index=write_index
+            self.pre_attention_norm(x), angles, mask, attn_softcap=attn_softcap, cache=cache, write_index=write_index
         )
         if self.gemma2:
             a = self.post_attention_norm(a)
@@ -92,10 +92,6 @@ class Block(nnx.Module):
             m = self.post_ffw_norm(m)
         x = x + m
         return x, {"attn": a, "mlp": m, "out": x}, cache
-
-
-# Per-layer capture points of an LLM block, by the name Block returns them under.
-BLOCK_POINTS = {"attn": points.llm_block_attn, "mlp": points.llm_block_mlp, "out": points.llm_block_out}
 
 
 def block_mask(masks: dict, local: jax.Array | bool) -> jax.Array:
@@ -118,27 +114,32 @@ class Gemma(nnx.Module):
         """bool[L]: Gemma 2's local (sliding-window) layers."""
         return jnp.array([self.cfg.is_local_layer(i) for i in range(self.cfg.depth)])
 
+    def angles(self, positions: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """RoPE (cos, sin) float[B, T, 1, H] of int positions [B, T] (with origin), shared by every layer."""
+        return rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, dtype)
+
     def __call__(
         self, x, positions, masks, *, attn_softcap, capture: Collection[str], out: dict, caches=None, write_index=0
     ):
-        """x float[B, T, D] -> (final-normed float[B, T, D], updated caches or None).
+        """x float[B, T, D] -> (final-normed float[B, T, D], updated caches or None); captured points into `out`.
         masks: {"global": bool[B,T,S], "local": ... or None}; caches: {"k", "v": float[L, B, S, K, H]} or None."""
         depth = self.cfg.depth
-        kinds = [k for k, name in BLOCK_POINTS.items() if any(name(i) in capture for i in range(depth))]
+        kinds = [k for k, name in points.LLM_BLOCK_POINTS.items() if any(name(i) in capture for i in range(depth))]
+        angles = self.angles(positions, x.dtype)
 
         def body(block, carry, xs):
             x, kv = carry
             local, i = xs
             cache = None if kv is None else (*kv, i)
             x, aux, cache = block(
-                x, positions, block_mask(masks, local), attn_softcap=attn_softcap, cache=cache, write_index=write_index
+                x, angles, block_mask(masks, local), attn_softcap=attn_softcap, cache=cache, write_index=write_index
             )
             return (x, None if cache is None else cache[:2]), {k: aux[k] for k in kinds}  # only what is captured
 
-        kv = None if caches is None else (caches["k"], caches["v"])  # carried whole, updated in place per layer
+        kv = None if caches is None else (caches["k"], caches["v"])  # the whole stack, carried, updated per layer
         (x, kv), ys = scan(self.layers, body, (x, kv), (self.local_layers(), jnp.arange(depth)))
-        for k in kinds:  # stacked [L, ...] -> one point per layer
-            out.update({BLOCK_POINTS[k](i): ys[k][i] for i in range(depth) if BLOCK_POINTS[k](i) in capture})
+        for k, name in points.LLM_BLOCK_POINTS.items():
+            out.update({name(i): ys[k][i] for i in range(depth) if name(i) in capture})
         x = self.final_norm(x)
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x

@@ -33,6 +33,15 @@ class KVCache:
     pos: jax.Array
 
 
+def init_cache(model, batch: int, size: int) -> KVCache:
+    """A zeroed cache of `size` slots in the model's dtype (inside the jitted prefill: allocated on its device)."""
+    t = model.config.text
+    dtype = model.llm.final_norm.scale[...].dtype
+    shape = (t.depth, batch, size, t.num_kv_heads, t.head_dim)
+    zeros = jnp.zeros
+    return KVCache(zeros(shape, dtype), zeros(shape, dtype), zeros(shape[1:3], bool), zeros(shape[1:3], jnp.int32))
+
+
 def _cache_masks(model, q_mask: jax.Array, q_rel: jax.Array, k_pos: jax.Array, bidirectional=None) -> dict:
     """{"global", "local"} masks of queries against the whole cache. q_mask: bool[B, T, S]; q_rel int[B, T]."""
     masks = {"global": q_mask, "local": None}
@@ -43,19 +52,20 @@ def _cache_masks(model, q_mask: jax.Array, q_rel: jax.Array, k_pos: jax.Array, b
     return masks
 
 
-def prefill(model, image, text, mask_ar, mask_input, size: int, capture: Collection[str] = (), out: dict | None = None):
-    """Run the prompt through the model into a fresh cache of `size` slots, filling slots 0..P-1.
+def prefill(
+    model, cache: KVCache, image, text, mask_ar, mask_input, capture: Collection[str] = (), out: dict | None = None
+):
+    """Run the prompt through the model, filling cache slots 0..P-1.
 
     Returns (logits float[B, V] at each row's last real token, seq_len int32[B] = real prompt tokens, cache)."""
     out = {} if out is None else out
-    t = model.config.text
     x = model.embed(image, text, capture, out)
     input_mask, _, positions, masks = model.full_masks(mask_ar, mask_input)
     b, p = input_mask.shape
+    size = cache.valid.shape[1]
     rel = positions - model.conventions.position_origin
-    zeros = jnp.zeros((t.depth, b, size, t.num_kv_heads, t.head_dim), x.dtype)
-    valid = jnp.zeros((b, size), bool).at[:, :p].set(input_mask.astype(bool))
-    pos = jnp.zeros((b, size), jnp.int32).at[:, :p].set(rel)
+    valid = cache.valid.at[:, :p].set(input_mask.astype(bool))
+    pos = cache.pos.at[:, :p].set(rel)
     pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, size - p)))
     masks = {name: pad(m) for name, m in masks.items()}
     h, kv = model.llm(
@@ -65,7 +75,7 @@ def prefill(model, image, text, mask_ar, mask_input, size: int, capture: Collect
         attn_softcap=model.attn_softcap,
         capture=capture,
         out=out,
-        caches={"k": zeros, "v": zeros},
+        caches={"k": cache.k, "v": cache.v},
         write_index=0,
     )
     capped = model.conventions.final_softcap == "always"
@@ -138,7 +148,9 @@ class Sampling:
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _prefill(graphdef, state, image, text, mask_ar, mask_input, size: int, capture: tuple[str, ...]):
     out: dict = {}
-    logits, seq_len, cache = prefill(nnx.merge(graphdef, state), image, text, mask_ar, mask_input, size, capture, out)
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model, text.shape[0], size)
+    logits, seq_len, cache = prefill(model, cache, image, text, mask_ar, mask_input, capture, out)
     return logits, seq_len, cache, {k: v.astype(jnp.float32) for k, v in out.items()}
 
 

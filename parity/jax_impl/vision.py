@@ -83,15 +83,12 @@ class Encoder1DBlock(nnx.Module):
         self.MlpBlock_0 = MlpBlock(cfg)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """-> (residual stream after the block, {"attn": attention branch, "out": residual stream})."""
+        """x float[B, T, Dv] -> (residual stream after the block, {"attn": attention branch, "out": residual
+        stream}: points.IMG_BLOCK_POINTS' kinds)."""
         a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
         x = x + a
         x = x + self.MlpBlock_0(self.LayerNorm_1(x))
         return x, {"attn": a, "out": x}
-
-
-# Per-layer capture points of a ViT block, by the name its __call__ returns them under.
-BLOCK_POINTS = {"attn": points.img_block_attn, "out": points.img_block_out}
 
 
 class Transformer(nnx.Module):
@@ -101,15 +98,16 @@ class Transformer(nnx.Module):
         self.encoder_norm = LayerNorm(cfg.width, cfg.norm_eps)
 
     def __call__(self, x: jax.Array, capture: Collection[str], out: dict) -> jax.Array:
-        kinds = [k for k, name in BLOCK_POINTS.items() if any(name(i) in capture for i in range(self.depth))]
+        """x float[B, T, Dv] -> encoder-normed float[B, T, Dv]; captured block points into `out`."""
+        kinds = [k for k, name in points.IMG_BLOCK_POINTS.items() if any(name(i) in capture for i in range(self.depth))]
 
         def body(block, x, _):
             x, aux = block(x)
-            return x, {k: aux[k] for k in kinds}  # only what is captured leaves the scan
+            return x, {k: aux[k] for k in kinds}  # only what is captured
 
         x, ys = scan(self.encoderblock, body, x, None)
-        for k in kinds:  # stacked [Lv, ...] -> one point per layer
-            out.update({BLOCK_POINTS[k](i): ys[k][i] for i in range(self.depth) if BLOCK_POINTS[k](i) in capture})
+        for k, name in points.IMG_BLOCK_POINTS.items():
+            out.update({name(i): ys[k][i] for i in range(self.depth) if name(i) in capture})
         return self.encoder_norm(x)
 
 

@@ -6,19 +6,23 @@ inputs: image float32[B, H, W, 3] in [-1, 1]; text int32[B, L]; mask_ar int32[B,
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from parity import points as pts
+from parity.blockcheck import check_block
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
+from parity.torch_impl.decoder import block_mask
 from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
@@ -95,6 +99,19 @@ def speed_warning(dtype: str, device: str, threshold: float = 4.0) -> str | None
 PRECISIONS = ("highest", "high", "default")
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch's float32 matmul precision set to `precision` ("highest" / "high") inside the block and restored after,
+    so nothing process-wide outlives a call; "default" leaves torch's setting as it is. Every run call enters it."""
+    previous = torch.get_float32_matmul_precision()
+    if precision != "default":
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def build_model(
     config: PaliGemmaConfig,
     conventions: Conventions,
@@ -104,16 +121,12 @@ def build_model(
     precision: str = "highest",
 ) -> PaliGemma:
     """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical numpy `params` if given
-    (zeros otherwise). precision: float32 matmul precision, "highest" / "high" set with
-    torch.set_float32_matmul_precision (process-wide), "default" leaves torch's setting alone."""
+    (zeros otherwise). precision: float32 matmul precision, kept as `model.precision` and entered by every run call
+    (forward, generate, vit_block, llm_block) with `matmul_precision`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
-        from parity.errors import ConfigError
-
         raise ConfigError(f"--precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision != "default":
-        torch.set_float32_matmul_precision(precision)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])  # allocate in the target dtype on the target device: no f32 detour
     try:
@@ -147,7 +160,8 @@ def forward(model: PaliGemma, inputs: dict[str, np.ndarray], points: list[str] |
     """Capture `points` (names from parity.points; None = logits only) as float32 numpy arrays."""
     wanted = [pts.LOGITS] if points is None else list(points)
     t = _tensors(model, inputs)
-    _, out = model(t["image"], t["text"], t["mask_ar"], t["mask_input"], capture=wanted)
+    with matmul_precision(model.precision):
+        _, out = model(t["image"], t["text"], t["mask_ar"], t["mask_input"], capture=wanted)
     return {name: _numpy(out[name]) for name in wanted}
 
 
@@ -178,25 +192,26 @@ def generate(
         forced = torch.as_tensor(
             check_forced(forced_tokens, t["text"].shape[0], max_new_tokens).astype(np.int64), device=t["text"].device
         )
-    g = _generate(
-        model,
-        t["image"],
-        t["text"],
-        t["mask_ar"],
-        t["mask_input"],
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        eos_id=eos_id,
-        return_logits=return_logits,
-        capture=capture or (),
-        compile=compile,
-        ignore_eos=ignore_eos,
-        forced_tokens=forced,
-    )
+    with matmul_precision(model.precision):
+        g = _generate(
+            model,
+            t["image"],
+            t["text"],
+            t["mask_ar"],
+            t["mask_input"],
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_id=eos_id,
+            return_logits=return_logits,
+            capture=capture or (),
+            compile=compile,
+            ignore_eos=ignore_eos,
+            forced_tokens=forced,
+        )
     result: dict[str, Any] = {"tokens": g.tokens.cpu().numpy().astype(np.int32), "decode_path": g.decode_path}
     if return_logits:
         result["logits"] = _numpy(g.logits)
@@ -223,10 +238,10 @@ def _block_input(model: PaliGemma, x: np.ndarray) -> torch.Tensor:
 def vit_block(model: PaliGemma, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
     """ViT block i on x float32[B, T, Dv] (the input of block i: IMG_POS_EMBED for i = 0, else img_block_out(i-1)),
     cast to the model dtype. Returns {img_block_attn(i), img_block_out(i)} as float32."""
-    wanted = (pts.img_block_attn(i), pts.img_block_out(i))
-    out: dict[str, torch.Tensor] = {}
-    model.img.Transformer.encoderblock[i](_block_input(model, x), wanted, out)
-    return {name: _numpy(out[name]) for name in wanted}
+    check_block(i, model.config.vision.depth, x, model.config.vision.width, "ViT")
+    with matmul_precision(model.precision):
+        _, aux = model.img.Transformer.encoderblock[i](_block_input(model, x))
+    return {name(i): _numpy(aux[k]) for k, name in pts.IMG_BLOCK_POINTS.items()}
 
 
 @torch.inference_mode()
@@ -234,19 +249,14 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
     """LLM block i on x float32[B, S, D] (the input of block i: LLM_INPUT for i = 0, else llm_block_out(i-1)), with
     the masks, positions and local/global choice the forward pass builds from `inputs`. Returns
     {llm_block_attn(i), llm_block_mlp(i), llm_block_out(i)} as float32."""
+    check_block(i, model.config.text.depth, x, model.config.text.width, "LLM")
     t = _tensors(model, inputs)
-    _, _, positions, masks = model.full_masks(t["mask_ar"], t["mask_input"])
-    wanted = (pts.llm_block_attn(i), pts.llm_block_mlp(i), pts.llm_block_out(i))
-    out: dict[str, torch.Tensor] = {}
-    model.llm.layers[i](
-        _block_input(model, x),
-        positions,
-        model.llm.block_mask(i, masks),
-        attn_softcap=model.attn_softcap,
-        capture=wanted,
-        out=out,
-    )
-    return {name: _numpy(out[name]) for name in wanted}
+    with matmul_precision(model.precision):
+        _, _, positions, masks = model.full_masks(t["mask_ar"], t["mask_input"])
+        x = _block_input(model, x)
+        mask = block_mask(masks, model.llm.local_layers()[i])
+        _, aux, _ = model.llm.layers[i](x, model.llm.angles(positions, x.dtype), mask, attn_softcap=model.attn_softcap)
+    return {name(i): _numpy(aux[k]) for k, name in pts.LLM_BLOCK_POINTS.items()}
 
 
 # -- the backend: this module is a parity.backend.BlockBackend (the registry's "torch") ----------------------------

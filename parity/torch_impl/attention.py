@@ -3,13 +3,18 @@
 Axis letters (parity.config): B batch, T query length, S key length (the whole cache when decoding), D width,
 N query heads, K kv heads, G = N / K query heads per kv head, H head dim.
 Query head n reads kv head n // G (big_vision's `BTKGH` grouping, transformers' `repeat_kv`).
+Mirrors parity/jax_impl/attention.py function for function; layers are one module each (`stack`, the canonical
+depth axis unrolled) and run by a Python loop with jax.lax.scan's signature (`scan`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from parity import monitor
 from parity.config import TextConfig
 
 
@@ -26,8 +31,8 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 def rope_angles(
     positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]: computed once per forward and shared by
-    every layer (they all rotate by the same angles).
+    """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]. The decoder computes them once per call
+    and every layer applies them (all layers rotate by the same angles).
 
     Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula;
     big_vision divides by the timescale instead, which differs in the last ulp of a few angles).
@@ -38,16 +43,17 @@ def rope_angles(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotary embedding of x float[B, T, N, H] by angles from `rope_angles`."""
+def apply_rope(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Half-split rotary embedding of x float[B, T, N, H] by `angles` = rope_angles(...) (cos, sin)."""
+    cos, sin = angles
     h = x.shape[-1]
     x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Half-split rotary embedding. x: float[B, T, N, H]; positions: int[B, T]."""
-    return apply_rope(x, *rope_angles(positions, x.shape[-1], base, x.dtype))
+    """Half-split rotary embedding in one call. x: float[B, T, N, H]; positions: int[B, T]."""
+    return apply_rope(x, rope_angles(positions, x.shape[-1], base, x.dtype))
 
 
 def positions_from_mask(input_mask: torch.Tensor, origin: int) -> torch.Tensor:
@@ -96,7 +102,7 @@ def same_block(mask_ar: torch.Tensor) -> torch.Tensor:
     return car[:, :, None] == car[:, None, :]
 
 
-# -- attention -----------------------------------------------------------------------------------------------------
+# -- parameters and stacks -----------------------------------------------------------------------------------------
 def _param(*shape: int, storage: tuple[int, ...] | None = None) -> nn.Parameter:
     """A parameter of canonical `shape` whose memory is laid out in the axis order `storage` (a permutation of the
     axes), so that the matmul views used in forward are free (no weight copy per call)."""
@@ -107,6 +113,26 @@ def _param(*shape: int, storage: tuple[int, ...] | None = None) -> nn.Parameter:
     return nn.Parameter(stored.permute(inverse), requires_grad=False)
 
 
+def stack(make: Callable[[], nn.Module], depth: int) -> nn.ModuleList:
+    """`depth` copies of a block, named `.{i}.` (the canonical layout's leading depth axis, unrolled; load.py)."""
+    return nn.ModuleList([make() for _ in range(depth)])
+
+
+def scan(layers: nn.ModuleList, body: Callable, carry, xs):
+    """The loop jax.lax.scan runs in jax_impl: `body(layer, carry, x) -> (carry, y)` over the layers and `xs` (a tuple
+    of per-layer sequences, or None), y a dict. Returns (carry, ys) with ys[k][i] = y[k] of layer i (jax_impl: the
+    same, as stacked arrays)."""
+    ys: dict[str, list] = {}
+    for i, layer in enumerate(layers):
+        carry, y = body(layer, carry, None if xs is None else tuple(x[i] for x in xs))
+        for k, v in y.items():
+            ys.setdefault(k, []).append(v)
+        if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
+            monitor.tick("block")
+    return carry, ys
+
+
+# -- attention -----------------------------------------------------------------------------------------------------
 class Einsum(nn.Module):
     """One einsum kernel `w` (big_vision `Einsum`); memory order given by `storage` (see `_param`)."""
 
@@ -148,32 +174,30 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        angles: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         *,
         attn_softcap: bool,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
         write_index: torch.Tensor | None = None,
-        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """x: float[B, T, D]; positions: int[B, T] (with origin); mask: bool[B, T, S]; angles: `rope_angles` of
-        the positions when the caller computed them already.
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+        """x: float[B, T, D]; angles: rope_angles of the positions [B, T] (with origin); mask: bool[B, T, S].
 
-        Without a cache S = T. With `cache` (k, v float[B, S_cache, K, H]) the new k, v are written at
-        `write_index` (int64[T], shared by the batch) and the query attends to the whole cache."""
+        Without a cache S = T. With `cache` = (k, v float[L, B, S_cache, K, H] of the whole stack, this layer's
+        index) the new k, v are written in place at slots `write_index` (int64[T], shared by the batch) of this
+        layer, and the query attends to this layer's whole cache. Returns (float[B, T, D], the cache)."""
         c = self.cfg
         q, k, v = self.project(x)
-        cos, sin = angles if angles is not None else rope_angles(positions, c.head_dim, c.rope_base, x.dtype)
-        q = apply_rope(q, cos, sin) * c.query_scale_value
-        k = apply_rope(k, cos, sin)
+        q = apply_rope(q, angles) * c.query_scale_value
+        k = apply_rope(k, angles)
         if cache is not None:
-            k_cache, v_cache = cache
-            k_cache.index_copy_(1, write_index, k.to(k_cache.dtype))
-            v_cache.index_copy_(1, write_index, v.to(v_cache.dtype))
-            k, v = k_cache, v_cache
+            k_all, v_all, layer = cache
+            k_all[layer].index_copy_(1, write_index, k.to(k_all.dtype))  # only the new slots are written
+            v_all[layer].index_copy_(1, write_index, v.to(v_all.dtype))
+            k, v = k_all[layer], v_all[layer]
         o = attend(q, k, v, mask, c.attn_softcap if attn_softcap else None)
         b, t = x.shape[:2]
-        return o.reshape(b, t, -1) @ self.attn_vec_einsum.w.reshape(-1, c.width)  # "BTNH,NHD->BTD"
+        return o.reshape(b, t, -1) @ self.attn_vec_einsum.w.reshape(-1, c.width), cache  # "BTNH,NHD->BTD"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None) -> torch.Tensor:

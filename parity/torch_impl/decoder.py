@@ -1,20 +1,22 @@
 """Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoder: embedder, blocks, final norm, tied logits.
 
 Axis letters (parity.config): B batch, T length, D width, F mlp width, V vocabulary rows, L depth.
-Module attribute names follow the canonical keys (`llm/layers/mlp/gating_einsum` -> `llm.layers.{i}.mlp.gating_einsum`).
+Attribute names follow the canonical keys: `llm/layers/mlp/gating_einsum` -> `llm.layers.{i}.mlp.gating_einsum`, the
+stacked [L, 2, D, F] parameter unrolled into one per layer and run by a loop (`scan`; jax_impl keeps the stack).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity import monitor, points
+from parity import points
 from parity.config import TextConfig
-from parity.torch_impl.attention import Attention, _param, rope_angles, softcap
+from parity.torch_impl.attention import Attention, _param, rope_angles, scan, softcap, stack
 
 
 class RMSNorm(nn.Module):
@@ -73,10 +75,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block; Gemma 2 adds post-attention and post-ffw norms on the branch outputs."""
 
-    def __init__(self, cfg: TextConfig, index: int):
+    def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.index = index
-        self.local = cfg.is_local_layer(index)
+        self.gemma2 = cfg.gemma2
         self.pre_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.pre_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
@@ -84,74 +85,75 @@ class Block(nn.Module):
         if cfg.gemma2:
             self.post_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
             self.post_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
-        self.gemma2 = cfg.gemma2
 
-    def forward(self, x, positions, mask, *, attn_softcap, capture, out, cache=None, write_index=None, angles=None):
-        """x float[B, T, D]; mask bool[B, T, S] (the local mask in local layers); angles: RoPE (cos, sin) of
-        `positions` if already computed."""
-        # Attention.
-        a = self.attn(
-            self.pre_attention_norm(x),
-            positions,
-            mask,
-            attn_softcap=attn_softcap,
-            cache=cache,
-            write_index=write_index,
-            angles=angles,
+    def forward(self, x, angles, mask, *, attn_softcap, cache=None, write_index=None):
+        """x float[B, T, D]; angles: rope_angles of the positions; mask bool[B, T, S] (the local mask in local
+        layers). Returns (x, {"attn", "mlp", "out"}: points.LLM_BLOCK_POINTS' kinds, the updated cache or None)."""
+        a, cache = self.attn(
+            self.pre_attention_norm(x), angles, mask, attn_softcap=attn_softcap, cache=cache, write_index=write_index
         )
         if self.gemma2:
             a = self.post_attention_norm(a)
-        if (name := points.llm_block_attn(self.index)) in capture:
-            out[name] = a
         x = x + a
-        # Feed forward.
         m = self.mlp(self.pre_ffw_norm(x))
         if self.gemma2:
             m = self.post_ffw_norm(m)
-        if (name := points.llm_block_mlp(self.index)) in capture:
-            out[name] = m
         x = x + m
-        if (name := points.llm_block_out(self.index)) in capture:
-            out[name] = x
-        return x
+        return x, {"attn": a, "mlp": m, "out": x}, cache
+
+
+def block_mask(masks: dict, local: bool) -> torch.Tensor:
+    """The mask of one layer: masks["local"] in local layers when a window applies, else masks["global"]."""
+    if masks.get("local") is None:
+        return masks["global"]
+    return masks["local"] if local else masks["global"]
 
 
 class Gemma(nn.Module):
-    """The decoder stack. Parameters: embedder.input_embedding, layers.{i}.*, final_norm.scale."""
+    """The decoder stack. Parameters: embedder.input_embedding, layers.{i}.* (the stacked [L, ...] unrolled),
+    final_norm.scale."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.embedder = Embedder(cfg)
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.layers = stack(lambda: Block(cfg), cfg.depth)
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
 
-    def forward(self, x, positions, masks, *, attn_softcap, capture, out, caches=None, write_index=None):
-        """x float[B, T, D] -> final-normed float[B, T, D]. masks: {"global": bool[B,T,S], "local": ... or None}."""
-        angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)  # shared by all layers
-        for i, block in enumerate(self.layers):
-            x = block(
-                x,
-                positions,
-                self.block_mask(i, masks),
-                attn_softcap=attn_softcap,
-                capture=capture,
-                out=out,
-                cache=None if caches is None else caches[i],
-                write_index=write_index,
-                angles=angles,
+    def local_layers(self) -> list[bool]:
+        """bool[L]: Gemma 2's local (sliding-window) layers."""
+        return [self.cfg.is_local_layer(i) for i in range(self.cfg.depth)]
+
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) float[B, T, 1, H] of int positions [B, T] (with origin), shared by every layer."""
+        return rope_angles(positions, self.cfg.head_dim, self.cfg.rope_base, dtype)
+
+    def forward(
+        self, x, positions, masks, *, attn_softcap, capture: Collection[str], out: dict, caches=None, write_index=None
+    ):
+        """x float[B, T, D] -> (final-normed float[B, T, D], updated caches or None); captured points into `out`.
+        masks: {"global": bool[B,T,S], "local": ... or None}; caches: {"k", "v": float[L, B, S, K, H]} or None."""
+        depth = self.cfg.depth
+        kinds = [k for k, name in points.LLM_BLOCK_POINTS.items() if any(name(i) in capture for i in range(depth))]
+        angles = self.angles(positions, x.dtype)
+
+        def body(block, carry, xs):
+            x, kv = carry
+            local, i = xs
+            cache = None if kv is None else (*kv, i)
+            x, aux, cache = block(
+                x, angles, block_mask(masks, local), attn_softcap=attn_softcap, cache=cache, write_index=write_index
             )
-            if not torch.compiler.is_compiling():  # a compiled decode step stays one graph
-                monitor.tick("block")
+            return (x, None if cache is None else cache[:2]), {k: aux[k] for k in kinds}  # only what is captured
+
+        kv = None if caches is None else (caches["k"], caches["v"])  # the whole stack, written in place per layer
+        (x, kv), ys = scan(self.layers, body, (x, kv), (self.local_layers(), range(depth)))
+        for k, name in points.LLM_BLOCK_POINTS.items():
+            out.update({name(i): ys[k][i] for i in range(depth) if name(i) in capture})
         x = self.final_norm(x)
         if points.LLM_FINAL_NORM in capture:
             out[points.LLM_FINAL_NORM] = x
-        return x
-
-    def block_mask(self, i: int, masks: dict) -> torch.Tensor:
-        """The mask block i attends with: the local (sliding-window) one in local layers when built, else global."""
-        local = masks.get("local")
-        return local if self.layers[i].local and local is not None else masks["global"]
+        return x, None if kv is None else {"k": kv[0], "v": kv[1]}
 
     def logits(self, x: torch.Tensor, capped: bool) -> torch.Tensor:
         """float[B, T, D] (final-normed) -> float[B, T, V]; the final softcap when `capped` and configured."""

@@ -3,17 +3,17 @@
 Prompts are right-padded (mask_input 0 on padding, big_vision style). The cache holds [image ; padded text] at slots
 0..P-1 and generated tokens at the shared write index P, P+1, ...; padded slots stay masked. Each row's RoPE
 position continues from its own prompt length. Axis letters: B batch, P prompt length (T image + L text),
-S cache length, K kv heads, H head dim, V vocabulary rows.
+S cache length, L depth, K kv heads, H head dim, V vocabulary rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Collection
 
 import torch
-from torch import nn
 
 from parity import monitor, points
 from parity.torch_impl.attention import sliding_window_mask
@@ -21,111 +21,108 @@ from parity.torch_impl.attention import sliding_window_mask
 log = logging.getLogger(__name__)
 
 
-class KVCache(nn.Module):
-    """Static cache, as (non-persistent) buffers so CUDA graphs see fixed addresses.
-    k{i}, v{i}: float[B, S, K, H] after RoPE; valid: bool[B, S] slots holding real tokens; pos: int64[B, S]
-    positions (without the origin) of the slots, for the sliding window."""
+@dataclasses.dataclass
+class KVCache:
+    """k, v: float[L, B, S, K, H] after RoPE; valid: bool[B, S] slots holding real tokens; pos: int64[B, S]
+    positions (without the origin) of the slots, for the sliding window. Passed explicitly and written in place
+    (static shapes and addresses: one compiled decode step, CUDA graphs replay on the same memory)."""
 
-    def __init__(self, depth: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
-        self.depth, self.size = depth, size
-        for i in range(depth):
-            self.register_buffer(
-                f"k{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device), persistent=False
-            )
-            self.register_buffer(
-                f"v{i}", torch.zeros(batch, size, kv_heads, head_dim, dtype=dtype, device=device), persistent=False
-            )
-        self.register_buffer("valid", torch.zeros(batch, size, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("pos", torch.zeros(batch, size, dtype=torch.long, device=device), persistent=False)
-
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.depth)]
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
 
 
-def setup_cache(model, batch: int, size: int) -> KVCache:
-    """Allocate (or reuse, when the shape matches) `model.kv`, zeroed."""
+# The last cache of each model, reused when the shape matches: a compiled decode step (CUDA graphs) keeps its
+# recorded addresses across generate calls.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def init_cache(model, batch: int, size: int) -> KVCache:
+    """A zeroed cache of `size` slots in the model's dtype and device (the last one's memory when it fits)."""
     t = model.config.text
     p = model.llm.final_norm.scale
-    kv = getattr(model, "kv", None)
-    if not (
-        isinstance(kv, KVCache)
-        and kv.valid.shape == (batch, size)
-        and kv.k0.dtype == p.dtype
-        and kv.k0.device == p.device
-    ):
-        model.kv = KVCache(t.depth, batch, size, t.num_kv_heads, t.head_dim, p.dtype, p.device)
-    for b in model.kv.buffers():
-        b.zero_()
-    return model.kv
+    shape = (t.depth, batch, size, t.num_kv_heads, t.head_dim)
+    cache = _CACHES.get(model)
+    if cache is None or cache.k.shape != shape or cache.k.dtype != p.dtype or cache.k.device != p.device:
+        zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=p.device)
+        cache = KVCache(
+            zeros(shape, p.dtype), zeros(shape, p.dtype), zeros(shape[1:3], torch.bool), zeros(shape[1:3], torch.long)
+        )
+        if p.device.type == "cuda":  # compiled steps take the buffers as static inputs, not copies
+            for buf in (cache.k, cache.v, cache.valid, cache.pos):
+                torch._dynamo.mark_static_address(buf)
+        _CACHES[model] = cache
+    for buf in (cache.k, cache.v, cache.valid, cache.pos):
+        buf.zero_()
+    return cache
 
 
-def _cache_masks(model, q_mask: torch.Tensor, q_rel: torch.Tensor, bidirectional: torch.Tensor | None) -> dict:
+def _cache_masks(model, q_mask: torch.Tensor, q_rel: torch.Tensor, k_pos: torch.Tensor, bidirectional=None) -> dict:
     """{"global", "local"} masks of queries against the whole cache. q_mask: bool[B, T, S]; q_rel int[B, T]."""
     masks = {"global": q_mask, "local": None}
     if model.windowed:
         masks["local"] = sliding_window_mask(
-            q_mask,
-            q_rel,
-            model.kv.pos,
-            model.config.text.sliding_window,
-            bidirectional,
-            rule=model.conventions.sliding_window,
+            q_mask, q_rel, k_pos, model.config.text.sliding_window, bidirectional, rule=model.conventions.sliding_window
         )
     return masks
 
 
 @torch.no_grad()
-def prefill(model, image, text, mask_ar, mask_input, capture: Collection[str] = (), out: dict | None = None):
+def prefill(
+    model, cache: KVCache, image, text, mask_ar, mask_input, capture: Collection[str] = (), out: dict | None = None
+):
     """Run the prompt through the model, filling cache slots 0..P-1.
 
-    Returns (logits float[B, V] at each row's last real token, seq_len int64[B] = real prompt tokens)."""
+    Returns (logits float[B, V] at each row's last real token, seq_len int64[B] = real prompt tokens, cache)."""
     out = {} if out is None else out
-    kv = model.kv
     x = model.embed(image, text, capture, out)
-    input_mask, mask_ar_full, positions, masks = model.full_masks(mask_ar, mask_input)
+    input_mask, _, positions, masks = model.full_masks(mask_ar, mask_input)
     b, p = input_mask.shape
+    size = cache.valid.shape[1]
     rel = positions - model.conventions.position_origin
-    kv.valid[:, :p] = input_mask.bool()
-    kv.pos[:, :p] = rel
-    pad = lambda m: None if m is None else torch.cat([m, m.new_zeros(b, p, kv.size - p)], dim=2)
+    cache.valid[:, :p] = input_mask.bool()
+    cache.pos[:, :p] = rel
+    pad = lambda m: None if m is None else torch.cat([m, m.new_zeros(b, p, size - p)], dim=2)
     masks = {name: pad(m) for name, m in masks.items()}
-    h = model.llm(
+    h, _ = model.llm(
         x,
         positions,
         masks,
         attn_softcap=model.attn_softcap,
         capture=capture,
         out=out,
-        caches=kv.layers(),
+        caches={"k": cache.k, "v": cache.v},
         write_index=torch.arange(p, device=x.device),
     )
+    capped = model.conventions.final_softcap == "always"
     if points.LOGITS in capture:
-        out[points.LOGITS] = model.llm.logits(h, capped=model.conventions.final_softcap == "always")
+        out[points.LOGITS] = model.llm.logits(h, capped=capped)
     seq_len = input_mask.long().sum(-1)
     last = h[torch.arange(b, device=h.device), seq_len - 1][:, None]
-    return model.llm.logits(last, capped=model.conventions.final_softcap == "always")[:, 0], seq_len
+    return model.llm.logits(last, capped=capped)[:, 0], seq_len, cache  # written in place
 
 
-def decode_step(model, token: torch.Tensor, rel: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+def decode_step(model, cache: KVCache, token: torch.Tensor, rel: torch.Tensor, write_index: torch.Tensor):
     """One new token per row. token int64[B, 1]; rel int64[B, 1] its position (no origin); write_index int64[1].
-    Returns logits float[B, V]. Pure tensor code on static buffers: safe for torch.compile / CUDA graphs."""
-    kv = model.kv
-    kv.valid.index_fill_(1, write_index, True)
-    kv.pos.index_copy_(1, write_index, rel)
+    Returns (logits float[B, V], cache). Pure tensor code on static buffers (the cache is written in place): safe for
+    torch.compile / CUDA graphs."""
+    cache.valid.index_fill_(1, write_index, True)
+    cache.pos.index_copy_(1, write_index, rel)
     x = model.embed_text(token)
-    masks = _cache_masks(model, kv.valid[:, None, :], rel, None)
-    h = model.llm(
+    masks = _cache_masks(model, cache.valid[:, None, :], rel, cache.pos, None)
+    h, _ = model.llm(
         x,
         rel + model.conventions.position_origin,
         masks,
         attn_softcap=model.attn_softcap,
         capture=frozenset(),
         out={},
-        caches=kv.layers(),
+        caches={"k": cache.k, "v": cache.v},
         write_index=write_index,
     )
-    return model.llm.logits(h, capped=model.conventions.final_softcap != "never")[:, 0]
+    logits = model.llm.logits(h, capped=model.conventions.final_softcap != "never")[:, 0]
+    return logits, cache  # written in place
 
 
 def sample(
@@ -203,9 +200,9 @@ def generate(
     if mask_input is None:
         mask_input = torch.ones_like(text)
     b, p = text.shape[0], model.config.num_image_tokens + text.shape[1]
-    kv = setup_cache(model, b, p + max_new_tokens)
     out: dict[str, torch.Tensor] = {}
-    logits, seq_len = prefill(model, image, text, mask_ar, mask_input, capture, out)
+    cache = init_cache(model, b, p + max_new_tokens)
+    logits, seq_len, cache = prefill(model, cache, image, text, mask_ar, mask_input, capture, out)
     device = logits.device
     gen = torch.Generator(device=device).manual_seed(seed)
     step, path = decode_step, "eager"
@@ -224,20 +221,20 @@ def generate(
         if t == max_new_tokens - 1 or (not ignore_eos and bool(done.all())):
             break
         feed = nxt if forced_tokens is None else forced_tokens[:, t]
-        args = (model, feed[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
+        args = (model, cache, feed[:, None], (seq_len + t)[:, None], torch.tensor([p + t], device=device))
         try:
-            logits = step(*args)
+            logits, cache = step(*args)
         except Exception as e:
             if step is decode_step:
                 raise
             log.warning("compiled decode step failed (%s: %s); falling back to eager", type(e).__name__, e)
             step, path = decode_step, f"eager (compile {compile} failed: {type(e).__name__})"
-            logits = step(*args)
+            logits, cache = step(*args)
         if step is not decode_step:
             logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
     for i in range(model.config.text.depth):
-        for name, buf in ((points.llm_k_cache(i), kv.layers()[i][0]), (points.llm_v_cache(i), kv.layers()[i][1])):
+        for name, buf in ((points.llm_k_cache(i), cache.k), (points.llm_v_cache(i), cache.v)):
             if name in capture:
-                out[name] = buf.clone()
+                out[name] = buf[i].clone()
     stacked = torch.stack(all_logits, dim=1) if return_logits else None
     return Generation(tokens, stacked, out, path)

@@ -102,7 +102,7 @@ class PaliGemma(nn.Module):
         out: dict[str, torch.Tensor] = {}
         x = self.embed(image, text, capture, out)
         _, _, positions, masks = self.full_masks(mask_ar, mask_input)
-        x = self.llm(x, positions, masks, attn_softcap=self.attn_softcap, capture=capture, out=out)
+        x, _ = self.llm(x, positions, masks, attn_softcap=self.attn_softcap, capture=capture, out=out)
         logits = self.llm.logits(x, capped=self.conventions.final_softcap == "always")
         if points.LOGITS in capture:
             out[points.LOGITS] = logits

@@ -2,21 +2,26 @@
 
 Axis letters (parity.config): B batch, T image tokens, P patch size, Dv width, Fv mlp width, Nv heads, Hv head dim.
 Attribute names follow the canonical keys (`img/Transformer/encoderblock/LayerNorm_0/scale` ->
-`img.Transformer.encoderblock.{i}.LayerNorm_0.scale`). The projector (`img/head`) lives in projector.py.
+`img.Transformer.encoderblock.{i}.LayerNorm_0.scale`, the stacked [Lv, Dv] unrolled). The projector (`img/head`) is
+projector.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity import monitor, points
+from parity import points
 from parity.config import VisionConfig
-from parity.torch_impl.attention import _param
+from parity.torch_impl.attention import _param, scan, stack
 
 
 class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * scale + bias (torch's layer_norm)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -72,35 +77,40 @@ class MlpBlock(nn.Module):
 class Encoder1DBlock(nn.Module):
     """x += MHA(LN_0(x)); x += MLP(LN_1(x))."""
 
-    def __init__(self, cfg: VisionConfig, index: int):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.index = index
         self.LayerNorm_0 = LayerNorm(cfg.width, cfg.norm_eps)
         self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(cfg)
         self.LayerNorm_1 = LayerNorm(cfg.width, cfg.norm_eps)
         self.MlpBlock_0 = MlpBlock(cfg)
 
-    def forward(self, x: torch.Tensor, capture, out) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x float[B, T, Dv] -> (residual stream after the block, {"attn": attention branch, "out": residual
+        stream}: points.IMG_BLOCK_POINTS' kinds)."""
         a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
-        if (name := points.img_block_attn(self.index)) in capture:
-            out[name] = a
         x = x + a
         x = x + self.MlpBlock_0(self.LayerNorm_1(x))
-        if (name := points.img_block_out(self.index)) in capture:
-            out[name] = x
-        return x
+        return x, {"attn": a, "out": x}
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.encoderblock = nn.ModuleList([Encoder1DBlock(cfg, i) for i in range(cfg.depth)])
+        self.depth = cfg.depth
+        self.encoderblock = stack(lambda: Encoder1DBlock(cfg), cfg.depth)
         self.encoder_norm = LayerNorm(cfg.width, cfg.norm_eps)
 
-    def forward(self, x, capture, out):
-        for block in self.encoderblock:
-            x = block(x, capture, out)
-            monitor.tick("block")
+    def forward(self, x: torch.Tensor, capture: Collection[str], out: dict) -> torch.Tensor:
+        """x float[B, T, Dv] -> encoder-normed float[B, T, Dv]; captured block points into `out`."""
+        kinds = [k for k, name in points.IMG_BLOCK_POINTS.items() if any(name(i) in capture for i in range(self.depth))]
+
+        def body(block, x, _):
+            x, aux = block(x)
+            return x, {k: aux[k] for k in kinds}  # only what is captured
+
+        x, ys = scan(self.encoderblock, body, x, None)
+        for k, name in points.IMG_BLOCK_POINTS.items():
+            out.update({name(i): ys[k][i] for i in range(self.depth) if name(i) in capture})
         return self.encoder_norm(x)
 
 
@@ -128,7 +138,7 @@ class SigLIP(nn.Module):
         self.pos_embedding = _param(1, cfg.num_patches, cfg.width)
         self.Transformer = Transformer(cfg)
 
-    def forward(self, image: torch.Tensor, capture, out) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, capture: Collection[str], out: dict) -> torch.Tensor:
         """image float[B, H, W, 3] in [-1, 1] -> encoder-normed float[B, T, Dv]."""
         x = self.embedding(image.to(self.pos_embedding.dtype))
         if points.IMG_PATCH_EMBED in capture:
