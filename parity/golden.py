@@ -41,6 +41,7 @@ from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
 from parity.config import PaliGemmaConfig
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
+from parity.estimate import Work
 
 SCHEMA = "parity.golden/1"
 CHECK_SCHEMA = "parity.golden.check/1"
@@ -149,7 +150,15 @@ def run_expectation(
     say = progress or (lambda msg: None)
     say(f"loading {os.path.basename(ckpt)} ({impl})")
     api, model, cfg, batch, manifest = run.prepare(
-        ckpt, inputs, impl, convention, dtype, device, config, precision=precision
+        ckpt,
+        inputs,
+        impl,
+        convention,
+        dtype,
+        device,
+        config,
+        precision=precision,
+        work=Work("golden", new_tokens=steps or 0),
     )
     say("forward pass")
     wanted = pts.forward_points(cfg)

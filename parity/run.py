@@ -25,7 +25,7 @@ from converters.atomic import atomic_output
 from converters.checkpoint import open_checkpoint
 from converters.dtypes import FLOAT_DTYPES, ST_ALL_DTYPES
 from converters.rawio import JSONProblem, loads_strict
-from parity import monitor
+from parity import estimate, monitor
 from parity import points as pts
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions, get_conventions, with_settings
@@ -185,9 +185,11 @@ def prepare(
     check: Callable[[PaliGemmaConfig], Any] | None = None,
     precision: str = "highest",
     mesh: str | None = None,
+    work: estimate.Work | None = None,
 ):
     """Check the options, load checkpoint and inputs (validated against the config) and build the model.
-    `check(config)` runs before any tensor is read (e.g. to validate capture points).
+    `check(config)` runs before any tensor is read (e.g. to validate capture points); so does the memory check
+    (parity.estimate), for what `work` will do after loading (default: capture every point).
     Returns (api, model, config, inputs, manifest)."""
     t0 = time.perf_counter()
     conv = conventions(convention, settings)
@@ -211,6 +213,7 @@ def prepare(
         inputs = load_inputs(inputs_path, cfg)
         if check is not None:
             check(cfg)
+        estimate.check_fits(cfg, inputs, impl, compute, dtype, ck, work)  # refuses (exit 2) what would not fit
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
         params = ck.load(FLOAT_DTYPES[dtype] if compute != dtype else None, on_chunk)
@@ -320,6 +323,7 @@ def capture(
         check=lambda c: pts.select(pts.forward_points(c), points),
         precision=precision,
         mesh=mesh,
+        work=estimate.Work("capture", points=points),
     )
     wanted = pts.select(pts.forward_points(cfg), points)
     t1 = time.perf_counter()
@@ -421,6 +425,7 @@ def generate(
         warn=warn,
         precision=precision,
         mesh=mesh,
+        work=estimate.Work("generate", new_tokens=max_new_tokens, step_logits=output is not None),
     )
     temperature = 1.0 if temperature is None else temperature
     t1 = time.perf_counter()

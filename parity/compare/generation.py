@@ -50,6 +50,7 @@ from parity.compare.sides import Side, job, run_side
 from parity.compare.stats import point_stats
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
+from parity.estimate import Work
 
 SCHEMA = "parity.compare.generate/1"
 STEP_LOGITS = "decode/logits"  # the record of the step logits (judged by the profile's `logits` rule)
@@ -87,6 +88,7 @@ def run_generation_job(j: dict[str, Any]) -> dict[str, Any]:
         j["device"],
         j["config"],
         precision=j["precision"],
+        work=Work("generate", new_tokens=j["generate"], step_logits=True, cache_points=True),
     )
     kw = {}
     if j.get("forced_from"):

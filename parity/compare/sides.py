@@ -24,6 +24,7 @@ from converters import safetensors_io
 from parity import errors
 from parity import points as pts
 from parity.errors import ConfigError, InputsError, ParityError, describe
+from parity.estimate import Work
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")
@@ -160,6 +161,7 @@ def run_job(j: dict[str, Any]) -> dict[str, Any]:
         j["device"],
         j["config"],
         precision=j["precision"],
+        work=Work("side", points=j["points"], teacher=bool(j["teacher_from"])),
     )
     wanted = pts.select(pts.forward_points(cfg), j["points"])
     t0 = time.perf_counter()
