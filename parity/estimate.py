@@ -41,7 +41,7 @@ from parity.errors import ParityError
 GB = 1e9
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Resident set of the imported framework and its first forward (measured, docs/memory.md; rounded up).
-RUNTIME = {"torch": 0.35 * GB, "jax": 0.50 * GB, "transformers": 0.70 * GB}
+RUNTIME = {"torch": 0.35 * GB, "jax": 0.45 * GB, "transformers": 0.70 * GB}
 KEEPS_LOAD_COPY = {"torch": False, "jax": True, "transformers": True}
 SLACK = 1.10  # allocator fragmentation, inputs, small buffers: applied to everything but the runtime
 STREAM_BASE = 1.0 * GB  # issue 24 §1's target: 1 GB + 2 x the largest unit
@@ -81,11 +81,13 @@ class Estimate:
     streamed: int  # the block-streamed figure (not implemented yet)
 
     def brief(self) -> str:
-        parts = ", ".join(f"{k} {gb(v)}" for k, v in self.items.items() if v >= 0.005 * GB)
+        parts = ", ".join(f"{k} {gb(v)}" for k, v in self.items.items() if v)
         return f"{gb(self.peak)} ({parts})"
 
 
 def gb(n: float) -> str:
+    if n < 0.1 * GB:
+        return f"{n / 1e6:.1f} MB"
     return f"{n / GB:.2f} GB" if n < 10 * GB else f"{n / GB:.1f} GB"
 
 
@@ -129,7 +131,7 @@ def estimate(
     new = work.new_tokens if work.kind in ("generate", "golden") else 0
     Sk = S + new
     weights = n_params * c
-    held = n_params * (held_itemsize or c)
+    held = int(n_params * (held_itemsize or c))
     load_copy = held + (largest * c if (held_itemsize or c) != c and impl != "jax" else 0)
 
     vit = 2 * B * v.num_heads * T * T * 4 + 2 * B * T * v.mlp_dim * c + 4 * B * T * v.width * c
@@ -350,7 +352,7 @@ def table(cfg: PaliGemmaConfig, stored: float = 4, rows: int = 1, text_len: int 
                         dataclasses.replace(x, peak=comparing(x, x, cfg, rows, text_len)) for x in (e, streamed)
                     )
                 row["resident_bytes"][impl] = e.peak
-                row["items"] = {k: v for k, v in e.items.items() if k != "runtime"}  # the same for both
+                row.setdefault("items", {})[impl] = e.items
             row["streamed_bytes"] = streamed.peak
             out.append(row)
     return {
@@ -361,9 +363,24 @@ def table(cfg: PaliGemmaConfig, stored: float = 4, rows: int = 1, text_len: int 
         "largest_unit_parameters": largest_unit(cfg),
         "notes": [
             "resident: today's loaders, numpy parameters beside the framework's (docs/memory.md)",
-            "streamed: what block streaming targets (issue 24 §1); it is not implemented yet",
-            "compare: its sides run one after the other in their own processes; peak = the larger side + the "
-            "comparing process",
+            "streamed: block streaming (issue 24 §1) is not implemented yet; the figure is its target",
+            "compare: the sides run one after the other, each in its own process: the larger side + the comparer",
         ],
         "table": out,
     }
+
+
+def lines(memory: dict) -> list[str]:
+    """`table()` as aligned text lines (the CLI's rendering)."""
+    head = f"{'run':9s} {'dtype':9s} {'torch':>9s} {'jax':>9s} {'streamed*':>10s}"
+    out = [
+        f"memory estimate: {memory['rows']} row(s) x (image tokens + {memory['text_len']} text tokens), "
+        f"{memory['new_tokens']} generated; peak resident set",
+        head,
+    ]
+    for r in memory["table"]:
+        res = r["resident_bytes"]
+        out.append(
+            f"{r['run']:9s} {r['dtype']:9s} {gb(res['torch']):>9s} {gb(res['jax']):>9s} {gb(r['streamed_bytes']):>10s}"
+        )
+    return out + memory["notes"][:1] + ["* " + memory["notes"][1]] + memory["notes"][2:]
