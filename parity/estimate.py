@@ -114,10 +114,13 @@ def estimate(
     batch: int,
     text_len: int,
     work: Work = Work(),
-    held_itemsize: int | None = None,
+    held_itemsize: float | None = None,
+    device: str = "cpu",
 ) -> Estimate:
-    """One run side's peak. `held_itemsize`: bytes per parameter of the numpy copy the loader holds (the
-    checkpoint's dtype, or --dtype when it differs from the compute dtype); default: the compute dtype's."""
+    """One run side's peak resident set on the host. `held_itemsize`: bytes per parameter of the numpy copy the
+    loader holds (the checkpoint's dtype, or --dtype when it differs from the compute dtype); default: the compute
+    dtype's. On an accelerator `device` the weights, activations and kv cache live in its memory, which is not
+    estimated here: the host's peak is the runtime, the load copy and the outputs."""
     if work.kind not in KINDS:
         raise ValueError(f"kind {work.kind!r}; one of {', '.join(KINDS)}")
     c = ITEMSIZE[dtype]
@@ -156,6 +159,8 @@ def estimate(
     runtime = int(RUNTIME.get(impl, RUNTIME["transformers"]))
     keeps = KEEPS_LOAD_COPY.get(impl, True)
     dynamic = weights + (load_copy + run if keeps else max(load_copy, run))
+    if device.split(":")[0] != "cpu":
+        dynamic = load_copy + outputs
     items = {
         "runtime": runtime,
         "weights": weights,
@@ -293,16 +298,18 @@ def check_fits(
     ckpt,
     work: Work | None = None,
     *,
+    device: str = "cpu",
     root: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Estimate:
     """Refuse (MemoryRefused, exit 2, one line: the need, what is available and from where, the way out) a run whose
-    estimate exceeds the memory available; called before any tensor is read. $PARITY_MEMORY_CHECK=off skips it."""
+    estimate exceeds the host memory available; called before any tensor is read. $PARITY_MEMORY_CHECK=off skips
+    it. An accelerator's own memory is not checked (the framework reports its out-of-memory errors)."""
     env = os.environ if env is None else env
     work = work or Work()
     rows, text_len = (int(n) for n in np.shape(inputs["text"]))
     held = held_itemsize(ckpt, compute, dtype)
-    est = estimate(cfg, impl, compute, rows, text_len, work, held)
+    est = estimate(cfg, impl, compute, rows, text_len, work, held, device)
     if env.get(ENV_CHECK, "").lower() in ("off", "0", "no", "false"):
         return est
     limit, source = available(root, env)
@@ -314,18 +321,23 @@ def check_fits(
 
     ways = []
     if compute == "float32":
-        small = estimate(cfg, impl, "bfloat16", rows, text_len, work, held_itemsize(ckpt, "bfloat16", "bfloat16"))
+        stored = held_itemsize(ckpt, "bfloat16", "bfloat16")  # --dtype bfloat16 holds the checkpoint's own dtype
+        small = estimate(cfg, impl, "bfloat16", rows, text_len, work, stored, device)
         if fits(small):
             ways.append(f"--dtype bfloat16 needs {gb(small.peak)} (fits; slow on most CPUs)")
     if rows > 1:
-        n = next((r for r in range(rows - 1, 0, -1) if fits(estimate(cfg, impl, compute, r, text_len, work, held))), 0)
+        n = next(
+            (r for r in range(rows - 1, 0, -1) if fits(estimate(cfg, impl, compute, r, text_len, work, held, device))),
+            0,
+        )
         if n:
             ways.append(f"fewer rows in the inputs ({n} of {rows} would fit)")
     ways.append(f"a machine with {-(-est.peak // (1 << 30))} GiB available")
     ways.append("block streaming (issue 24 §1) is not implemented yet")
     ways.append(f"{ENV_CHECK}=off runs anyway")
     raise MemoryRefused(
-        f"{cfg.name}: {work.kind} with {impl} {compute}, {rows} rows x {cfg.num_image_tokens + text_len} tokens needs "
+        f"{cfg.name}: {work.kind} with {impl} {compute}, {rows} row{'s' * (rows != 1)} x "
+        f"{cfg.num_image_tokens + text_len} tokens needs "
         f"{est.brief()} at peak, but {gb(limit)} is available ({source}); "
         f"way out: {'; '.join(ways)}"
     )

@@ -213,7 +213,7 @@ def prepare(
         inputs = load_inputs(inputs_path, cfg)
         if check is not None:
             check(cfg)
-        estimate.check_fits(cfg, inputs, impl, compute, dtype, ck, work)  # refuses (exit 2) what would not fit
+        estimate.check_fits(cfg, inputs, impl, compute, dtype, ck, work, device=device)  # exit 2 if too big
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
         params = ck.load(FLOAT_DTYPES[dtype] if compute != dtype else None, on_chunk)

@@ -273,3 +273,13 @@ def test_inspect_json_carries_the_estimate():
     assert any("not implemented" in n for n in mem["notes"])
     text = CliRunner().invoke(main, ["inspect", CKPT]).stdout
     assert "memory estimate" in text and "streamed*" in text
+
+
+def test_accelerator_runs_count_only_what_the_host_holds():
+    """On cuda the weights, activations and kv cache are in the device's memory: the host's estimate is the runtime,
+    the loader's numpy copy and the outputs, so a big GPU run is not refused for the host's RAM."""
+    cfg = VARIANTS["paligemma2-10b-224"]
+    cpu = E.estimate(cfg, "torch", "bfloat16", 1, 64, E.Work("capture"), 2)
+    gpu = E.estimate(cfg, "torch", "bfloat16", 1, 64, E.Work("capture"), 2, device="cuda:0")
+    assert gpu.peak == int(E.RUNTIME["torch"] + E.SLACK * (gpu.items["load copy"] + gpu.items["outputs"]))
+    assert gpu.peak < cpu.peak - cpu.items["weights"]
