@@ -335,11 +335,11 @@ def check_fits(
     ways.append(f"a machine with {-(-est.peak // (1 << 30))} GiB available")
     ways.append("block streaming (issue 24 §1) is not implemented yet")
     ways.append(f"{ENV_CHECK}=off runs anyway")
+    what = "a compare side" if work.kind == "side" else work.kind
     raise MemoryRefused(
-        f"{cfg.name}: {work.kind} with {impl} {compute}, {rows} row{'s' * (rows != 1)} x "
-        f"{cfg.num_image_tokens + text_len} tokens needs "
-        f"{est.brief()} at peak, but {gb(limit)} is available ({source}); "
-        f"way out: {'; '.join(ways)}"
+        f"{cfg.name}: {what} with {impl} {compute}, {rows} row{'s' * (rows != 1)} x "
+        f"{cfg.num_image_tokens + text_len} tokens needs {est.brief()} at peak, "
+        f"but {gb(limit)} is available ({source}); way out: {'; '.join(ways)}"
     )
 
 

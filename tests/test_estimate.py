@@ -283,3 +283,21 @@ def test_accelerator_runs_count_only_what_the_host_holds():
     gpu = E.estimate(cfg, "torch", "bfloat16", 1, 64, E.Work("capture"), 2, device="cuda:0")
     assert gpu.peak == int(E.RUNTIME["torch"] + E.SLACK * (gpu.items["load copy"] + gpu.items["outputs"]))
     assert gpu.peak < cpu.peak - cpu.items["weights"]
+
+
+def test_compare_side_refuses_in_its_own_process(tmp_path):
+    """A compare's side checks its estimate in its worker process: the compare exits 2 with the side's line."""
+    env = {**os.environ, "PYTHONPATH": ROOT, E.ENV_LIMIT: "50M"}
+    env.pop(E.ENV_CHECK, None)
+    p = subprocess.run(
+        [sys.executable, "-m", "parity.cli", "compare", CKPT, "--inputs", INPUTS, "--a", "torch", "--b", "torch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a compare side with torch float32" in lines[0] and "way out" in lines[0], lines
+    assert os.listdir(tmp_path) == []
