@@ -159,7 +159,7 @@ def estimate(
     runtime = int(RUNTIME.get(impl, RUNTIME["transformers"]))
     keeps = KEEPS_LOAD_COPY.get(impl, True)
     dynamic = weights + (load_copy + run if keeps else max(load_copy, run))
-    if device.split(":")[0] != "cpu":
+    if str(device).split(":")[0] != "cpu":
         dynamic = load_copy + outputs
     items = {
         "runtime": runtime,
