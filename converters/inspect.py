@@ -10,7 +10,7 @@ from converters import dtypes
 from converters.checkpoint import departures, expected_shapes, open_checkpoint
 from converters.convert import Progress
 from converters.reader import scan
-from parity import spec
+from parity import estimate, spec
 from parity.config import PaliGemmaConfig
 
 NOT_READ = "headers only: tensor data was not read (no CRC-32 or value check); --verify reads every byte"
@@ -22,7 +22,8 @@ VERIFIED = (
 def inspect(
     path: str, config: PaliGemmaConfig | str | None = None, verify: bool = False, progress: Progress | None = None
 ) -> dict:
-    """A report: format, config (and how it was found), dtypes, parameter count, per-tensor rows, departures.
+    """A report: format, config (and how it was found), dtypes, parameter count, per-tensor rows, departures, and
+    the memory estimate of capture / compare / generate runs (parity.estimate.table).
 
     By default only headers are read. `verify` reads every byte: the CRC-32 of every npz member and orbax array
     (a mismatch is a CheckpointError: the file is corrupt), and every value of every tensor, counting non-finite
@@ -84,6 +85,8 @@ def inspect(
         }
         if cfg is not None:
             report["config_fields"] = cfg.to_dict()
+            stored = sum(np.prod(s) * np.dtype(ck.native_dtypes[k]).itemsize for k, s in ck.shapes.items())
+            report["memory"] = estimate.table(cfg, stored=float(stored) / max(n_params, 1))
         if ck.format == "safetensors" and cfg is not None:
             report["notes"].append(
                 f"embed_tokens has {cfg.hf_vocab_rows} rows: {cfg.text.vocab_size} real + "

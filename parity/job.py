@@ -68,6 +68,7 @@ class Job:
     teacher_from: str | None = None  # a capture whose block inputs this backend's blocks are run on
     teacher_output: str | None = None
     generate: Generate | None = None
+    role: str = "run"  # "run", or "side" for a compare's side (named so in messages, e.g. a memory refusal)
 
     def __post_init__(self):
         # Plain, hashable, JSON-shaped values, whatever the caller passed (lists, Conventions, PaliGemmaConfig).

@@ -20,7 +20,7 @@ from converters import hub
 from converters.checkpoint import open_checkpoint
 from converters.dtypes import FLOAT_DTYPES
 from parity import backend as backends
-from parity import monitor
+from parity import estimate, monitor
 from parity import points as pts
 from parity.backend import DTYPES
 from parity.capture_file import Capture, file_sha256, library_versions, read_capture, write_capture
@@ -82,6 +82,19 @@ class Record:
         return self.loaded.manifest
 
 
+def work(job: Job) -> estimate.Work:
+    """What the job does after loading, as the memory estimate counts it."""
+    g = job.generate
+    if job.capture is not None and g is not None:
+        return estimate.Work("golden", new_tokens=g.steps)
+    if job.capture is not None:
+        kind = "side" if job.role == "side" else "capture"
+        return estimate.Work(kind, points=job.points, teacher=bool(job.teacher_from))
+    if g is not None:
+        return estimate.Work("generate", new_tokens=g.steps, step_logits=g.logits, cache_points=g.caches)
+    return estimate.Work()
+
+
 def load(
     job: Job,
     progress: Progress | None = None,
@@ -111,6 +124,8 @@ def load(
         inputs = load_inputs(job.inputs, cfg)
         if check is not None:
             check(cfg)
+        # Refuse (exit 2, one line) a run that would not fit in memory before any tensor is read.
+        estimate.check_fits(cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device)
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
         params = ck.load(FLOAT_DTYPES[job.dtype] if compute != job.dtype else None, on_chunk)

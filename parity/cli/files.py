@@ -74,6 +74,7 @@ def convert(src, dst, to, config, dtype, max_shard_size, overwrite, as_json):
 def inspect(ctx, path, config, verify, as_json):
     """Format, config, dtypes, parameter count, tensors, and every departure from the spec (exit 1 if any)."""
     from converters.inspect import inspect as run
+    from parity import estimate
 
     with progress_bar(verify and not as_json and sys.stderr.isatty(), "verifying") as cb:
         report = run(path, config, verify=verify, progress=cb)
@@ -100,6 +101,8 @@ def inspect(ctx, path, config, verify, as_json):
         for d in r["departures"]:
             con.print(f"[red]departure[/red]: {d['key']}: {d['what']} (expected {d['expected']}, found {d['found']})")
         con.print("conforms to the spec" if r["conforms"] else f"{len(r['departures'])} departures from the spec")
+        for line in estimate.lines(r["memory"]) if r.get("memory") else []:
+            con.print(line, highlight=False, markup=False, soft_wrap=True)
 
     _emit(report, as_json, render)
     ctx.exit(0 if report["conforms"] else 1)

@@ -94,6 +94,7 @@ def _job(side: Side, inputs: str, convention: str, config: str | None, **what: A
         dtype=side.dtype,
         device=side.device,
         precision=side.precision,
+        role="side",
         **what,
     )
 
