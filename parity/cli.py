@@ -16,6 +16,7 @@ import threading
 
 import click
 
+from parity.assets_cli import assets
 from parity.conventions import PRESETS
 from parity.errors import ParityError
 
@@ -938,6 +939,8 @@ def _status(enabled: bool):
     with Console(stderr=True).status("starting") as st:
         yield lambda msg: st.update(f"running {msg}")
 
+
+main.add_command(assets)
 
 if __name__ == "__main__":
     main()
