@@ -328,15 +328,34 @@ def checkpoint_path(key: str) -> str:
 def _kagglehub_logs_to_stderr():
     """kagglehub logs to stdout; a `--json` report owns stdout."""
     moved = []
-    for h in logging.getLogger("kagglehub").handlers:
-        if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
-            moved.append(h)
-            h.setStream(sys.stderr)
+    log = logging.getLogger("kagglehub")
+    for h in log.handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__):
+            moved.append((h, h.setStream(sys.stderr)))
     try:
         yield
     finally:
-        for h in moved:
-            h.setStream(sys.stdout)
+        for h, old in moved:
+            h.setStream(old)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """No progress bars or INFO lines from the clients (stderr not a terminal, or a --json run): the one line of an
+    error stays the only line. tqdm writes to the sys.stderr of the moment a bar starts."""
+    if not enabled:
+        yield
+        return
+    import io
+
+    log = logging.getLogger("kagglehub")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _one_line(e: Exception) -> str:
@@ -344,7 +363,9 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def download(key: str, source: str | None = None, output_dir: str | None = None, dtype: str | None = None) -> str:
+def download(
+    key: str, source: str | None = None, output_dir: str | None = None, dtype: str | None = None, quiet: bool = False
+) -> str:
     """Fetch the files of one source of `key` through its hub's client (resumable as that client is: kagglehub
     resumes a partial file on the next run; huggingface_hub resumes within a run). Returns the source used."""
     asset = get(key)
@@ -352,27 +373,8 @@ def download(key: str, source: str | None = None, output_dir: str | None = None,
     if source == "kaggle" and not asset.get("kaggle"):
         raise AssetError(f"{key}: no Kaggle handle in the catalog; use --source hf", key=key)
     try:
-        if source == "hf":
-            from huggingface_hub import hf_hub_download
-
-            kw = dict(revision=asset.get("revision"), endpoint=os.environ.get("HF_ENDPOINT") or None)
-            kw |= dict(local_dir=output_dir) if output_dir else dict(cache_dir=hf_cache_dir())
-            names = [fr["name"] for fr in asset["files"] if fr["source"] == "hf"]
-            for name in names:
-                hf_hub_download(asset["hf_id"], name, **kw)
-            for fr in hf_names(asset, output_dir):
-                if fr["name"] not in names:
-                    hf_hub_download(asset["hf_id"], fr["name"], **kw)
-        else:
-            import kagglehub
-
-            alts = [fr for fr in asset["files"] if fr["source"] == "kaggle"]
-            pick = [fr for fr in alts if dtype in (None, fr.get("dtype"))][:1]
-            if not pick:
-                have = ", ".join(str(fr.get("dtype")) for fr in alts)
-                raise AssetError(f"{key}: no Kaggle file in {dtype} (the catalog has {have})", key=key)
-            with _kagglehub_logs_to_stderr():
-                kagglehub.model_download(_kaggle_handle(asset), pick[0]["name"], output_dir=output_dir)
+        with _quiet(quiet):
+            _fetch(asset, source, output_dir, dtype)
     except ImportError as e:
         raise AssetError(f"{key}: needs the hub clients: pip install 'paligemma-parity[hub]' ({e})") from None
     except AssetError:
@@ -381,3 +383,29 @@ def download(key: str, source: str | None = None, output_dir: str | None = None,
         where = asset["hf_id"] if source == "hf" else asset["kaggle"]
         raise AssetError(f"{key}: download from {where} failed ({_one_line(e)})", key=key) from None
     return source
+
+
+def _fetch(asset: dict, source: str, output_dir: str | None, dtype: str | None) -> None:
+    """One source's files through its client: hf lists, then the shards the index names; kaggle one npz."""
+    key = asset["key"]
+    if source == "hf":
+        from huggingface_hub import hf_hub_download
+
+        kw = dict(revision=asset.get("revision"), endpoint=os.environ.get("HF_ENDPOINT") or None)
+        kw |= dict(local_dir=output_dir) if output_dir else dict(cache_dir=hf_cache_dir())
+        names = [fr["name"] for fr in asset["files"] if fr["source"] == "hf"]
+        for name in names:
+            hf_hub_download(asset["hf_id"], name, **kw)
+        for fr in hf_names(asset, output_dir):
+            if fr["name"] not in names:
+                hf_hub_download(asset["hf_id"], fr["name"], **kw)
+    else:
+        import kagglehub
+
+        alts = [fr for fr in asset["files"] if fr["source"] == "kaggle"]
+        pick = [fr for fr in alts if dtype in (None, fr.get("dtype"))][:1]
+        if not pick:
+            have = ", ".join(str(fr.get("dtype")) for fr in alts)
+            raise AssetError(f"{key}: no Kaggle file in {dtype} (the catalog has {have})", key=key)
+        with _kagglehub_logs_to_stderr():
+            kagglehub.model_download(_kaggle_handle(asset), pick[0]["name"], output_dir=output_dir)

@@ -126,7 +126,7 @@ def verify_cmd(ctx, key, source, output_dir, as_json):
 def download_cmd(key, source, dtype, output_dir, as_json):
     """Fetch KEY through huggingface_hub / kagglehub (their caches, or --output-dir), then check it: exit 2 when a
     file differs from its recorded sha256."""
-    used = lib.download(key, source, output_dir, dtype)
+    used = lib.download(key, source, output_dir, dtype, quiet=not _progress_enabled(as_json))
     with _hash_progress(_progress_enabled(as_json)) as cb:
         rep = lib.verify(key, output_dir, used, cb)
     if rep["status"] not in ("verified", "unrecorded"):
