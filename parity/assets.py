@@ -216,8 +216,7 @@ def complete(asset: dict, locs: list[Located]) -> list[Located]:
     if not locs:
         return []
     if locs[0].source == "hf":
-        listed = {fr["name"] for fr in asset["files"] if fr["source"] == "hf"}
-        shards = INDEX not in listed or any(loc.name not in listed for loc in locs)
+        shards = INDEX not in {loc.name for loc in locs} or any(loc.name.endswith(".safetensors") for loc in locs)
         return locs if shards and all(loc.status == "present" for loc in locs) else []
     return next(([loc] for loc in locs if loc.status == "present"), [])
 

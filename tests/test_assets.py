@@ -224,6 +224,13 @@ def test_hf_download_resumes_a_truncated_file_and_the_snapshot_is_a_checkpoint(h
     assert shard in names and len(names) >= 4 and all(f["status"] == "unrecorded" for f in names.values())
     assert open(names[shard]["path"], "rb").read() == hub.hf["google/tiny-pg2"][shard]
     assert assets.checkpoint_path("tiny").startswith(str(tmp_path / "hf"))  # no kaggle copy: the snapshot
+    r = invoke("assets", "record", "tiny", "--source", "hf", "--json")  # the shards become records, hashed
+    assert r.exit_code == 0 and {d["name"] for d in json.loads(r.stdout)["recorded"]} == set(names), r.output
+    assert verify("tiny", "--source", "hf")[0] == 0
+    listed = [f["name"] for a in assets.load_catalog()["assets"] if a["key"] == "tiny" for f in a["files"]]
+    assert (
+        shard in listed and sha256(names[shard]["path"]) == hashlib.sha256(hub.hf["google/tiny-pg2"][shard]).hexdigest()
+    )
     r = invoke("inspect", "tiny", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["config"] == "tiny-pg2-gqa", r.output
 
