@@ -22,8 +22,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	bash golden/demo.sh $(PARITY)
 
+# The same result however it is started (a terminal, `nohup make test &`, `timeout`, a CI runner): the signal tests
+# start their children with the dispositions they rely on (tests/signal_child.py) while pytest itself keeps what it
+# inherited (a `nohup` run still survives a hangup), and stdin is /dev/null, so no child can stop on reading a
+# terminal it does not own (`timeout` runs its command in a background process group).
 test: $(VENV)/.installed-keras
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests </dev/null
 
 # ruff lints and checks the formatting of everything (configured in pyproject.toml); .ci/run calls it before the tests.
 lint: $(VENV)/.installed

@@ -13,7 +13,9 @@
   a file is renamed over; a directory is exchanged with the new one (RENAME_EXCHANGE) and only then removed.
 - SIGTERM and SIGHUP clean up like SIGINT (KeyboardInterrupt): while an output is open they raise `Terminated`;
   once every temporary is gone the signal is delivered again with its default action, so the process still ends
-  the way its sender expects.
+  the way its sender expects. A signal the process inherited as ignored (SIGHUP under `nohup`, SIGINT in a
+  background job of a script) stays ignored, as Python keeps SIGINT: the conversion runs to its end
+  (tests/test_interrupt.py::test_an_inherited_ignored_signal_stays_ignored).
 - Everything under the temporary is flushed to disk (fsync) before the rename, and the directory after it, so a
   power loss never leaves the final name holding data that was not written.
 - Temporaries get the permissions plain open()/mkdir() give (the umask is respected; not mkstemp's 0600).

@@ -4,7 +4,8 @@
     kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]  kagglehub.model_download (a single .npz inside is chosen)
 
 Both clients honour their caches and offline settings (HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT; KAGGLEHUB_CACHE),
-so already-downloaded checkpoints resolve without a network. Anything else is returned unchanged (a local path).
+so already-downloaded checkpoints resolve without a network. A key of the asset catalog (`pg2-3b-224`, parity/assets.py)
+resolves to its weights in those caches, never downloading. Anything else is returned unchanged (a local path).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def is_hub_ref(src: str | os.PathLike) -> bool:
 def resolve(src: str | os.PathLike) -> str:
     """A local path for `src` (downloading into the hub's cache if needed)."""
     if not is_hub_ref(src):
-        return os.fspath(src)
+        from parity import assets  # a catalog key (`pg2-3b-224`): its downloaded weights, or exit 2 naming the download
+
+        return assets.checkpoint_path(src) if assets.is_key(src) else os.fspath(src)
     scheme, ref = src.split(":", 1)
     try:
         if scheme == "hf":

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from parity.cli import main
 from parity.inputs import load_inputs
+from tests import signal_child
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "golden")
 CKPT = os.path.join(GOLDEN, "tiny-pg2-gqa.b16.npz")
@@ -213,7 +214,7 @@ main()
 def test_ctrl_c_exits_130_promptly_with_one_line(tmp_path):
     out = tmp_path / "c.safetensors"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen(
+    p = signal_child.popen(  # SIGINT at its default disposition, whatever the suite inherited (nohup, a script's &)
         [sys.executable, "-c", SLOW_FORWARD, "capture", CKPT, "--inputs", INPUTS, "-o", str(out)],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -21,6 +21,7 @@ from converters.convert import background, convert
 from parity import spec
 from parity.cli import main
 from parity.config import TINY_VARIANTS
+from tests import signal_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,10 +50,32 @@ def big(tmp_path_factory):
     return paths
 
 
-def start(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.Popen(
-        [sys.executable, "-m", "parity.cli", *map(str, args)],
+# The real CLI, with one addition: it stops itself (SIGSTOP) once `stop_at` bytes have been handed to the writer,
+# with the output's temporary open and partly written. A SIGSTOP sent from outside at that moment raced the
+# conversion (and skipped the test when the conversion won); stopped from inside, every run is stopped midway.
+STOPPING_CLI = """
+import os, signal
+import converters.convert as convert
+stop_at, real, stopped = int(os.environ["PARITY_TEST_STOP_AT"]), convert._take, []
+def _take(stream, nbytes, progress, counter, total, key):
+    for chunk in real(stream, nbytes, progress, counter, total, key):
+        yield chunk
+        if 0 < stop_at <= counter[0] and not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+convert._take = _take
+from parity.cli import main
+main()
+"""
+
+
+def start(*args, stop_at=0, ignore=()):
+    """The CLI in a child with SIGINT/SIGHUP/SIGTERM at their default disposition (or ignored: `ignore`), whatever
+    this process inherited (tests/signal_child.py); it stops itself after `stop_at` bytes (0: never)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "PARITY_TEST_STOP_AT": str(stop_at)}
+    return signal_child.popen(
+        [sys.executable, "-c", STOPPING_CLI, *map(str, args)],
+        ignore=ignore,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -96,25 +119,21 @@ def wait_stopped(proc, timeout=60) -> bool:
     pytest.fail(f"the process did not stop within {timeout} s of SIGSTOP")
 
 
-def stop_midway(proc, dst, min_bytes=1 << 20, timeout=60):
-    """Wait until the writer's temporary holds `min_bytes`, then SIGSTOP it there. Returns the temporary, or None
-    when the conversion finished first."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and proc.poll() is None:
-        for tmp in temps(dst):
-            try:
-                if written(tmp) >= min_bytes:
-                    proc.send_signal(signal.SIGSTOP)
-                    if not wait_stopped(proc):
-                        return None
-                    if os.path.lexists(tmp) and not os.path.lexists(dst):
-                        return tmp
-                    proc.send_signal(signal.SIGCONT)
-                    return None
-            except FileNotFoundError:
-                pass
-        time.sleep(0.001)
-    return None
+def stop_midway(proc, dst, timeout=120, replacing=False):
+    """Wait until the child has stopped itself (start's `stop_at`) and return its temporary, checked to be there
+    (partly written) while the destination is not (or is, when `replacing` an old output)."""
+    if not wait_stopped(proc, timeout):
+        code, err = finish(proc)
+        pytest.fail(f"the conversion ended (exit {code}) before it stopped itself: {err[-2000:]}")
+    found = temps(dst)
+    assert len(found) == 1 and os.path.lexists(dst) == replacing, (found, os.path.lexists(dst))
+    assert written(found[0]) > 0  # partly written
+    return found[0]
+
+
+def signal_sets(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return signal_child.proc_masks(f.read())
 
 
 def finish(proc, timeout=60):
@@ -131,16 +150,10 @@ def finish(proc, timeout=60):
 def interrupted(big, tmp_path, direction, sig, min_bytes=1 << 20):
     src, to = (big[0], "safetensors") if direction == "npz->st" else (big["st"], "npz")
     dst = tmp_path / ("out" if to == "safetensors" else "out.npz")
-    for attempt in range(5):
-        proc = start("convert", src, "-o", dst, "--to", to)
-        tmp = stop_midway(proc, dst, min_bytes >> attempt)
-        if tmp is not None:
-            break
-        finish(proc)
-        for p in [dst, str(dst) + ".parity.json"]:
-            atomic.remove_path(str(p))
-    else:
-        pytest.skip("conversion always finished before it could be stopped")
+    proc = start("convert", src, "-o", dst, "--to", to, stop_at=min_bytes)
+    tmp = stop_midway(proc, dst)
+    if sig != signal.SIGKILL:  # the child handles it (Python's SIGINT handler; atomic's SIGTERM/SIGHUP cleanup)
+        assert sig in signal_sets(proc.pid)["SigCgt"], signal_sets(proc.pid)
     os.kill(proc.pid, sig)
     os.kill(proc.pid, signal.SIGCONT)
     code, err = finish(proc)
@@ -160,6 +173,68 @@ def test_signal_midway_leaves_nothing(big, tmp_path, direction, sig):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "ignored,direction",
+    [
+        ((signal.SIGINT,), "st->npz"),
+        ((signal.SIGHUP,), "npz->st"),
+        ((signal.SIGTERM,), "npz->st"),
+        ((signal.SIGINT, signal.SIGHUP), "st->npz"),  # what `nohup cmd &` from a script leaves
+    ],
+)
+def test_an_inherited_ignored_signal_stays_ignored(big, tmp_path, ignored, direction):
+    """The Unix convention (what `nohup` asks for): a signal the process inherited as ignored is not caught. Sent
+    midway, it changes nothing: the conversion completes, exit 0, the output whole and equal to an undisturbed one."""
+    src, to = (big[0], "safetensors") if direction == "npz->st" else (big["st"], "npz")
+    dst = tmp_path / ("out" if to == "safetensors" else "out.npz")
+    proc = start("convert", src, "-o", dst, "--to", to, stop_at=1 << 20, ignore=ignored)
+    stop_midway(proc, dst)
+    sets = signal_sets(proc.pid)
+    assert set(ignored) <= sets["SigIgn"] and not set(ignored) & sets["SigCgt"], sets
+    for sig in ignored:
+        os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    code, err = finish(proc)
+    assert code == 0, (code, err)
+    if to == "safetensors":
+        assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(dst)) == [
+            "config.json",
+            "model.safetensors",
+        ]
+        assert filecmp.cmp(dst / "model.safetensors", os.path.join(big["st"], "model.safetensors"), shallow=False)
+    else:
+        assert sorted(os.listdir(tmp_path)) == ["out.npz", "out.npz.parity.json"]
+        ref = tmp_path.parent / f"{tmp_path.name}-ref.npz"
+        convert(big["st"], ref, "npz")
+        try:
+            assert filecmp.cmp(dst, ref, shallow=False)
+        finally:
+            atomic.remove_path(str(ref))
+            atomic.remove_path(str(ref) + ".parity.json")
+
+
+def test_children_start_with_the_dispositions_asked_for(tmp_path):
+    """tests/signal_child.py: the child's dispositions are the ones asked for even when its parent ignores them
+    (the parent here is itself started with SIGINT/SIGHUP/SIGTERM ignored, as under `nohup ... &`)."""
+    inner = """
+import signal, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from tests.signal_child import command
+status = ["cat", "/proc/self/status"]
+print(open("/proc/self/status").read(), "---")
+print(subprocess.run(command(status), capture_output=True, text=True).stdout, "---")
+print(subprocess.run(command(status, ignore=(signal.SIGHUP,)), capture_output=True, text=True).stdout)
+"""
+    trio = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+    outer = signal_child.command([sys.executable, "-c", inner, ROOT], ignore=trio)
+    r = subprocess.run(outer, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    parent, child, nohup = (signal_child.proc_masks(t) for t in r.stdout.split("---"))
+    assert set(trio) <= parent["SigIgn"]
+    assert not set(signal_child.SET) & (child["SigIgn"] | child["SigBlk"]), child
+    assert nohup["SigIgn"] & set(signal_child.SET) == {signal.SIGHUP}, nohup
+
+
 def test_sigkill_leaves_a_stale_temporary_named_and_removed_next_time(big, tmp_path):
     dst, tmp, code, err, pid = interrupted(big, tmp_path, "npz->st", signal.SIGKILL)
     assert code == -signal.SIGKILL
@@ -174,11 +249,8 @@ def test_sigkill_leaves_a_stale_temporary_named_and_removed_next_time(big, tmp_p
 
 def test_second_writer_fails_while_the_first_is_alive(big, tmp_path):
     dst = tmp_path / "out.npz"
-    a = start("convert", big["st"], "-o", dst, "--to", "npz")
+    a = start("convert", big["st"], "-o", dst, "--to", "npz", stop_at=1 << 20)
     tmp = stop_midway(a, dst)
-    if tmp is None:
-        finish(a)
-        pytest.skip("the first conversion finished before it could be stopped")
     try:
         for extra in ([], ["--overwrite"]):
             code, err = cli("convert", big["st"], "-o", dst, "--to", "npz", *extra)
@@ -211,14 +283,13 @@ def test_sigkill_during_overwrite_keeps_old_or_new(big, tmp_path, stop_at):
     convert(big[1], dst, "safetensors")  # the old output (other values)
     old = (dst / "model.safetensors").read_bytes()
     new = open(os.path.join(big["st"], "model.safetensors"), "rb").read()
-    proc = start("convert", big[0], "-o", dst, "--to", "safetensors", "--overwrite")
-    tmp = stop_midway(proc, dst, stop_at)
+    proc = start("convert", big[0], "-o", dst, "--to", "safetensors", "--overwrite", stop_at=stop_at)
+    tmp = stop_midway(proc, dst, replacing=True)
     proc.kill()
     finish(proc)
     got = (dst / "model.safetensors").read_bytes()
     assert got in (old, new) and sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
-    if tmp is not None:
-        assert got == old
+    assert got == old and os.path.exists(tmp)
     convert(big[0], dst, "safetensors", overwrite=True)  # removes the stale temporary too
     assert os.listdir(tmp_path) == ["out"] and (dst / "model.safetensors").read_bytes() == new
 
