@@ -20,7 +20,6 @@ def check_block(i: int, depth: int, x: np.ndarray, width: int, what: str) -> Non
         raise ValueError(f"{what} block input: expected float[B, T, {width}], found shape {np.shape(x)}")
 
 
-
 def check_unit(point: str, config: PaliGemmaConfig, x: np.ndarray) -> None:
     """ValueError unless `point` is a unit between the blocks (points.graph_units) and x has its input point's
     shape (any batch; any sequence length where the text decides it)."""

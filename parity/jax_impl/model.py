@@ -130,4 +130,6 @@ class PaliGemma(nnx.Module):
             return self.llm.final_norm(x)
         if point == points.LOGITS:
             return self.head(x)
-        raise ValueError(f"{point!r} is not a unit between the blocks; units: {', '.join(points.graph_units(self.config))}")
+        raise ValueError(
+            f"unit {point!r}: the units between the blocks are {', '.join(points.graph_units(self.config))}"
+        )
