@@ -195,7 +195,7 @@ def record_run(
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Record:
-    """Run `job`: its forward points into `job.capture`, its teacher-forced blocks into `job.teacher_output`, its
+    """Run `job`: its forward points into `job.capture`, its teacher-forced units into `job.teacher_output`, its
     decoding into `job.generate.output` (each file written whole under a temporary name, or not at all)."""
     wanted: list[str] | None = None
 

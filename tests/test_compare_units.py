@@ -178,3 +178,30 @@ def test_unit_arguments_are_checked_alike_and_the_protocol_matches():
     assert messages["torch"] == messages["jax"]
     assert messages["torch"][0].startswith("unit 'img/block00/out': the units between the blocks are img/encoder_norm")
     assert "expected float[B, 16, 32]" in messages["torch"][1]
+
+
+def test_a_unit_runs_under_the_models_precision_and_leaves_the_process_as_found(monkeypatch):
+    import jax
+    import torch
+
+    params = spec.random_params(GQA, seed=5)
+    x = np.zeros((2, GQA.num_image_tokens, GQA.vision.width), np.float32)
+    inputs = make_inputs(GQA)
+    m = torch_api.build_model(GQA, PRESETS["big_vision"], params=params, precision="high")
+    seen = []
+    m.img.head.register_forward_pre_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        torch_api.unit(m, pts.PROJECTOR, x, inputs)
+        assert seen == ["high"] and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    mj = jax_api.build_model(GQA, PRESETS["big_vision"], params=params, precision="high")
+    original, seen = jax_api._unit, []
+    monkeypatch.setattr(
+        jax_api, "_unit", lambda *a: seen.append(jax.config.jax_default_matmul_precision) or original(*a)
+    )
+    with jax.default_matmul_precision("bfloat16"):
+        jax_api.unit(mj, pts.PROJECTOR, x, inputs)
+        assert seen == ["high"] and jax.config.jax_default_matmul_precision == "bfloat16"
