@@ -205,3 +205,22 @@ def test_a_unit_runs_under_the_models_precision_and_leaves_the_process_as_found(
     with jax.default_matmul_precision("bfloat16"):
         jax_api.unit(mj, pts.PROJECTOR, x, inputs)
         assert seen == ["high"] and jax.config.jax_default_matmul_precision == "bfloat16"
+
+
+def test_a_partial_capture_names_what_it_leaves_uncovered():
+    """Points selected with --points: a unit whose input was not captured has no local error and is named as not
+    covered (not taken for the stem); the units that ran are covered by name."""
+    from test_compare_verdict import LLM, _stats
+
+    from parity.compare import tolerances as tol
+    from parity.compare.core import COMPARED, Comparison, PointRecord, judge
+
+    order = ["img/projector", "llm/input_embeddings", *LLM, "llm/final_norm", "logits"]
+    records = tuple(
+        PointRecord(p, COMPARED, _stats(1e-7), local=None if p == "img/projector" else _stats(1e-8)) for p in order
+    )
+    fp32 = tol.tolerances("fp32", None, {}, {})
+    v = judge(Comparison({}, [], fp32, records, "float32", True, "all positions"), fp32).verdict()
+    assert v.passed and v.basis == "local" and v.not_covered == ("projector",)
+    assert v.covered == "0 ViT + 2 LLM blocks, image/text concatenation + embedding scale, final norm, head"
+    assert v.units == 2 + 3 and v.words.endswith(f"local: {v.covered}; not covered: projector")

@@ -11,7 +11,7 @@
    units, and how much of it is amplified rounding: drift / the largest local error of any unit (×A), with the
    unit that amplifies most (the largest ratio of a block's propagated error to its input's, `amplification()`).
 
-A point after the first unit without a local error is not covered: a backend that runs only blocks (a
+A compared point without a local error (other than the stem's) is not covered: a backend that runs only blocks (a
 BlockBackend, not a UnitBackend, e.g. an outside port) leaves the units between them uncovered. The verdict names
 them; their propagated error is reported, not judged. With everything covered it says so: "the whole graph".
 
@@ -34,6 +34,7 @@ NAMES = {  # the units between and after the blocks (points.graph_units), by the
     "llm/final_norm": "final norm",
     "logits": "head",
 }
+STEM = ("img/patch_embed", "img/with_posemb")  # nothing upstream but the image: judged on propagated error
 HINT = "run with --teacher-forced to tell amplified rounding from a unit that computes differently"
 
 
@@ -112,8 +113,7 @@ def decide(records, teacher_forced: bool, require_propagated: bool, amplificatio
         hint = None if passed or teacher_forced else HINT
         return Verdict("propagated", passed, words, **base, first_differing_unit=first, covered=None, hint=hint)
 
-    first_local = pos[local[0].point]
-    stem = [r for r in records[:first_local] if r.judgement is not None]
+    stem = [r for r in records if r.point in STEM and r.judgement is not None]
     judged = [(r, r.judgement, "propagated = local: nothing upstream") for r in stem]
     judged += [(r, r.local_judgement, "teacher-forced") for r in local]
     judged.sort(key=lambda x: pos[x[0].point])
@@ -124,8 +124,8 @@ def decide(records, teacher_forced: bool, require_propagated: bool, amplificatio
     not_covered = tuple(
         dict.fromkeys(
             NAMES.get(r.point, r.point)
-            for r in records[first_local:]
-            if r.stats is not None and r.local_judgement is None
+            for r in records
+            if r.stats is not None and r.local_judgement is None and r.point not in STEM
         )
     )
     if not not_covered and stem and all(p in blocks for p in NAMES):
