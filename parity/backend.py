@@ -10,8 +10,9 @@ taking no arguments) that satisfies `Backend` under the entry-point group `parit
     mybackend = "mypackage.parity_backend:BACKEND"
 
 It is then a side everywhere (`capture --impl mybackend`, `compare --a mybackend`, `golden check --impl mybackend`),
-and teacher-forced too when it also satisfies `BlockBackend`. Names are listed without importing anything
-(`names()`); a backend's module (and its framework) is imported only when it is used (`get()`).
+and teacher-forced too when it also satisfies `BlockBackend` (its blocks) or `UnitBackend` (the whole graph: the
+blocks and every unit between them). Names are listed without importing anything (`names()`); a backend's module
+(and its framework) is imported only when it is used (`get()`).
 
 Everything crosses the protocol as numpy: inputs are the dict of an inputs file (image float32[B, H, W, 3] in
 [-1, 1]; text, mask_ar, mask_input int[B, L]), outputs are float32 arrays named by `parity.points`. The model
@@ -126,6 +127,19 @@ class BlockBackend(Backend, Protocol):
         """LLM block i on x float32[B, S, D] (its input: points.LLM_INPUT for i = 0, else llm_block_out(i-1)), with
         the masks and positions the forward pass builds from `inputs`. Returns {llm_block_attn(i), llm_block_mlp(i),
         llm_block_out(i)} as float32."""
+        ...
+
+
+@runtime_checkable
+class UnitBackend(BlockBackend, Protocol):
+    """A BlockBackend that also runs the units between and after the blocks, so that teacher forcing covers the
+    whole graph (a BlockBackend without `unit` leaves them uncovered, and the verdict names them)."""
+
+    def unit(self, model: Any, point: str, x: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The unit whose output is capture point `point` (a key of points.graph_units: IMG_FINAL_NORM, PROJECTOR,
+        LLM_INPUT, LLM_FINAL_NORM, LOGITS) on x float32, its input point's array (points.graph_units[point]), as
+        the forward pass computes it: LLM_INPUT joins x (the projected image tokens) with the sqrt(D)-scaled
+        embeddings of inputs["text"]; LOGITS is the head with the convention's final softcap. Returns float32."""
         ...
 
 

@@ -149,8 +149,9 @@ def estimate(
         chosen = pts.select(pts.forward_points(cfg), None if work.kind == "golden" else work.points)
         shapes = pts.shapes(cfg, B, text_len)
         outputs = sum(_prod(shapes[p]) for p in chosen) * (4 + (c if c != 4 else 0))
-        if work.teacher:  # side B's blocks on side A's block inputs: a second set of block outputs
-            outputs += sum(_prod(shapes[p]) for p in chosen if "/block" in p or "/layer" in p) * 4
+        if work.teacher:  # side B's units on side A's inputs: a second set of block and unit outputs
+            units = pts.graph_units(cfg)
+            outputs += sum(_prod(shapes[p]) for p in chosen if "/block" in p or "/layer" in p or p in units) * 4
     if new and (work.step_logits or work.kind == "golden"):
         outputs += B * new * t.vocab_size * 4
     if new and (work.cache_points or work.kind == "golden"):

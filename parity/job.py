@@ -2,7 +2,7 @@
 receives on stdin (`Job.to_json` / `Job.from_json`).
 
 A job names its checkpoint, inputs, backend and how it runs (dtype, device, precision, conventions), then what it
-records: a capture file of forward points (`capture`), the teacher-forced blocks on another capture's block inputs
+records: a capture file of forward points (`capture`), the teacher-forced units on another capture's unit inputs
 (`teacher_from` -> `teacher_output`), and a decoding (`generate`, written to `generate.output` when given).
 """
 

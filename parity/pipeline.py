@@ -195,7 +195,7 @@ def record_run(
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Record:
-    """Run `job`: its forward points into `job.capture`, its teacher-forced blocks into `job.teacher_output`, its
+    """Run `job`: its forward points into `job.capture`, its teacher-forced units into `job.teacher_output`, its
     decoding into `job.generate.output` (each file written whole under a temporary name, or not at all)."""
     wanted: list[str] | None = None
 
@@ -283,20 +283,31 @@ def _generation_arrays(g: dict[str, Any], cfg: PaliGemmaConfig) -> dict[str, np.
 
 
 def teacher_forced_blocks(be, model, cfg: PaliGemmaConfig, batch, reference: str) -> dict[str, np.ndarray]:
-    """Every block of `model` run on the reference capture's input to that block (a BlockBackend's blocks)."""
+    """Every unit of `model` run on the reference capture's input to that unit, in forward order: the blocks (a
+    BlockBackend's vit_block / llm_block) and, when the backend is a UnitBackend, the units between and after them
+    (points.graph_units: encoder norm, projector, image/text concatenation + embedding scale, final norm, head)."""
     if not isinstance(be, backends.BlockBackend):
         raise UsageError(f"--teacher-forced: implementation {be.name!r} has no vit_block/llm_block")
+    graph = pts.graph_units(cfg) if isinstance(be, backends.UnitBackend) else {}
     ref = Capture(reference)
     out: dict[str, np.ndarray] = {}
+
+    def units(*points: str) -> None:
+        for p in points:
+            if p in graph and graph[p] in ref.points:
+                out[p] = be.unit(model, p, ref.read(graph[p]), batch)
+
     try:
         for i in range(cfg.vision.depth):
             src = pts.IMG_POS_EMBED if i == 0 else pts.img_block_out(i - 1)
             if src in ref.points:
                 out.update(be.vit_block(model, i, ref.read(src)))
+        units(pts.IMG_FINAL_NORM, pts.PROJECTOR, pts.LLM_INPUT)
         for i in range(cfg.text.depth):
             src = pts.LLM_INPUT if i == 0 else pts.llm_block_out(i - 1)
             if src in ref.points:
                 out.update(be.llm_block(model, i, ref.read(src), batch))
+        units(pts.LLM_FINAL_NORM, pts.LOGITS)
     finally:
         ref.close()
     return out

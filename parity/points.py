@@ -77,6 +77,22 @@ def forward_points(config: PaliGemmaConfig) -> list[str]:
     return pts + [LLM_FINAL_NORM, LOGITS]
 
 
+def graph_units(config: PaliGemmaConfig) -> dict[str, str]:
+    """The units of the graph between and after the blocks, each by its output point -> its input point, in forward
+    order: the ViT's final norm, the projector, the image/text concatenation with the sqrt(D) embedding scale of the
+    text tokens (its other input: the inputs' text), the LLM's final norm and the head (logits, softcapped as the
+    forward pass does). With the stem (nothing upstream but the image) and the blocks they make the whole graph:
+    what `compare --teacher-forced` runs one by one on side A's captured inputs (backend.UnitBackend.unit)."""
+    v, t = config.vision.depth, config.text.depth
+    return {
+        IMG_FINAL_NORM: img_block_out(v - 1) if v else IMG_POS_EMBED,
+        PROJECTOR: IMG_FINAL_NORM,
+        LLM_INPUT: PROJECTOR,
+        LLM_FINAL_NORM: llm_block_out(t - 1) if t else LLM_INPUT,
+        LOGITS: LLM_FINAL_NORM,
+    }
+
+
 def cache_points(config: PaliGemmaConfig) -> list[str]:
     return [p for i in range(config.text.depth) for p in (llm_k_cache(i), llm_v_cache(i))]
 

@@ -57,9 +57,12 @@ def test_torch_vs_jax_passes_fp32(files, name, convention):
     assert c.first_divergence is None and c.first_local_divergence is None
     assert len(c.records) == len(points.forward_points(TINY_VARIANTS[name]))
     assert {d["key"] for d in c.differences} >= {"impl"}
-    # Every block was also run teacher-forced, and the two frameworks agree far inside the profile.
-    blocks = [r for r in c.records if r.local is not None]
-    assert len(blocks) == 2 * TINY_VARIANTS[name].vision.depth + 3 * TINY_VARIANTS[name].text.depth
+    # Every block and every unit between them was also run teacher-forced, and the two frameworks agree far inside
+    # the profile.
+    cfg = TINY_VARIANTS[name]
+    local = [r.point for r in c.records if r.local is not None]
+    units = list(points.graph_units(cfg))
+    assert len(local) == 2 * cfg.vision.depth + 3 * cfg.text.depth + len(units) and set(units) <= set(local)
     assert max(r.stats.max_rel for r in c.records) < 1e-5
 
 

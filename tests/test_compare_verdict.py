@@ -169,6 +169,10 @@ def test_teacher_forced_torch_against_jax_passes_on_local_errors(tiny):
     ck, inp = tiny
     c = compare("torch", "jax", ckpt=ck, inputs=inp, teacher_forced=True, isolate=False)
     v = c.verdict()
-    assert c and v.basis == "local" and v.units == 5 and v.covered == "2 ViT + 3 LLM blocks, stem"
-    assert "head" in v.not_covered and "projector" in v.not_covered
+    assert c and v.basis == "local" and v.units == 5 + 5 and not v.not_covered  # 2 + 3 blocks, 5 units between
+    assert v.covered == (
+        "the whole graph (stem, 2 ViT + 3 LLM blocks, ViT final norm, projector, "
+        "image/text concatenation + embedding scale, final norm, head)"
+    )
+    assert v.words.endswith(f"local: {v.covered}")
     assert v.drift == c.records[-1].stats.max_rel and v.drift_point == "logits"

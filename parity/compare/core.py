@@ -2,7 +2,7 @@
 every capture point in forward order, one point in memory at a time; `rejudge`: the same judgement on a saved
 comparison under another profile or policy, without running anything.
 
-Side A is the reference: relative statistics are relative to A, and teacher-forced blocks of B run on A's inputs.
+Side A is the reference: relative statistics are relative to A, and teacher-forced units of B run on A's inputs.
 The verdict (pass / fail, in words) is verdict.py's: on the units' local errors when teacher-forced, else on every
 point's propagated error.
 """
@@ -262,7 +262,7 @@ def compare_captures(
     policy: str | None = None,
     allow_convention_mismatch: bool = False,
 ) -> Comparison:
-    """Compare two capture files point by point (and B's teacher-forced block outputs when given)."""
+    """Compare two capture files point by point (and B's teacher-forced unit outputs when given)."""
     caps = {"A": Capture(path_a), "B": Capture(path_b)}
     local = Capture(teacher) if teacher else None
     try:

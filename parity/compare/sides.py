@@ -4,8 +4,9 @@ or a capture file recorded earlier (possibly on another machine).
 A run side executes in its own process (`python -m parity.compare.worker`), one after the other, writing its capture
 to a directory; only the capture files meet in the comparing process, so two 3B float32 models never share memory.
 A side's run is a parity.job.Job (sent to the worker as JSON) executed by parity.pipeline.record_run. With teacher
-forcing, side B's process also runs each of its ViT and LLM blocks on side A's captured input to that block (a
-parity.backend.BlockBackend's `vit_block` / `llm_block`) and writes those outputs to a second capture file.
+forcing, side B's process also runs each of its units on side A's captured input to that unit (a
+parity.backend.BlockBackend's `vit_block` / `llm_block`, and a UnitBackend's `unit` for the norms, projector,
+image/text concatenation and head) and writes those outputs to a second capture file.
 """
 
 from __future__ import annotations

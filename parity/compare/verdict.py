@@ -1,17 +1,19 @@
 """The verdict of a comparison: two questions kept apart.
 
 1. Does side B compute the same function as side A? Judged on *local* errors when `--teacher-forced` gave them:
-   each unit (a ViT block, an LLM block) of B run on A's input to it, against A's output. Every unit within
-   tolerance: the same function (exit 0), whatever the outputs drifted to. A unit out of tolerance: B computes
-   differently there (exit 1), named. The stem (patch embedding, position embedding) has nothing upstream of it, so
-   its propagated error *is* its local error: it is judged on that and counts as covered.
+   each unit of B run on A's input to it, against A's output. The units are the blocks (ViT, LLM) and the units
+   between and after them (points.graph_units: the ViT's final norm, the projector, the image/text concatenation
+   with the embedding scale, the final norm, the head), so that every unit passing means the same function. Every
+   unit within tolerance: the same function (exit 0), whatever the outputs drifted to. A unit out of tolerance: B
+   computes differently there (exit 1), named. The stem (patch embedding, position embedding) has nothing upstream
+   of it but the image, so its propagated error *is* its local error: it is judged on that and counts as covered.
 2. How far apart do the outputs end up? The propagated error at the last compared point (the drift), after N
    units, and how much of it is amplified rounding: drift / the largest local error of any unit (×A), with the
    unit that amplifies most (the largest ratio of a block's propagated error to its input's, `amplification()`).
 
-Points after the first unit that have no local error (the ViT's final norm, the projector, the image/text
-concatenation and embedding scale, the final norm, the head) are not covered: the backends have no unit-level call
-for them yet. The verdict names them; their propagated error is reported, not judged.
+A compared point without a local error (other than the stem's) is not covered: a backend that runs only blocks (a
+BlockBackend, not a UnitBackend, e.g. an outside port) leaves the units between them uncovered. The verdict names
+them; their propagated error is reported, not judged. With everything covered it says so: "the whole graph".
 
 Without local errors (no `--teacher-forced`), or when the policy says `require_propagated = true`, the verdict is
 judged on every point's propagated error (and local error, where present), as `parity compare` always did; a
@@ -25,13 +27,14 @@ import re
 from typing import Any
 
 UNIT = re.compile(r"^(img/block\d+|llm/layer\d+)/")
-NAMES = {  # points that are not (yet) teacher-forced units, in words
+NAMES = {  # the units between and after the blocks (points.graph_units), by their output point, in words
     "img/encoder_norm": "ViT final norm",
     "img/projector": "projector",
     "llm/input_embeddings": "image/text concatenation + embedding scale",
     "llm/final_norm": "final norm",
     "logits": "head",
 }
+STEM = ("img/patch_embed", "img/with_posemb")  # nothing upstream but the image: judged on propagated error
 HINT = "run with --teacher-forced to tell amplified rounding from a unit that computes differently"
 
 
@@ -42,12 +45,12 @@ class Verdict:
     words: str  # one sentence per question, for people
     drift: float | None  # propagated max_rel at the last compared point
     drift_point: str | None
-    units: int  # teacher-forced units (blocks)
+    units: int  # teacher-forced units (blocks and the units between them)
     amplification: float | None  # drift / largest local error
     most_amplifying_unit: str | None
     most_amplifying_ratio: float | None
     first_differing_unit: str | None
-    covered: str | None  # "2 ViT + 3 LLM blocks, stem"
+    covered: str | None  # "2 ViT + 3 LLM blocks, stem, projector, ..." ("the whole graph (...)" when all are)
     not_covered: tuple[str, ...] = ()
     hint: str | None = None
 
@@ -58,6 +61,9 @@ class Verdict:
 
 
 def _unit(point: str) -> str | None:
+    """The unit a point belongs to: its block ("llm/layer01"), or itself for a unit between the blocks."""
+    if point in NAMES:
+        return point
     m = UNIT.match(point)
     return m.group(1) if m else None
 
@@ -107,27 +113,31 @@ def decide(records, teacher_forced: bool, require_propagated: bool, amplificatio
         hint = None if passed or teacher_forced else HINT
         return Verdict("propagated", passed, words, **base, first_differing_unit=first, covered=None, hint=hint)
 
-    first_local = pos[local[0].point]
-    stem = [r for r in records[:first_local] if r.judgement is not None]
+    stem = [r for r in records if r.point in STEM and r.judgement is not None]
     judged = [(r, r.judgement, "propagated = local: nothing upstream") for r in stem]
     judged += [(r, r.local_judgement, "teacher-forced") for r in local]
     judged.sort(key=lambda x: pos[x[0].point])
-    vit = sum(b.startswith("img/") for b in blocks)
-    covered = f"{vit} ViT + {len(blocks) - vit} LLM blocks" + (", stem" if stem else "")
+    vit = sum(b.startswith("img/block") for b in blocks)
+    llm = sum(b.startswith("llm/layer") for b in blocks)
+    parts = [f"{vit} ViT + {llm} LLM blocks"] + (["stem"] if stem else []) + [NAMES[b] for b in blocks if b in NAMES]
+    covered = ", ".join(parts)
     not_covered = tuple(
         dict.fromkeys(
             NAMES.get(r.point, r.point)
-            for r in records[first_local:]
-            if r.stats is not None and unit_of[r.point] is None
+            for r in records
+            if r.stats is not None and r.local_judgement is None and r.point not in STEM
         )
     )
+    if not not_covered and stem and all(p in blocks for p in NAMES):
+        covered = f"the whole graph ({', '.join([parts[1], parts[0], *parts[2:]])})"
     bad = next(((r, j, how) for r, j, how in judged if not j), None)
     coverage = f"local: {covered}" + (f"; not covered: {', '.join(not_covered)}" if not_covered else "")
     if bad is not None:
         r, j, how = bad
         unit = unit_of[r.point] or f"stem ({r.point})"
+        label = NAMES.get(unit, unit)
         words = (
-            f"B computes differently: first differing unit {unit} ({how} error at {r.point}: "
+            f"B computes differently: first differing unit {label} ({how} error at {r.point}: "
             f"{_e(r.local.max_rel if how == 'teacher-forced' else r.stats.max_rel)} max rel, over {_bound(j)}). "
             + coverage
         )

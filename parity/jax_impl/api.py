@@ -20,7 +20,7 @@ from flax import nnx
 
 from parity import points as pts
 from parity import spec
-from parity.blockcheck import check_block
+from parity.blockcheck import check_block, check_unit
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
@@ -306,7 +306,23 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
     return {name(i): out[k] for k, name in pts.LLM_BLOCK_POINTS.items()}
 
 
-# -- the backend: this module is a parity.backend.BlockBackend (the registry's "jax"; build_model takes `mesh`) ------
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _unit(graphdef, state, point: str, x, text):
+    model = nnx.merge(graphdef, state)
+    return model.unit(point, x.astype(model.llm.final_norm.scale[...].dtype), text).astype(jnp.float32)
+
+
+def unit(model: Model, point: str, x: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The unit whose output is capture point `point` (a key of points.graph_units) on x float32, its input point's
+    array (cast to the model dtype), with the text tokens of `inputs`. Returns the point as float32."""
+    check_unit(point, model.config, x)
+    b = _batch(model, inputs)
+    with matmul_precision(model.precision):
+        out = _unit(model.graphdef, model.state, point, model.put(np.asarray(x, np.float32)), b["text"])
+    return np.asarray(jax.device_get(out))
+
+
+# -- the backend: this module is a parity.backend.UnitBackend (the registry's "jax"; build_model takes `mesh`) ------
 import sys  # noqa: E402
 
 from parity import backend  # noqa: E402  (the protocol; framework-free)
@@ -334,5 +350,5 @@ def notes(model: Model) -> dict[str, Any]:
 
 
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
-assert isinstance(BACKEND, backend.BlockBackend)
+assert isinstance(BACKEND, backend.UnitBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

@@ -46,10 +46,15 @@ class PaliGemma(nnx.Module):
     def embed(self, image, text, capture: Collection[str] = (), out: dict | None = None) -> jax.Array:
         """-> float[B, S, D]: [image tokens ; text tokens]."""
         out = {} if out is None else out
-        x = jnp.concatenate([self.embed_image(image, capture, out), self.embed_text(text)], axis=1)
+        x = self.join(self.embed_image(image, capture, out), text)
         if points.LLM_INPUT in capture:
             out[points.LLM_INPUT] = x
         return x
+
+    def join(self, image_tokens: jax.Array, text: jax.Array) -> jax.Array:
+        """Projected image tokens float[B, T, D] and text int[B, L] -> the LLM's input float[B, S, D]: [image tokens ;
+        text embeddings scaled by sqrt(D)] (the image tokens are not scaled)."""
+        return jnp.concatenate([image_tokens, self.embed_text(text)], axis=1)
 
     # -- masks -----------------------------------------------------------------------------------------------------
     def full_masks(self, text_mask_ar: jax.Array, text_mask_input: jax.Array):
@@ -101,7 +106,30 @@ class PaliGemma(nnx.Module):
         x = self.embed(image, text, capture, out)
         _, _, positions, masks = self.full_masks(mask_ar, mask_input)
         x, _ = self.llm(x, positions, masks, attn_softcap=self.attn_softcap, capture=capture, out=out)
-        logits = self.llm.logits(x, capped=self.conventions.final_softcap == "always")
+        logits = self.head(x)
         if points.LOGITS in capture:
             out[points.LOGITS] = logits
         return logits, out
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final-normed float[B, S, D] -> logits float[B, S, V] as the forward pass scores them: the final softcap
+        only under the "always" convention (decoding caps its own)."""
+        return self.llm.logits(x, capped=self.conventions.final_softcap == "always")
+
+    # -- units (teacher forcing: one unit of the graph run on another run's input to it) ----------------------------
+    def unit(self, point: str, x: jax.Array, text: jax.Array) -> jax.Array:
+        """The unit whose output is capture point `point` (a key of points.graph_units) on its input x, computed as
+        in the forward pass; text int[B, L]: the text tokens the image/text concatenation joins."""
+        if point == points.IMG_FINAL_NORM:
+            return self.img.Transformer.encoder_norm(x)
+        if point == points.PROJECTOR:
+            return self.img.head(x)
+        if point == points.LLM_INPUT:
+            return self.join(x, text)
+        if point == points.LLM_FINAL_NORM:
+            return self.llm.final_norm(x)
+        if point == points.LOGITS:
+            return self.head(x)
+        raise ValueError(
+            f"unit {point!r}: the units between the blocks are {', '.join(points.graph_units(self.config))}"
+        )

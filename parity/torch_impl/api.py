@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from parity import points as pts
-from parity.blockcheck import check_block
+from parity.blockcheck import check_block, check_unit
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
@@ -122,7 +122,7 @@ def build_model(
 ) -> PaliGemma:
     """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical numpy `params` if given
     (zeros otherwise). precision: float32 matmul precision, kept as `model.precision` and entered by every run call
-    (forward, generate, vit_block, llm_block) with `matmul_precision`."""
+    (forward, generate, vit_block, llm_block, unit) with `matmul_precision`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
@@ -259,7 +259,18 @@ def llm_block(model: PaliGemma, i: int, x: np.ndarray, inputs: dict[str, np.ndar
     return {name(i): _numpy(aux[k]) for k, name in pts.LLM_BLOCK_POINTS.items()}
 
 
-# -- the backend: this module is a parity.backend.BlockBackend (the registry's "torch") ----------------------------
+@torch.inference_mode()
+def unit(model: PaliGemma, point: str, x: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The unit whose output is capture point `point` (a key of points.graph_units: encoder norm, projector,
+    image/text concatenation + embedding scale, final norm, head) on x float32, its input point's array (cast to
+    the model dtype), with the text tokens of `inputs`. Returns the point as float32."""
+    check_unit(point, model.config, x)
+    t = _tensors(model, inputs)
+    with matmul_precision(model.precision):
+        return _numpy(model.unit(point, _block_input(model, x), t["text"]))
+
+
+# -- the backend: this module is a parity.backend.UnitBackend (the registry's "torch") ----------------------------
 import sys  # noqa: E402
 
 from parity import backend  # noqa: E402  (the protocol; framework-free)
@@ -278,5 +289,5 @@ def notes(model: PaliGemma) -> dict[str, Any]:
 
 
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
-assert isinstance(BACKEND, backend.BlockBackend)
+assert isinstance(BACKEND, backend.UnitBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)
