@@ -26,6 +26,7 @@ from parity.backend import DTYPES, PRECISIONS, Backend
 from parity.config import PaliGemmaConfig
 from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
+from parity.hf_train import TRAIN_FIELDS, train_step  # noqa: F401  (train_step: the backend's training step)
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
 _RENAMES = (
@@ -42,6 +43,7 @@ class HFModel:
     module: Any
     config: PaliGemmaConfig
     notes: dict = dataclasses.field(default_factory=dict)
+    conventions: Conventions | None = None  # with the training-only fields (hf_train.TRAIN_FIELDS) as asked
 
 
 def hf_module(cfg: PaliGemmaConfig, params: dict[str, np.ndarray]):
@@ -82,10 +84,14 @@ def build_model(
     precision: str = "highest",
     **impl_kw,
 ) -> HFModel:
-    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes."""
+    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes (its
+    training-only fields, hf_train.TRAIN_FIELDS, are read by `train_step`, which refuses what it cannot run)."""
     import torch
 
-    if conventions != PRESETS["transformers"]:
+    def forward_part(c: Conventions) -> dict:
+        return {k: v for k, v in c.to_dict().items() if k not in TRAIN_FIELDS}
+
+    if forward_part(conventions) != forward_part(PRESETS["transformers"]):
         raise ConfigError(
             f"the transformers side runs under the 'transformers' convention only, got "
             f"{conventions.to_dict()}; pass --convention transformers"
@@ -100,7 +106,7 @@ def build_model(
         torch.set_float32_matmul_precision("high")
     params = params if params is not None else spec.random_params(config, scale=0.0)
     module = hf_module(config, params).to(device=device, dtype=getattr(torch, dtype))
-    return HFModel(module, config)
+    return HFModel(module, config, conventions=conventions)
 
 
 def hf_batch(cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
