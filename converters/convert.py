@@ -168,7 +168,7 @@ def write_safetensors(
 
 
 def convert(
-    src: str,
+    src: str | Checkpoint,
     dst: str,
     to: str,
     config: PaliGemmaConfig | str | None = None,
@@ -195,7 +195,9 @@ def convert(
     t0 = time.perf_counter()
     notes: list[str] = []
     memory.reuse_large_allocations()
-    with open_checkpoint(src, config) as ck:
+    # An already open Checkpoint (e.g. parity.train_output's, with a training step's leaves in place of the
+    # file's) is written as it is and left open for its owner.
+    with contextlib.nullcontext(src) if isinstance(src, Checkpoint) else open_checkpoint(src, config) as ck:
         cfg = ck.config
         notes += ck.notes
         src_dtypes = sorted({dtypes.name(ck.dtype(e)) for e in ck.entries()})
@@ -243,7 +245,7 @@ def convert(
                 os.path.join(dst, x) for x in names + (["model.safetensors.index.json"] if len(names) > 1 else [])
             ] + [os.path.join(dst, "config.json")]
         return {
-            "source": {"path": os.path.abspath(src), "format": ck.format, "dtypes": src_dtypes},
+            "source": {"path": os.path.abspath(ck.path), "format": ck.format, "dtypes": src_dtypes},
             "destination": {
                 "path": dst,
                 "format": to,

@@ -1,5 +1,7 @@
 """Writes golden/tiny-inputs.npz: a 2-row batch for the tiny 28 px variants, built by the processor from two
-synthetic images and prompts with different prefix lengths (row 1 is right-padded), in big_vision's convention.
+synthetic images and prompts with different prefix lengths (row 1 is right-padded), in big_vision's convention;
+and the same two images as golden/gradient.png and golden/checkerboard.png with golden/train.jsonl (big_vision's
+fine-tuning lines naming them), for the training walk-through of docs/training.md.
 
     python golden/make_inputs.py
 """
@@ -35,6 +37,20 @@ def main() -> None:
     path = os.path.join(HERE, "tiny-inputs.npz")
     save_inputs(path, batch)
     print(f"wrote {path}: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
+    write_training_files()
+
+
+def write_training_files() -> None:
+    import json
+
+    from PIL import Image
+
+    lines = [("gradient.png", "caption en", "a smooth gradient"), ("checkerboard.png", "caption en", "a checkerboard")]
+    for (name, _, _), image in zip(lines, images()):
+        Image.fromarray(image).save(os.path.join(HERE, name))
+    with open(os.path.join(HERE, "train.jsonl"), "w") as f:
+        for name, prefix, suffix in lines:
+            f.write(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}) + "\n")
 
 
 if __name__ == "__main__":

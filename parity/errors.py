@@ -38,6 +38,12 @@ class UsageError(ParityError):
     """A command-line option has a bad value or contradicts another option."""
 
 
+class Diverged(ParityError):
+    """A run produced a NaN or an infinity (a training step's loss or gradient): the numbers, not the input."""
+
+    exit_code = 1
+
+
 class Described(str):
     """A one-line message that also remembers the file and the key it names."""
 

@@ -14,6 +14,7 @@ the backend's `notes` say whether the argmax at any real position ever fell in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import warnings
 from typing import Any
@@ -26,6 +27,8 @@ from parity.backend import DTYPES, PRECISIONS, Backend
 from parity.config import PaliGemmaConfig
 from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
+from parity.hf_train import TRAIN_FIELDS
+from parity.hf_train import train_step as _train_step
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
 _RENAMES = (
@@ -42,6 +45,24 @@ class HFModel:
     module: Any
     config: PaliGemmaConfig
     notes: dict = dataclasses.field(default_factory=dict)
+    conventions: Conventions | None = None  # with the training-only fields (hf_train.TRAIN_FIELDS) as asked
+    precision: str = "highest"  # torch's float32 matmul precision inside each call (nothing process-wide)
+
+
+def in_precision(fn):
+    """Run `fn(model, ...)` under the model's matmul precision, restored after (as torch_impl's calls do)."""
+
+    @functools.wraps(fn)
+    def run(model: HFModel, *args, **kwargs):
+        from parity.torch_impl.api import matmul_precision
+
+        with matmul_precision(model.precision):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+train_step = in_precision(_train_step)  # the backend's training step
 
 
 def hf_module(cfg: PaliGemmaConfig, params: dict[str, np.ndarray]):
@@ -82,10 +103,14 @@ def build_model(
     precision: str = "highest",
     **impl_kw,
 ) -> HFModel:
-    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes."""
+    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes (its
+    training-only fields, hf_train.TRAIN_FIELDS, are read by `train_step`, which refuses what it cannot run)."""
     import torch
 
-    if conventions != PRESETS["transformers"]:
+    def forward_part(c: Conventions) -> dict:
+        return {k: v for k, v in c.to_dict().items() if k not in TRAIN_FIELDS}
+
+    if forward_part(conventions) != forward_part(PRESETS["transformers"]):
         raise ConfigError(
             f"the transformers side runs under the 'transformers' convention only, got "
             f"{conventions.to_dict()}; pass --convention transformers"
@@ -96,11 +121,9 @@ def build_model(
         raise ConfigError(f"the transformers side takes no options {sorted(impl_kw)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "high":  # TF32 matmuls on GPUs that have them ("default" leaves torch's own setting)
-        torch.set_float32_matmul_precision("high")
     params = params if params is not None else spec.random_params(config, scale=0.0)
     module = hf_module(config, params).to(device=device, dtype=getattr(torch, dtype))
-    return HFModel(module, config)
+    return HFModel(module, config, conventions=conventions, precision=precision)
 
 
 def hf_batch(cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
@@ -150,6 +173,7 @@ def _hooks(module, cfg: PaliGemmaConfig, out: dict) -> list:
     return hooks
 
 
+@in_precision
 def forward(
     model: HFModel, inputs: dict[str, np.ndarray], points_wanted: list[str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -197,6 +221,7 @@ def device_description(device: str) -> str:
     return torch_api.device_description(device)
 
 
+@in_precision
 def generate(
     model: HFModel,
     inputs: dict[str, np.ndarray],

@@ -4,6 +4,8 @@
     text        int32[B, T]          each row starts with <bos> = 2 and is right-padded
     mask_ar     int32[B, T]          0: prefix (full attention among c = 0 tokens); 1: suffix (starts a causal step)
     mask_input  int32[B, T]          optional; 1: token, 0: padding (only at the end of a row); default all ones
+    mask_loss   int32[B, T]          optional (training inputs, `parity inputs --suffix`); 1: a token to learn (the
+                                     suffix and its <eos>), 0: prefix and padding; never 1 where mask_input is 0
 
 (architecture.md §2.4.) A file is `.npz` (never unpickled; read by converters.npz_io) or `.safetensors`; the format
 is detected from the bytes, not the suffix. `validate_inputs` returns the arrays in exactly these dtypes, with
@@ -32,7 +34,7 @@ from .errors import CheckpointError, InputsError, OutputError, describe
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 REQUIRED_KEYS = ("image", "text", "mask_ar")
-OPTIONAL_KEYS = ("mask_input",)
+OPTIONAL_KEYS = ("mask_input", "mask_loss")
 KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 IMAGE_TOLERANCE = 1e-3  # image values may leave [-1, 1] by this much (resampling filters overshoot slightly)
 SUFFIXES = (".npz", ".safetensors")
@@ -170,7 +172,8 @@ def inputs_sha256(inputs: Mapping[str, Any]) -> str:
 def validate_inputs(
     inputs: Mapping[str, Any], config: PaliGemmaConfig | None = None, path: str | os.PathLike = "<inputs>"
 ) -> dict[str, np.ndarray]:
-    """Check keys, shapes, dtypes and values; return {image: float32, text/mask_ar/mask_input: int32}.
+    """Check keys, shapes, dtypes and values; return {image: float32, text/mask_ar/mask_input: int32}, plus
+    mask_loss (int32) when given: only training needs it, so files without it stay valid for every forward run.
 
     Integer dtypes (and bool masks) are accepted when the values fit int32; float16/bfloat16 images always, float64
     images when every value is exactly a float32 (anything else would silently change pixels). With a config, the
@@ -205,7 +208,7 @@ def validate_inputs(
             "batch sizes disagree",
         )
     masks = {}
-    for key in ("mask_ar", "mask_input"):
+    for key in ("mask_ar", "mask_input", "mask_loss"):
         if key not in inputs:
             continue
         m = _int32(inputs[key], key, fail, rank_hint="[B, T]")
@@ -252,7 +255,14 @@ def validate_inputs(
                 f"{text[i, j]} at [{i}, {j}]",
                 "token id out of range",
             )
-    return {"image": image, "text": text, "mask_ar": mask_ar, "mask_input": mask_input}
+    out = {"image": image, "text": text, "mask_ar": mask_ar, "mask_input": mask_input}
+    if "mask_loss" in masks:
+        bad = np.argwhere((masks["mask_loss"] == 1) & (mask_input == 0))
+        if bad.size:
+            i, j = bad[0]
+            fail("mask_loss", "0 on padding (where mask_input is 0)", f"1 at [{i}, {j}]", "loss on a padding token")
+        out["mask_loss"] = masks["mask_loss"]
+    return out
 
 
 def _sig(a: np.ndarray) -> str:

@@ -3,7 +3,9 @@ receives on stdin (`Job.to_json` / `Job.from_json`).
 
 A job names its checkpoint, inputs, backend and how it runs (dtype, device, precision, conventions), then what it
 records: a capture file of forward points (`capture`), the teacher-forced units on another capture's unit inputs
-(`teacher_from` -> `teacher_output`), and a decoding (`generate`, written to `generate.output` when given).
+(`teacher_from` -> `teacher_output`), a decoding (`generate`, written to `generate.output` when given), and a
+fine-tuning step (`train`, parity.training.TrainOptions; its first gradients written to `grads`, the updated
+checkpoint to `updated` in format `updated_format`: `parity.pipeline.record_train`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
+from parity.training import TrainOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,10 @@ class Job:
     teacher_output: str | None = None
     generate: Generate | None = None
     role: str = "run"  # "run", or "side" for a compare's side (named so in messages, e.g. a memory refusal)
+    train: TrainOptions | None = None  # a training step (record_train); None: no training
+    grads: str | None = None  # the first step's gradients (npz), or None
+    updated: str | None = None  # the updated checkpoint, or None
+    updated_format: str | None = None  # its format: npz, safetensors or orbax
 
     def __post_init__(self):
         # Plain, hashable, JSON-shaped values, whatever the caller passed (lists, Conventions, PaliGemmaConfig).
@@ -81,6 +88,8 @@ class Job:
             object.__setattr__(self, "points", tuple(self.points))
         if isinstance(self.generate, dict):
             object.__setattr__(self, "generate", Generate(**self.generate))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", TrainOptions.from_dict(self.train))
 
     @property
     def conventions(self) -> str | Conventions:
@@ -91,7 +100,10 @@ class Job:
         return PaliGemmaConfig.from_dict(self.config) if isinstance(self.config, dict) else self.config
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        d = dataclasses.asdict(self)
+        if self.train is not None:
+            d["train"] = self.train.to_dict()
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> Job:

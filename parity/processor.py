@@ -1,7 +1,8 @@
 """Images and text → the arrays of an inputs file (`parity.inputs`), the way big_vision builds them.
 
-    tokens  = [<bos>] + enc(prefix) + enc("\\n") + (enc(suffix) + [<eos>] if a suffix is given)
-    mask_ar =   0          0…0          0            1…1            1        (padding: 1)
+    tokens    = [<bos>] + enc(prefix) + enc("\\n") + (enc(suffix) + [<eos>] if a suffix is given)
+    mask_ar   =   0          0…0          0            1…1            1        (padding: 1)
+    mask_loss =   0          0…0          0            1…1            1        (padding: 0; only with suffixes)
 
 Each piece is tokenized on its own (big_vision `combine_and_keep_*`, architecture.md §3.1), so the separator can never
 merge with the prefix or the suffix. Hugging Face's `PaliGemmaProcessor` tokenizes `"<bos>" + prefix + "\\n"` as one
@@ -126,11 +127,13 @@ def build_inputs(
     resample: str = "bilinear",
     text_len: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """One example per image → validated {image, text, mask_ar, mask_input} (see `parity.inputs`).
+    """One example per image → validated {image, text, mask_ar, mask_input[, mask_loss]} (see `parity.inputs`).
 
     `images` are anything `load_image` takes; a suffix of None (or `suffixes=None`) means no suffix and no <eos>
     (inference), while "" gives a lone <eos>. Rows are right-padded to `text_len` (default: the longest row) with
-    pad 0, mask_input 0 and mask_ar 1.
+    pad 0, mask_input 0 and mask_ar 1. When any suffix is given, the batch is a training batch and carries
+    `mask_loss` (big_vision's fine-tuning guide): 1 on the suffix and its <eos>, 0 on <bos>, prefix, separator and
+    padding (a row without a suffix has no loss token).
     """
     if isinstance(prefixes, str):
         prefixes = [prefixes]
@@ -166,13 +169,57 @@ def build_inputs(
     text = np.full((b, t_len), PAD_ID, np.int32)
     mask_ar = np.ones((b, t_len), np.int32)
     mask_input = np.zeros((b, t_len), np.int32)
+    mask_loss = np.zeros((b, t_len), np.int32)
     for i, (tokens, ar) in enumerate(rows):
         text[i, : len(tokens)], mask_ar[i, : len(ar)], mask_input[i, : len(tokens)] = tokens, ar, 1
+        mask_loss[i, : len(ar)] = ar  # the suffix and its <eos> are exactly the mask_ar 1 tokens of a row
     size = config.vision.image_size
     image = np.stack([load_image(im, size, resample) for im in images])
-    return validate_inputs(
-        dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input), config, path="<build_inputs>"
-    )
+    batch = dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input)
+    if any(s is not None for s in suffixes):
+        batch["mask_loss"] = mask_loss
+    return validate_inputs(batch, config, path="<build_inputs>")
+
+
+def read_jsonl(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> tuple[list, list, list]:
+    """The training examples of a JSONL file as big_vision's fine-tuning guide writes them, one JSON object a line:
+    `{"image": FILE, "prefix": TEXT, "suffix": TEXT}` (FILE relative to `image_dir`, default the file's directory;
+    blank lines skipped) -> (image paths, prefixes, suffixes). A line that is not such an object, lacks a key, or
+    names an image that does not exist is an InputsError naming the file and line number."""
+    import json
+
+    path = Path(path)
+    base = Path(image_dir) if image_dir is not None else path.parent
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputsError(describe(path, what=f"cannot read the JSONL file: {e}")) from None
+    images, prefixes, suffixes = [], [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputsError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(ex, dict):
+            raise InputsError(f'{where}: expected an object {{"image", "prefix", "suffix"}}, found {type(ex).__name__}')
+        for key in ("image", "prefix", "suffix"):
+            if key not in ex:
+                what = "no suffix (a training example needs its target text)" if key == "suffix" else f"no {key!r}"
+                raise InputsError(f"{where}: {what}; keys found: {', '.join(map(str, ex)) or 'none'}")
+            if not isinstance(ex[key], str):
+                raise InputsError(f"{where}: {key!r} must be a string, found {type(ex[key]).__name__}")
+        image = base / ex["image"]
+        if not image.is_file():
+            raise InputsError(f"{where}: image {ex['image']!r} not found (looked for {image})")
+        images.append(str(image))
+        prefixes.append(ex["prefix"])
+        suffixes.append(ex["suffix"])
+    if not images:
+        raise InputsError(describe(path, what="no examples (every line is blank)"))
+    return images, prefixes, suffixes
 
 
 def decode_tokens(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray) -> str:

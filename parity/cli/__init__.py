@@ -6,11 +6,11 @@ status 2 (bad input, bad option, contradicting options); with --json it is also 
 progress on stderr when it is a terminal.
 
 Modules: `base` (the group, errors, progress displays), `files` (convert, inspect, inputs, points), `runs`
-(capture, generate), `compare` (compare, golden record / check), `assets` (the catalog of released checkpoints).
-The entry point is `parity.cli:main`.
+(capture, generate), `compare` (compare, golden record / check), `train` (train-step), `assets` (the catalog of
+released checkpoints). The entry point is `parity.cli:main`.
 """
 
-from parity.cli import compare, files, runs  # noqa: F401  (each registers its commands on `main`)
+from parity.cli import compare, files, runs, train  # noqa: F401  (each registers its commands on `main`)
 from parity.cli.assets import assets
 from parity.cli.base import jax_compile_cache_default, main, progress_bar, stage_progress
 

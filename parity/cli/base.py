@@ -135,9 +135,10 @@ _STAGES = {
     "hashing": "hashing files",
     "forward": "forward pass",
     "decoding": "decoding",
+    "training": "training",
     "writing": "writing output",
 }
-_UNITS = {"forward": "blocks", "decoding": "tokens"}
+_UNITS = {"forward": "blocks", "decoding": "tokens", "training": "steps"}
 
 
 @contextlib.contextmanager

@@ -109,15 +109,32 @@ def inspect(ctx, path, config, verify, as_json):
 
 
 @main.command("inputs")
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--prefix",
     "prefixes",
     multiple=True,
-    required=True,
     help="Prompt per image (repeat the option; one value is used for every image).",
 )
-@click.option("--suffix", "suffixes", multiple=True, help="Target text per image (scoring); omit to generate.")
+@click.option(
+    "--suffix",
+    "suffixes",
+    multiple=True,
+    help="Target text per image (scoring, training: writes mask_loss); omit to generate.",
+)
+@click.option(
+    "--jsonl",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help='Training examples, one {"image", "prefix", "suffix"} object a line (big_vision\'s guide), instead of '
+    "IMAGES and --prefix/--suffix.",
+)
+@click.option(
+    "--image-dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory the --jsonl image names are relative to  [default: the JSONL file's directory]",
+)
 @click.option(
     "--tokenizer",
     required=True,
@@ -134,13 +151,22 @@ def inspect(ctx, path, config, verify, as_json):
 @click.option("-o", "--output", required=True, type=click.Path(), help="Inputs file (.npz or .safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def make_inputs(images, prefixes, suffixes, tokenizer, config, resample, output, overwrite, as_json):
-    """Build an inputs file from IMAGES and prompts: <bos> prefix \\n [suffix <eos>], right-padded."""
+def make_inputs(images, prefixes, suffixes, jsonl, image_dir, tokenizer, config, resample, output, overwrite, as_json):
+    """Build an inputs file from IMAGES and prompts (or --jsonl): <bos> prefix \\n [suffix <eos>], right-padded;
+    with suffixes, mask_loss marks the suffix and its <eos> (a training batch for `parity train-step`)."""
     from converters.checkpoint import resolve_config
-    from parity.errors import InputsError
+    from parity.errors import InputsError, UsageError
     from parity.inputs import save_inputs
-    from parity.processor import Tokenizer, build_inputs
+    from parity.processor import Tokenizer, build_inputs, read_jsonl
 
+    if jsonl is not None:
+        if images or prefixes or suffixes:
+            raise UsageError("--jsonl replaces IMAGES, --prefix and --suffix; give one or the other")
+        images, prefixes, suffixes = read_jsonl(jsonl, image_dir)
+    elif image_dir is not None:
+        raise UsageError("--image-dir goes with --jsonl")
+    elif not images or not prefixes:
+        raise UsageError("give IMAGES and --prefix (or --jsonl FILE)")
     n = len(images)
     prefixes = list(prefixes) * n if len(prefixes) == 1 else list(prefixes)
     if suffixes and len(suffixes) == 1:
