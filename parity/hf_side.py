@@ -181,7 +181,12 @@ def forward(
         "positions": int(valid.sum()),
         "argmax_in_padding": int(in_padding.sum()),
     }
-    return {k: out[k].detach().float().cpu().numpy() for k in wanted if k in out}
+    # float32 points; a float64 model's stay float64
+    return {
+        k: out[k].detach().to(torch.promote_types(out[k].dtype, torch.float32)).cpu().numpy()
+        for k in wanted
+        if k in out
+    }
 
 
 def resolve_device(device: str) -> str:
