@@ -186,3 +186,12 @@ def test_truth_needs_an_implementation_as_side_a(gqa, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["compare", "--a", cap, "--b", cap, "--truth"])
     assert r.exit_code == 2 and "--truth runs side A's implementation in float64" in r.output
+
+
+def test_transformers_float64_is_refused_in_one_line():
+    # transformers' Gemma / SigLIP compute softmax, RMSNorm and RoPE in float32 even in a float64 model: run anyway,
+    # it sat ~5e-7 from torch float64 (float32 rounding), so it is no ground truth
+    from parity import hf_side
+
+    with pytest.raises(ConfigError, match="transformers cannot run as float64: .* computes softmax, RMSNorm and RoPE"):
+        hf_side.build_model(TINY_VARIANTS[GQA], get_conventions("transformers"), dtype="float64")
