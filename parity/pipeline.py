@@ -314,6 +314,8 @@ def teacher_forced_blocks(be, model, cfg: PaliGemmaConfig, batch, reference: str
 def own_process(job: Job) -> dict[str, str] | None:
     """The environment of the fresh process `job` needs (the backend's `own_process(dtype)`), or None."""
     compute = check_dtypes(job.dtype, job.compute_dtype)
+    if compute != "float64":  # only float64 needs one today (jax x64): no backend imported to ask
+        return None
     ask = getattr(backends.get(job.impl), "own_process", None)
     return ask(compute) if ask is not None else None
 

@@ -58,7 +58,8 @@ def overall(records) -> dict[str, Any] | None:
 
 
 def lines(c) -> list[str]:
-    """The terminal's truth lines: the overall words, then the points where B drifts more than A (at most 10)."""
+    """The terminal's truth lines: the overall words, then every point (up to 10 of them), else the first 10 points
+    where the side that drifts overall is the further one."""
     o = c.truth_summary()
     if o is None:
         return []
