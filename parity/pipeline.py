@@ -183,6 +183,11 @@ def point_dtype(compute: str) -> type:
     return np.float64 if compute == "float64" else np.float32
 
 
+def point_dtype_of(x) -> type:
+    """float64 for a float64 array (a float64 run), else float32."""
+    return np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+
+
 def tensor_fields(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
 
@@ -282,11 +287,12 @@ def _decode(loaded: Loaded, g, progress: Progress | None) -> tuple[dict[str, Any
 
 
 def _generation_arrays(g: dict[str, Any], cfg: PaliGemmaConfig) -> dict[str, np.ndarray]:
-    """A generation file's tensors: tokens int32[B, N], step logits float32[B, N, V], the cache points."""
+    """A generation file's tensors: tokens int32[B, N], step logits float32[B, N, V], the cache points (float64
+    for a float64 run)."""
     arrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32)}
     if "logits" in g:
-        arrays["logits"] = np.ascontiguousarray(g["logits"], np.float32)
-    arrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
+        arrays["logits"] = np.ascontiguousarray(g["logits"], point_dtype_of(g["logits"]))
+    arrays.update({k: np.ascontiguousarray(g[k], point_dtype_of(g[k])) for k in pts.cache_points(cfg) if k in g})
     return arrays
 
 
