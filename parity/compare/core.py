@@ -60,7 +60,7 @@ class PointRecord:
         if self.local is not None:
             d["local"] = {"stats": self.local.to_dict(), "judgement": self.local_judgement.to_dict()}
         if self.truth is not None:
-            d["truth"] = self.truth.to_dict()
+            d["truth"] = _finite(self.truth.to_dict())
         return d
 
 
@@ -143,7 +143,7 @@ class Comparison:
             "amplification": _finite(self.amplification()),
             "verdict": _finite(self.verdict().to_dict()),
             "points": [r.to_dict() for r in self.records],
-            **({"truth": {"side": self.truth_spec, **self.truth_summary()}} if self.truth_summary() else {}),
+            **({"truth": _finite({"side": self.truth_spec, **self.truth_summary()})} if self.truth_summary() else {}),
         }
 
 
