@@ -34,7 +34,7 @@ from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes, by name
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # parameter / compute dtypes, by name
 PRECISIONS = ("highest", "high", "default")  # float32 matmul precision
 ENTRY_POINTS = "parity.backends"
 BUILTIN = {

@@ -75,7 +75,7 @@ def write_capture(output: str, arrays: dict[str, np.ndarray], manifest: dict, ov
             )
 
 
-# Captures hold float32 points; generation files also hold int32 tokens.
+# Captures hold float32 points (float64 for float64 runs); generation files also hold int32 tokens.
 CAPTURE_DTYPES = {k: v for k, v in ST_ALL_DTYPES.items() if not k.startswith("F8")}
 
 
@@ -121,7 +121,7 @@ class Capture:
 
     def __init__(self, path: str):
         try:
-            self.reader = safetensors_io.SafetensorsReader.open(path)
+            self.reader = safetensors_io.SafetensorsReader.open(path, allowed=CAPTURE_DTYPES)  # float64 points too
         except (ParityError, OSError, ValueError) as e:
             raise InputsError(describe(path, what=f"not a capture file: {e}")) from None
         self.path = path

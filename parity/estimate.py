@@ -39,7 +39,7 @@ from parity.config import PaliGemmaConfig
 from parity.errors import ParityError
 
 GB = 1e9
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Resident set of the imported framework and its first forward (measured, docs/memory.md; rounded up).
 RUNTIME = {"torch": 0.35 * GB, "jax": 0.45 * GB, "transformers": 0.70 * GB}
 KEEPS_LOAD_COPY = {"torch": False, "jax": True, "transformers": True}

@@ -117,6 +117,11 @@ def build_model(
         )
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if dtype == "float64":  # measured: 5e-7 from torch float64 on tiny-pg2-gqa (tests/test_float64.py)
+        raise ConfigError(
+            "transformers cannot run as float64: its Gemma/SigLIP code computes softmax, RMSNorm and RoPE in float32 "
+            "whatever the model dtype; use torch or jax for a float64 side"
+        )
     if impl_kw:
         raise ConfigError(f"the transformers side takes no options {sorted(impl_kw)}")
     if precision not in PRECISIONS:
@@ -205,7 +210,12 @@ def forward(
         "positions": int(valid.sum()),
         "argmax_in_padding": int(in_padding.sum()),
     }
-    return {k: out[k].detach().float().cpu().numpy() for k in wanted if k in out}
+    # float32 points; a float64 model's stay float64
+    return {
+        k: out[k].detach().to(torch.promote_types(out[k].dtype, torch.float32)).cpu().numpy()
+        for k in wanted
+        if k in out
+    }
 
 
 def resolve_device(device: str) -> str:

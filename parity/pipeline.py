@@ -23,7 +23,7 @@ from parity import backend as backends
 from parity import estimate, monitor
 from parity import points as pts
 from parity.backend import DTYPES
-from parity.capture_file import Capture, file_sha256, library_versions, read_capture, write_capture
+from parity.capture_file import Capture, capture_header, file_sha256, library_versions, read_capture, write_capture
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions, get_conventions, with_settings
 from parity.errors import ConfigError, Diverged, InputsError, UsageError
@@ -129,7 +129,7 @@ def load(
         estimate.check_fits(cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device)
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
-        params = ck.load(FLOAT_DTYPES[job.dtype] if compute != job.dtype else None, on_chunk)
+        params = ck.load(FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None, on_chunk)
     if progress:
         progress("building", None, None)
     options = {"mesh": job.mesh} if job.mesh else {}
@@ -179,6 +179,16 @@ def _counting(cfg: PaliGemmaConfig, progress: Progress | None, decode_total: int
     return report
 
 
+def point_dtype(compute: str) -> type:
+    """The dtype captured points are written in: float32, or float64 for a float64 run (nothing rounded away)."""
+    return np.float64 if compute == "float64" else np.float32
+
+
+def point_dtype_of(x) -> type:
+    """float64 for a float64 array (a float64 run), else float32."""
+    return np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+
+
 def tensor_fields(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}
 
@@ -198,6 +208,8 @@ def record_run(
 ) -> Record:
     """Run `job`: its forward points into `job.capture`, its teacher-forced units into `job.teacher_output`, its
     decoding into `job.generate.output` (each file written whole under a temporary name, or not at all)."""
+    if (env := own_process(job)) is not None:
+        return _record_elsewhere(job, env)
     wanted: list[str] | None = None
 
     def check(cfg: PaliGemmaConfig) -> None:
@@ -212,7 +224,8 @@ def record_run(
         t0 = time.perf_counter()
         with monitor.reporting(_counting(cfg, progress)):
             out = be.forward(model, batch, wanted)
-        arrays = {k: np.ascontiguousarray(out[k], np.float32) for k in wanted if k in out}
+        wide = point_dtype(loaded.manifest["compute_dtype"])
+        arrays = {k: np.ascontiguousarray(out[k], wide) for k in wanted if k in out}
         rec.capture = {
             **loaded.manifest,
             "points": list(arrays),
@@ -224,7 +237,7 @@ def record_run(
         _write(job.capture, arrays, rec.capture, progress)
         if job.teacher_from:
             blocks = teacher_forced_blocks(be, model, cfg, batch, job.teacher_from)
-            blocks = {k: np.ascontiguousarray(v, np.float32) for k, v in blocks.items()}
+            blocks = {k: np.ascontiguousarray(v, wide) for k, v in blocks.items()}
             rec.teacher = {
                 **rec.capture,
                 "points": list(blocks),
@@ -275,11 +288,12 @@ def _decode(loaded: Loaded, g, progress: Progress | None) -> tuple[dict[str, Any
 
 
 def _generation_arrays(g: dict[str, Any], cfg: PaliGemmaConfig) -> dict[str, np.ndarray]:
-    """A generation file's tensors: tokens int32[B, N], step logits float32[B, N, V], the cache points."""
+    """A generation file's tensors: tokens int32[B, N], step logits float32[B, N, V], the cache points (float64
+    for a float64 run)."""
     arrays = {"tokens": np.ascontiguousarray(g["tokens"], np.int32)}
     if "logits" in g:
-        arrays["logits"] = np.ascontiguousarray(g["logits"], np.float32)
-    arrays.update({k: np.ascontiguousarray(g[k], np.float32) for k in pts.cache_points(cfg) if k in g})
+        arrays["logits"] = np.ascontiguousarray(g["logits"], point_dtype_of(g["logits"]))
+    arrays.update({k: np.ascontiguousarray(g[k], point_dtype_of(g[k])) for k in pts.cache_points(cfg) if k in g})
     return arrays
 
 
@@ -413,3 +427,64 @@ def _nonfinite_grads(result: TrainResult) -> str | None:
         if not np.isfinite(g).all():
             return f"step 1: gradient of {key}"
     return None
+
+
+# -- a run in a process of its own (jax float64: x64 mode is process-wide and never flipped in a running process) --
+def own_process(job: Job) -> dict[str, str] | None:
+    """The environment of the fresh process `job` needs (the backend's `own_process(dtype)`), or None."""
+    compute = check_dtypes(job.dtype, job.compute_dtype)
+    if compute != "float64":  # only float64 needs one today (jax x64): no backend imported to ask
+        return None
+    ask = getattr(backends.get(job.impl), "own_process", None)
+    return ask(compute) if ask is not None else None
+
+
+def _record_elsewhere(job: Job, env: dict[str, str]) -> Record:
+    """Run `job` in a fresh process with `env` added (python -m parity.compare.worker, the compare sides' worker)
+    and read back what it wrote. A decoding with no output file writes one to a temporary directory."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from parity import errors
+
+    with tempfile.TemporaryDirectory(prefix="parity-own-process-") as tmp:
+        g = job.generate
+        if g is not None and g.output is None:
+            job = dataclasses.replace(job, generate=dataclasses.replace(g, output=os.path.join(tmp, "gen.safetensors")))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        penv = {**os.environ, **env}
+        penv["PYTHONPATH"] = os.pathsep.join([root] + ([penv["PYTHONPATH"]] if penv.get("PYTHONPATH") else []))
+        p = subprocess.run(
+            [sys.executable, "-m", "parity.compare.worker"],
+            input=job.to_json(),
+            text=True,
+            capture_output=True,
+            env=penv,
+        )
+        lines = p.stdout.strip().splitlines()
+        try:
+            reply = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            reply = {}
+        if p.returncode != 0 or "capture" not in reply:
+            if "error" in reply:
+                cls = getattr(errors, reply.get("class", ""), None)
+                raise (cls if isinstance(cls, type) and issubclass(cls, errors.ParityError) else errors.ParityError)(
+                    reply["error"]
+                )
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            raise errors.ParityError(f"{job.impl} {job.dtype} run in its own process failed ({p.returncode}): {tail}")
+        rec = Record(Loaded(backends.get(job.impl), None, None, {}, {}))
+        if job.capture is not None:
+            rec.capture = capture_header(job.capture)[1]
+        if job.teacher_output is not None and reply.get("teacher"):
+            rec.teacher = capture_header(job.teacher_output)[1]
+        if job.generate is not None:
+            tensors, rec.generation = read_capture(job.generate.output)
+            rec.generated = {**tensors, "decode_path": rec.generation.get("decode_path")}
+        first = rec.capture or rec.generation or {}
+        drop = ("points", "tensors", "run_seconds", "notes", "sampling", "decode_path")
+        rec.loaded.manifest = {k: v for k, v in first.items() if k not in drop}
+    return rec

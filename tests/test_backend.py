@@ -64,7 +64,7 @@ def test_one_list_of_dtypes_and_precisions():
     from parity.cli import main
 
     help_text = CliRunner().invoke(main, ["capture", "--help"]).output
-    assert "[float32|bfloat16|float16]" in help_text and "[highest|high|default]" in help_text
+    assert "[float32|bfloat16|float16|float64]" in help_text and "[highest|high|default]" in help_text
     assert "--impl [torch|jax|transformers]" in help_text
 
 

@@ -197,7 +197,7 @@ def test_policy_rules_come_first_and_may_change_the_statistic(tmp_path, fmt):
         ('[[rules]]\npoints = "x"\nmax_rell = 1\n', "rules[0].max_rell"),
         ('[[rules]]\npoints = "x"\nmax_rel = "big"\n', "rules[0].max_rel"),
         ("[[rules]]\nmax_rel = 1\n", "rules[0]"),
-        ('profile = "fp64"\n', "profile"),
+        ('profile = "fp128"\n', "profile"),
         ("rulez = []\n", "rulez"),
         ("[[rules\n", "not a TOML or JSON policy"),
     ],

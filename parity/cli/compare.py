@@ -52,7 +52,7 @@ from parity.conventions import PRESETS
 @click.option(
     "--profile",
     default=None,
-    type=click.Choice(["fp32", "tf32", "f16", "bf16"]),
+    type=click.Choice(["fp64", "fp32", "tf32", "f16", "bf16"]),
     help="Tolerance profile (default: chosen from the two manifests).",
 )
 @click.option("--policy", default=None, type=click.Path(), help="Policy file (TOML or JSON): per-point rules.")
@@ -73,6 +73,11 @@ from parity.conventions import PRESETS
     "--tokenizer", default=None, type=click.Path(), help="With --generate: SentencePiece model to show the text."
 )
 @click.option("--stop-at-eos", is_flag=True, help="With --generate: stop rows at <eos> (default: ignore it).")
+@click.option(
+    "--truth",
+    is_flag=True,
+    help="Also run side A's implementation in float64 and say, per point and overall, which side drifts from it.",
+)
 def compare_cmd(
     ckpt,
     side_a,
@@ -95,6 +100,7 @@ def compare_cmd(
     generate_steps,
     tokenizer,
     stop_at_eos,
+    truth,
 ):
     """Compare two runs point by point: exit 0 when every point passes, 1 on a mismatch, 2 on bad input."""
     from parity import compare as cmp
@@ -120,8 +126,12 @@ def compare_cmd(
             generate_steps,
             tokenizer,
             stop_at_eos,
-            layer_by_layer or points or save or rejudge,
+            layer_by_layer or points or save or rejudge or truth,
         )
+    if rejudge and truth:
+        from parity.errors import UsageError
+
+        raise UsageError("--truth runs a float64 side; --rejudge runs nothing (a saved --truth comparison keeps it)")
     if rejudge:
         c = cmp.rejudge(rejudge, profile=profile, policy=policy)
     else:
@@ -142,6 +152,7 @@ def compare_cmd(
                 policy=policy,
                 allow_convention_mismatch=allow_convention_mismatch,
                 progress=say,
+                truth=truth,
             )
     if save:
         cmp.save(c, save)
@@ -175,7 +186,9 @@ def _compare_generation(
     from parity.errors import UsageError
 
     if contradicting:
-        raise UsageError("--generate compares decoding; it takes none of --layer-by-layer, --points, --save, --rejudge")
+        raise UsageError(
+            "--generate compares decoding; it takes none of --layer-by-layer, --points, --save, --rejudge, --truth"
+        )
     with _status(not as_json and sys.stderr.isatty()) as say:
         c = generation.compare_generation(
             side_a,
@@ -271,7 +284,7 @@ def golden_record_cmd(ckpt, inputs, impl, convention, steps, dtype, device, prec
 @click.option(
     "--profile",
     default=None,
-    type=click.Choice(["fp32", "tf32", "f16", "bf16"]),
+    type=click.Choice(["fp64", "fp32", "tf32", "f16", "bf16"]),
     help="Tolerance profile (default: chosen from the two manifests).",
 )
 @click.option("--policy", default=None, type=click.Path(), help="Policy file (TOML or JSON): per-point rules.")

@@ -30,7 +30,7 @@ from parity.cli.base import _emit, _show_progress, main, progress_bar
 @click.option(
     "--dtype",
     default="keep",
-    type=click.Choice(["keep", *DTYPES]),
+    type=click.Choice(["keep", *(d for d in DTYPES if d != "float64")]),  # checkpoints are stored in these
     help="Cast while converting (narrowing is reported as lossy).",
 )
 @click.option(

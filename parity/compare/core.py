@@ -24,6 +24,7 @@ from parity.compare import tolerances as tol
 from parity.compare.manifests import check_manifests, manifest_differences, valid_mask
 from parity.compare.sides import Capture, Side, job, parse_side, run_side, supports_teacher_forcing
 from parity.compare.stats import PointStats, point_stats
+from parity.compare.truth import TruthPoint, overall, truth_side
 from parity.compare.verdict import Verdict, decide
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, InputsError, describe
@@ -40,6 +41,7 @@ class PointRecord:
     judgement: tol.Judgement | None = None
     local: PointStats | None = None  # teacher-forced: B's block on A's input, against A
     local_judgement: tol.Judgement | None = None
+    truth: TruthPoint | None = None  # --truth: A's and B's distance to a float64 run of A's implementation
 
     @property
     def passed(self) -> bool:
@@ -57,6 +59,8 @@ class PointRecord:
         }
         if self.local is not None:
             d["local"] = {"stats": self.local.to_dict(), "judgement": self.local_judgement.to_dict()}
+        if self.truth is not None:
+            d["truth"] = _finite(self.truth.to_dict())
         return d
 
 
@@ -73,6 +77,11 @@ class Comparison:
     teacher_forced: bool
     valid_positions: str
     notes: tuple[str, ...] = ()
+    truth_spec: str | None = None  # --truth: the float64 side
+
+    def truth_summary(self) -> dict[str, Any] | None:
+        """--truth over every point: each side's largest distance to float64 and which side drifts."""
+        return overall(self.records)
 
     def __bool__(self) -> bool:
         return self.verdict().passed
@@ -134,6 +143,7 @@ class Comparison:
             "amplification": _finite(self.amplification()),
             "verdict": _finite(self.verdict().to_dict()),
             "points": [r.to_dict() for r in self.records],
+            **({"truth": _finite({"side": self.truth_spec, **self.truth_summary()})} if self.truth_summary() else {}),
         }
 
 
@@ -175,6 +185,7 @@ def compare(
     allow_convention_mismatch: bool = False,
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
+    truth: bool = False,
 ) -> Comparison:
     """Compare side B against side A (see the module docstring). Sides: `IMPL[:DEVICE][:DTYPE][:PRECISION]` run on
     `ckpt` (B on `against` when given) with `inputs`, or capture files. Without `layer_by_layer` only logits."""
@@ -188,6 +199,7 @@ def compare(
         )
     if teacher_forced and not supports_teacher_forcing(side_b.impl):
         raise ConfigError(f"--teacher-forced: implementation {side_b.impl!r} has no vit_block/llm_block")
+    side_t = truth_side(side_a) if truth else None
     if running and inputs is None:
         raise ConfigError("--inputs is required to run a side")
     inputs = os.path.abspath(inputs) if inputs else None
@@ -201,7 +213,7 @@ def compare(
             out = os.path.join(tmp, f"{side.label}.safetensors")
             return job(side, inputs, out, convention, config, selection, a_path if teacher_forced else None)
 
-        paths = run_sides(side_a, side_b, side_job, lambda j: run_side(j, isolate), say)
+        paths = run_sides(side_a, side_b, side_job, lambda j: run_side(j, isolate), say, side_t)
         say("comparing")
         return compare_captures(
             paths["A"][0],
@@ -214,6 +226,8 @@ def compare(
             profile=profile,
             policy=policy,
             allow_convention_mismatch=allow_convention_mismatch,
+            truth=paths["T"][0] if side_t else None,
+            truth_spec=side_t.spec if side_t else None,
         )
 
 
@@ -223,11 +237,13 @@ def run_sides(
     side_job: Callable[[Side, str | None], dict[str, Any]],
     run: Callable[[dict[str, Any]], dict[str, Any]],
     say: Callable[[str], None],
+    side_t: Side | None = None,
 ) -> dict[str, tuple[str, str | None]]:
     """label -> (capture, teacher capture or None) of both sides: a capture side as it is, a running side through
-    `run(side_job(side, A's capture))` (B after A, so that B can be fed A's capture)."""
+    `run(side_job(side, A's capture))` (B after A, so that B can be fed A's capture); then the --truth side "T"
+    (a float64 run of A's implementation) through the same pipeline."""
     paths: dict[str, tuple[str, str | None]] = {}
-    for side in (side_a, side_b):
+    for side in (side_a, side_b, *([side_t] if side_t else [])):
         if not side.runs:
             paths[side.label] = (side.capture, None)
             continue
@@ -261,10 +277,14 @@ def compare_captures(
     profile: str | None = None,
     policy: str | None = None,
     allow_convention_mismatch: bool = False,
+    truth: str | None = None,
+    truth_spec: str | None = None,
 ) -> Comparison:
-    """Compare two capture files point by point (and B's teacher-forced unit outputs when given)."""
+    """Compare two capture files point by point (and B's teacher-forced unit outputs when given; with `truth`, a
+    float64 capture, both sides against it)."""
     caps = {"A": Capture(path_a), "B": Capture(path_b)}
     local = Capture(teacher) if teacher else None
+    ref = Capture(truth) if truth else None
     try:
         ma, mb = caps["A"].manifest, caps["B"].manifest
         check_manifests(ma, mb, allow_convention_mismatch)
@@ -289,6 +309,11 @@ def compare_captures(
             if r.status == COMPARED and local is not None and name in local.points:
                 ls = _stats(name, a, local.read(name), ulp_dtype, valid, name == pts.LOGITS, text)
                 r = dataclasses.replace(r, local=ls)
+            if r.status == COMPARED and ref is not None and name in ref.points:
+                t = ref.read(name)
+                ta = _stats(name, t, a, "float64", valid, False, None).max_rel
+                tb = _stats(name, t, caps["B"].read(name), "float64", valid, False, None).max_rel
+                r = dataclasses.replace(r, truth=TruthPoint(ta, tb))
             records.append(r)
         sides_d = {
             k: {
@@ -308,11 +333,12 @@ def compare_captures(
                 local is not None,
                 valid_what,
                 _notes(ma, mb),
+                truth_spec,
             ),
             tols,
         )
     finally:
-        for c in (*caps.values(), local):
+        for c in (*caps.values(), local, ref):
             if c is not None:
                 c.close()
 
@@ -374,6 +400,7 @@ def load(path: str) -> Comparison:
             None,
             PointStats.from_dict(r["local"]["stats"]) if r.get("local") else None,
             None,
+            TruthPoint.from_dict(r["truth"]) if r.get("truth") else None,
         )
         for r in d["points"]
     )
@@ -386,6 +413,7 @@ def load(path: str) -> Comparison:
         d["teacher_forced"],
         d["valid_positions"],
         tuple(d.get("notes", ())),
+        d.get("truth", {}).get("side"),
     )
 
 

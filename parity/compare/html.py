@@ -10,6 +10,7 @@ import json
 import math
 
 from parity.compare.core import COMPARED, Comparison
+from parity.compare.truth import html_table as truth_table
 
 W, H, PAD = 640, 240, 48
 COLORS = {"propagated": "#d62728", "teacher-forced": "#1f77b4", "tolerance": "#7f7f7f"}
@@ -184,6 +185,7 @@ ULP of {_esc(c.ulp_dtype)}; {_esc(c.valid_positions)}; first divergence: <b id="
 <table><tr><th>point</th><th>max abs</th><th>max rel</th><th>cosine</th><th>SQNR dB</th><th>ULP of scale</th>
 <th>local rel</th><th>tolerance</th><th>pass</th></tr>
 {"".join(rows)}</table>
+{truth_table(c)}
 <h2>Manifest differences (A → B)</h2>
 <table><tr><th>field</th><th>A</th><th>B</th></tr>{diffs}</table>
 <h2>Environment</h2>

@@ -111,6 +111,10 @@ def render(c: Comparison, console=None) -> None:
                     for row in rows
                 )
             )
+    from parity.compare.truth import lines
+
+    for line in lines(c):
+        con.print(line)
     v = c.verdict()
     con.print(f"[green]{v.words}[/green]" if v.passed else f"[bold red]{v.words}[/bold red]")
     if v.hint:

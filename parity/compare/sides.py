@@ -156,7 +156,9 @@ def run_side(j: Job, isolate: bool = True) -> dict[str, Any]:
     """Run one side: in a fresh process (isolate) or in this one. ParityErrors keep their class and message."""
     if not isolate:
         return run_job(j)
-    env = dict(os.environ)
+    from parity.pipeline import own_process
+
+    env = {**os.environ, **(own_process(j) or {})}  # jax float64: x64 from the worker's start
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     p = subprocess.run(
         [sys.executable, "-m", "parity.compare.worker"], input=j.to_json(), text=True, capture_output=True, env=env

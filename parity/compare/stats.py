@@ -37,11 +37,12 @@ import ml_dtypes
 import numpy as np
 
 ONE_HOT_TAIL = 2.0**-23  # float32 epsilon: a softmax whose mass off its top token is below it is one-hot
-MANTISSA_BITS = {"float32": 23, "bfloat16": 7, "float16": 10}
+MANTISSA_BITS = {"float32": 23, "bfloat16": 7, "float16": 10, "float64": 52}
 ULP_DTYPES = {
     "float32": (np.float32, np.int32, 0x7FFFFFFF),
     "bfloat16": (ml_dtypes.bfloat16, np.int16, 0x7FFF),
     "float16": (np.float16, np.int16, 0x7FFF),
+    "float64": (np.float64, np.int64, 0x7FFFFFFFFFFFFFFF),
 }
 CHUNK_ELEMENTS = 1 << 20
 THREADS = min(8, os.cpu_count() or 1)
@@ -117,6 +118,8 @@ def _ordered(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _max_distance(ka: np.ndarray, kb: np.ndarray) -> int:
+    if ka.dtype == np.int64:  # float64 keys: the difference may not fit int64; exact below 2^53
+        return int(np.abs(ka.astype(np.float64) - kb.astype(np.float64)).max())
     x = ka.astype(np.int64 if ka.dtype == np.int32 else np.int32)
     x -= kb
     return int(np.abs(x, out=x).max())

@@ -35,7 +35,7 @@ from parity.errors import ConfigError, describe
 LOWER_IS_BETTER = ("max_abs", "mean_abs", "max_rel", "rms_rel", "ulp", "scale_ulp", "kl_max", "kl_mean")
 HIGHER_IS_BETTER = ("cosine", "sqnr_db", "top1", "top5")
 STATS = LOWER_IS_BETTER + HIGHER_IS_BETTER
-ORDER = ("fp32", "tf32", "f16", "bf16")  # from strictest to loosest
+ORDER = ("fp64", "fp32", "tf32", "f16", "bf16")  # from strictest to loosest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,11 @@ _GROUPS = {
     "branches": ["img/block*/attn", "llm/layer*/attn", "llm/layer*/mlp"],
     "residual": ["*"],
 }
+# fp64 (both sides compute in float64): torch vs jax measured at most 4.1e-15 max_rel on every point of the four tiny
+# configs under both presets (tests/test_float64.py measures it again); 1e-10 leaves a margin of ~2.5e4 for depth
+# (two correct float64 ports agree to ~1e-13 at full 3B depth, issue 25) and still sees a 1e-6 change in one block.
 _BOUNDS = {  # profile -> group -> max_rel
+    "fp64": {"logits": 1e-10, "branches": 1e-10, "residual": 1e-10},
     "fp32": {"logits": 1e-4, "branches": 2e-4, "residual": 1e-4},
     "tf32": {"logits": 5e-2, "branches": 1e-1, "residual": 5e-2},
     "f16": {"logits": 2e-2, "branches": 5e-2, "residual": 2e-2},
@@ -217,9 +221,12 @@ def load_policy(path: str) -> tuple[str | None, tuple[Rule, ...], bool]:
 
 
 def precision_class(manifest: dict[str, Any]) -> str:
-    """fp32 / tf32 / f16 / bf16 of one side's manifest: its dtype, and for float32 its matmul precision and device
-    (jax 'default' on TPU runs bf16 passes; 'high'/'default' on GPUs with TF32 run TF32)."""
+    """fp64 / fp32 / tf32 / f16 / bf16 of one side's manifest: fp64 when it computes in float64, else its dtype,
+    and for float32 its matmul precision and device (jax 'default' on TPU runs bf16 passes; 'high'/'default' on
+    GPUs with TF32 run TF32)."""
     dtype = manifest.get("dtype", "float32")
+    if manifest.get("compute_dtype", dtype) == "float64":
+        return "fp64"
     if dtype == "bfloat16":
         return "bf16"
     if dtype == "float16":
@@ -238,7 +245,7 @@ def choose_profile(manifest_a: dict, manifest_b: dict) -> str:
 
 def compared_dtype(manifest_a: dict, manifest_b: dict) -> str:
     """The narrowest storage dtype of the two sides: the unit of the ULP statistic."""
-    order = ("float32", "float16", "bfloat16")
+    order = ("float64", "float32", "float16", "bfloat16")
     return max(manifest_a.get("dtype", "float32"), manifest_b.get("dtype", "float32"), key=order.index)
 
 

@@ -31,9 +31,31 @@ from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
 from parity.jax_impl.model import PaliGemma
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 PRECISIONS = ("highest", "high", "default")
 PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def x64_refusal(dtype: str) -> str | None:
+    """Why this process cannot compute in `dtype` (None when it can): float64 needs jax's x64 mode, a process-wide
+    switch read before any array exists, so it is never flipped here; a process of its own is started with
+    JAX_ENABLE_X64=1 instead (`own_process`)."""
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        return (
+            "jax float64 needs x64 mode, which is process-wide: run it in a process of its own (parity capture and "
+            "compare sides do; or set JAX_ENABLE_X64=1 before jax is imported)"
+        )
+    return None
+
+
+def own_process(dtype: str) -> dict[str, str] | None:
+    """The environment of a process of its own that a run in `dtype` needs (None: this process will do)."""
+    return {"JAX_ENABLE_X64": "1"} if x64_refusal(dtype) else None
+
+
+def _out(v: jax.Array) -> jax.Array:
+    """A point as it leaves the model: float32, or float64 when computed in float64."""
+    return v.astype(jnp.promote_types(v.dtype, jnp.float32))
 
 
 def matmul_precision(precision: str):
@@ -138,6 +160,8 @@ def build_model(
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if why := x64_refusal(dtype):
+        raise ConfigError(why)
     device = resolve_device(device)
     grid = None
     if mesh:
@@ -176,7 +200,7 @@ def _numpy(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
 def _forward(graphdef, state, batch, points: tuple[str, ...]):
     model = nnx.merge(graphdef, state)
     _, out = model(batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"], capture=points)
-    return {k: v.astype(jnp.float32) for k, v in out.items()}
+    return {k: _out(v) for k, v in out.items()}
 
 
 def forward(model: Model, inputs: dict[str, np.ndarray], points: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -260,11 +284,16 @@ def _layer(stacked: nnx.Module, i):
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
+def _block_input(model: Model, x: np.ndarray) -> np.ndarray:
+    """A block input as float32, or float64 for a float64 model (a float64 capture's points lose nothing)."""
+    return np.asarray(x, np.float64 if model.dtype == "float64" else np.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _vit_block(graphdef, state, i, x):
     model = nnx.merge(graphdef, state)
     _, aux = _layer(model.img.Transformer.encoderblock, i)(x.astype(model.img.pos_embedding[...].dtype))
-    return {k: v.astype(jnp.float32) for k, v in aux.items()}
+    return {k: _out(v) for k, v in aux.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -276,14 +305,14 @@ def _llm_block(graphdef, state, i, x, mask_ar, mask_input):
     _, aux, _ = _layer(model.llm.layers, i)(
         x, model.llm.angles(positions, x.dtype), mask, attn_softcap=model.attn_softcap
     )
-    return {k: v.astype(jnp.float32) for k, v in aux.items()}
+    return {k: _out(v) for k, v in aux.items()}
 
 
 def vit_block(model: Model, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
     """ViT block i on x float32[B, T, Dv] (its input: IMG_POS_EMBED for i = 0, else img_block_out(i - 1))."""
     check_block(i, model.config.vision.depth, x, model.config.vision.width, "ViT")
     with matmul_precision(model.precision):
-        out = _numpy(_vit_block(model.graphdef, model.state, jnp.int32(i), model.put(np.asarray(x, np.float32))))
+        out = _numpy(_vit_block(model.graphdef, model.state, jnp.int32(i), model.put(_block_input(model, x))))
     return {name(i): out[k] for k, name in pts.IMG_BLOCK_POINTS.items()}
 
 
@@ -298,7 +327,7 @@ def llm_block(model: Model, i: int, x: np.ndarray, inputs: dict[str, np.ndarray]
                 model.graphdef,
                 model.state,
                 jnp.int32(i),
-                model.put(np.asarray(x, np.float32)),
+                model.put(_block_input(model, x)),
                 b["mask_ar"],
                 b["mask_input"],
             )

@@ -29,10 +29,12 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float, dtype) -> tupl
     """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]. The decoder computes them once per call
     and every layer applies them (all layers rotate by the same angles).
 
-    Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula,
+    Angles in float32 (float64 for float64) as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype
+    (transformers' formula,
     as torch_impl)."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    wide = jnp.promote_types(dtype, jnp.float32)  # float64 activations: angles in float64
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=wide) / head_dim))
+    freqs = positions[..., None].astype(wide) * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -211,6 +213,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float
     if cap is not None:
         s = softcap(s, cap)
     s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
-    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
     o = jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
     return o.reshape(b, t, n, h)

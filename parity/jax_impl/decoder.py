@@ -20,16 +20,17 @@ from parity.jax_impl.attention import Attention, _param, grouped_matmul, rope_an
 
 
 class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back at the end."""
+    """x / sqrt(mean(x^2) + eps) * (1 + scale), computed in float32 (float64 for float64) and cast back at the end."""
 
     def __init__(self, dim: int, eps: float):
         self.eps = eps
         self.scale = _param(dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(jnp.float32)
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        y = x.astype(wide)
         y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return (y * (1.0 + self.scale[...].astype(wide))).astype(x.dtype)
 
 
 class Embedder(nnx.Module):
@@ -44,10 +45,11 @@ class Embedder(nnx.Module):
         "param": sqrt(D) rounded to the table dtype (via float32) and multiplied in it; "float32": multiplied in
         float32, then cast to the table dtype."""
         e = jnp.take(self.input_embedding[...], tokens, axis=0)
-        root = jnp.asarray(math.sqrt(e.shape[-1]), jnp.float32)
+        wide = jnp.promote_types(e.dtype, jnp.float32)  # float64 tables: sqrt(D) and the product in float64
+        root = jnp.asarray(math.sqrt(e.shape[-1]), wide)
         if normalizer_dtype == "param":
             return e * root.astype(e.dtype)
-        return (e.astype(jnp.float32) * root).astype(e.dtype)
+        return (e.astype(wide) * root).astype(e.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("BTD,VD->BTV", x, self.input_embedding[...])

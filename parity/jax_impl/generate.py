@@ -33,6 +33,14 @@ class KVCache:
     pos: jax.Array
 
 
+_INDEX = jax.dtypes.canonicalize_dtype(int)  # the dtype of a literal index: int64 under x64 (float64 runs), else int32
+
+
+def _wide(x: jax.Array):
+    """The dtype a logit or cache point leaves in: float32, or float64 for a float64 model."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def init_cache(model, batch: int, size: int) -> KVCache:
     """A zeroed cache of `size` slots in the model's dtype (inside the jitted prefill: allocated on its device)."""
     t = model.config.text
@@ -81,7 +89,7 @@ def prefill(
     capped = model.conventions.final_softcap == "always"
     if points.LOGITS in capture:
         out[points.LOGITS] = model.llm.logits(h, capped=capped)
-    seq_len = input_mask.sum(-1)
+    seq_len = input_mask.sum(-1).astype(jnp.int32)  # int32 under x64 (float64 runs) too
     last = h[jnp.arange(b), seq_len - 1][:, None]
     return model.llm.logits(last, capped=capped)[:, 0], seq_len, KVCache(kv["k"], kv["v"], valid, pos)
 
@@ -89,6 +97,7 @@ def prefill(
 def decode_step(model, cache: KVCache, token: jax.Array, rel: jax.Array, write_index: jax.Array):
     """One new token per row. token int32[B, 1]; rel int32[B, 1] its position (no origin); write_index int32[].
     Returns (logits float[B, V], cache)."""
+    write_index = jnp.asarray(write_index).astype(_INDEX)
     valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones_like(token, bool), (0, write_index))
     pos = jax.lax.dynamic_update_slice(cache.pos, rel.astype(jnp.int32), (0, write_index))
     x = model.embed_text(token)
@@ -151,7 +160,7 @@ def _prefill(graphdef, state, image, text, mask_ar, mask_input, size: int, captu
     model = nnx.merge(graphdef, state)
     cache = init_cache(model, text.shape[0], size)
     logits, seq_len, cache = prefill(model, cache, image, text, mask_ar, mask_input, capture, out)
-    return logits, seq_len, cache, {k: v.astype(jnp.float32) for k, v in out.items()}
+    return logits, seq_len, cache, {k: v.astype(_wide(v)) for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -182,7 +191,7 @@ def _decode(
     nxt, first, done = pick(logits, sub, jnp.zeros(b, bool))
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
     all_logits = (
-        jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits.astype(jnp.float32))
+        jnp.zeros((b, n, logits.shape[-1]), _wide(logits)).at[:, 0].set(logits.astype(_wide(logits)))
         if s.return_logits
         else None
     )
@@ -200,11 +209,11 @@ def _decode(
         nxt, tok, done = pick(logits, sub, done)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
         if all_logits is not None:
-            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None].astype(jnp.float32), (0, t, 0))
+            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None].astype(all_logits.dtype), (0, t, 0))
         return t + 1, nxt, tokens, done, cache, key, all_logits
 
     steps, _, tokens, _, cache, _, all_logits = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), nxt, tokens, done, cache, key, all_logits)
+        cond, body, (jnp.asarray(1, _INDEX), nxt, tokens, done, cache, key, all_logits)
     )
     return tokens, all_logits, steps, cache
 
@@ -267,7 +276,7 @@ def generate(
     for i in range(model.config.text.depth):
         for name, buf in ((points.llm_k_cache(i), cache.k), (points.llm_v_cache(i), cache.v)):
             if name in capture:
-                out[name] = buf[i].astype(jnp.float32)
+                out[name] = buf[i].astype(_wide(buf))
     if all_logits is not None:
         all_logits = all_logits[:, : int(steps)]  # the steps that ran, as torch_impl
     return Generation(tokens, all_logits, out, "compiled:jit prefill + lax.while_loop decode")

@@ -27,7 +27,7 @@ from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEVICES = "cpu, cuda or cuda:N"
 
 
@@ -152,7 +152,8 @@ def _tensors(model: PaliGemma, inputs: dict[str, np.ndarray]) -> dict[str, torch
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+    """float32 numpy; float64 stays float64 (a float64 model's points are float64)."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32)).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -229,9 +230,9 @@ def check_forced(forced_tokens: np.ndarray, batch: int, steps: int) -> np.ndarra
 
 # -- single blocks (teacher-forced comparison: a block of this model run on another run's input to it) ------------
 def _block_input(model: PaliGemma, x: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x, np.float32), device=model.llm.final_norm.scale.device).to(
-        model.llm.final_norm.scale.dtype
-    )
+    p = model.llm.final_norm.scale
+    wide = np.float64 if p.dtype == torch.float64 else np.float32  # a float64 model takes float64 inputs whole
+    return torch.as_tensor(np.asarray(x, wide), device=p.device).to(p.dtype)
 
 
 @torch.inference_mode()

@@ -34,11 +34,13 @@ def rope_angles(
     """(cos, sin) float[B, T, 1, H] in `dtype` for int positions [B, T]. The decoder computes them once per call
     and every layer applies them (all layers rotate by the same angles).
 
-    Angles in float32 as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype (transformers' formula;
+    Angles in float32 (float64 for float64) as `p * (1 / base^(2i/H))`, cos/sin cast to the activation dtype
+    (transformers' formula;
     big_vision divides by the timescale instead, which differs in the last ulp of a few angles).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # [B, T, H/2]
+    wide = torch.promote_types(dtype, torch.float32)  # float64 activations: angles in float64
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=wide) / head_dim))
+    freqs = positions[..., None].to(wide) * inv_freq  # [B, T, H/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, H]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -211,6 +213,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if cap is not None:
         s = softcap(s, cap)
     s = s.masked_fill(~mask[:, None, None], torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
     o = torch.einsum("BKGTS,BSKH->BTKGH", p, v)
     return o.reshape(b, t, n, h)

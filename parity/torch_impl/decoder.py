@@ -20,7 +20,7 @@ from parity.torch_impl.attention import Attention, _param, rope_angles, scan, so
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * (1 + scale), computed in float32 and cast back at the end."""
+    """x / sqrt(mean(x^2) + eps) * (1 + scale), computed in float32 (float64 for float64) and cast back at the end."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -28,9 +28,10 @@ class RMSNorm(nn.Module):
         self.scale = _param(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        wide = torch.promote_types(x.dtype, torch.float32)
+        y = x.to(wide)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.scale.float())).to(x.dtype)
+        return (y * (1.0 + self.scale.to(wide))).to(x.dtype)
 
 
 class Embedder(nn.Module):
@@ -46,10 +47,11 @@ class Embedder(nn.Module):
         "param": sqrt(D) rounded to the table dtype (via float32, as transformers does) and multiplied in it;
         "float32": multiplied in float32, then cast to the table dtype."""
         e = F.embedding(tokens, self.input_embedding)
-        root = torch.tensor(math.sqrt(e.shape[-1]), dtype=torch.float32, device=e.device)
+        wide = torch.promote_types(e.dtype, torch.float32)  # float64 tables: sqrt(D) and the product in float64
+        root = torch.tensor(math.sqrt(e.shape[-1]), dtype=wide, device=e.device)
         if normalizer_dtype == "param":
             return e * root.to(e.dtype)
-        return (e.float() * root).to(e.dtype)
+        return (e.to(wide) * root).to(e.dtype)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.input_embedding.t()  # "BTD,VD->BTV"

@@ -213,7 +213,7 @@ def generate(
     all_logits = []
     for t in range(max_new_tokens):
         if return_logits:
-            all_logits.append(logits.float().clone())
+            all_logits.append(logits.to(torch.promote_types(logits.dtype, torch.float32)).clone())  # f64 stays
         nxt = sample(logits, greedy, temperature, top_k, top_p, gen)
         tokens[:, t] = nxt if ignore_eos else torch.where(done, 0, nxt)
         done |= nxt == eos_id
