@@ -5,7 +5,7 @@ A job names its checkpoint, inputs, backend and how it runs (dtype, device, prec
 records: a capture file of forward points (`capture`), the teacher-forced units on another capture's unit inputs
 (`teacher_from` -> `teacher_output`), a decoding (`generate`, written to `generate.output` when given), and a
 fine-tuning step (`train`, parity.training.TrainOptions; its first gradients written to `grads`, the updated
-checkpoint to `updated` in format `updated_format`: `parity.pipeline.record_train`).
+checkpoint to `updated` in format `updated_format`: `parity.train_run.record_train`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`parity train-step`: a fine-tuning step of one backend (parity.pipeline.record_train)."""
+"""`parity train-step`: a fine-tuning step of one backend (parity.train_run.record_train)."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def train_step(
     """Fine-tune CKPT on the training batch --inputs (made by `parity inputs --suffix`): loss, per-example losses,
     gradient and weight norms per step; optionally the first gradients (--grads) and the updated checkpoint (-o)."""
     from parity.job import Job
-    from parity.pipeline import train, write_train
     from parity.run import interruptible
+    from parity.train_run import train, write_train
     from parity.training import TrainOptions
 
     options = TrainOptions(
