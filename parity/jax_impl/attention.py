@@ -211,6 +211,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float
     if cap is not None:
         s = softcap(s, cap)
     s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
-    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
     o = jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
     return o.reshape(b, t, n, h)

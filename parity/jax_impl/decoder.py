@@ -27,9 +27,9 @@ class RMSNorm(nnx.Module):
         self.scale = _param(dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(jnp.float32)
+        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 for a float64 model
         y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return (y * (1.0 + self.scale[...].astype(y.dtype))).astype(x.dtype)
 
 
 class Embedder(nnx.Module):

@@ -27,11 +27,11 @@ class LayerNorm(nnx.Module):
         self.bias = _param(dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(jnp.float32)
+        y = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 for a float64 model
         mean = y.mean(-1, keepdims=True)
         var = jnp.square(y - mean).mean(-1, keepdims=True)
         y = (y - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)).astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -58,7 +58,7 @@ class MultiHeadDotProductAttention(nnx.Module):
             for p in (self.query, self.key, self.value)
         )  # "BTD,DNH->BTNH" (free reshapes)
         s = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(self.scale, q.dtype)
-        p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+        p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
         o = jnp.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
         return o @ self.out.kernel[...].reshape(-1, d) + self.out.bias[...]  # "BTNH,NHD->BTD"
 

@@ -211,6 +211,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if cap is not None:
         s = softcap(s, cap)
     s = s.masked_fill(~mask[:, None, None], torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
     o = torch.einsum("BKGTS,BSKH->BTKGH", p, v)
     return o.reshape(b, t, n, h)

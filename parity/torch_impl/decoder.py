@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
         self.scale = _param(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        y = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 for a float64 model
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.scale.float())).to(x.dtype)
+        return (y * (1.0 + self.scale.to(y.dtype))).to(x.dtype)
 
 
 class Embedder(nn.Module):

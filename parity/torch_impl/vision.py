@@ -58,7 +58,7 @@ class MultiHeadDotProductAttention(nn.Module):
             for p in (self.query, self.key, self.value)
         )  # "BTD,DNH->BTNH" (+ bias)
         s = torch.einsum("BTNH,BSNH->BNTS", q, k) * self.scale
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+        p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
         o = torch.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
         return F.linear(o, self.out.kernel.reshape(-1, d).t(), self.out.bias)  # "BTNH,NHD->BTD" (+ bias)
 
