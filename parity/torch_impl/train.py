@@ -38,19 +38,15 @@ def train_step(model: PaliGemma, inputs: dict[str, np.ndarray], options: TrainOp
     with matmul_precision(model.precision):
         for step in range(1, options.steps + 1):
             weight_norm = _norms(leaves)
-            loss, example = _loss(model, batch)
-            flat = torch.autograd.grad(loss, [p for ps in leaves.values() for p in ps])
-            grads, at = {}, 0
-            for key, ps in leaves.items():
-                grads[key], at = list(flat[at : at + len(ps)]), at + len(ps)
+            (loss, example), grads = _value_and_grad(model, leaves, batch)
             grad_norm = _norms(grads)
             if step == 1:
                 first = _canonical(model, grads)
             records.append(
                 StepRecord(
                     step=step,
-                    loss=float(loss.detach()),
-                    example_loss=[float(v) for v in example.detach().cpu()],
+                    loss=float(loss),
+                    example_loss=[float(v) for v in example.cpu()],
                     grad_norm=float(np.sqrt(sum(v * v for v in grad_norm.values()))),
                     leaf_grad_norm=grad_norm,
                     leaf_weight_norm=weight_norm,
@@ -83,6 +79,17 @@ def _leaves(model: PaliGemma, names: list[str]) -> dict[str, list[torch.nn.Param
             for p in leaves[e.key]:
                 p.requires_grad_(True)
     return leaves
+
+
+def _value_and_grad(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], batch: dict[str, torch.Tensor]):
+    """((loss, per-row losses), {key: gradient of each of its parameters}): torch.autograd.grad over the trainable
+    parameters only, so no `.grad` is written and nothing is held for frozen ones."""
+    loss, example = _loss(model, batch)
+    flat = torch.autograd.grad(loss, [p for ps in leaves.values() for p in ps])
+    grads, at = {}, 0
+    for key, ps in leaves.items():
+        grads[key], at = list(flat[at : at + len(ps)]), at + len(ps)
+    return (loss.detach(), example.detach()), grads
 
 
 def _loss(model: PaliGemma, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
