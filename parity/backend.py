@@ -33,6 +33,7 @@ import numpy as np
 from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
+from parity.training import TrainOptions, TrainResult
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # parameter / compute dtypes, by name
 PRECISIONS = ("highest", "high", "default")  # float32 matmul precision
@@ -143,6 +144,17 @@ class UnitBackend(BlockBackend, Protocol):
         ...
 
 
+@runtime_checkable
+class TrainBackend(BlockBackend, Protocol):
+    """A backend that also runs a fine-tuning step (`parity train-step`): parity.torch_impl.api, parity.jax_impl.api."""
+
+    def train_step(self, model: Any, inputs: dict[str, np.ndarray], options: TrainOptions) -> TrainResult:
+        """`options.steps` plain-SGD steps on one batch (`inputs` with mask_loss int[B, L]) under the model's
+        conventions (loss_normalization, final_softcap, train_prefix), updating the trainable leaves of `model` in
+        place; frozen leaves get no gradient computed or held (parity.training defines the loss and the result)."""
+        ...
+
+
 # -- the registry -------------------------------------------------------------------------------------------------
 _loaded: dict[str, Backend] = {}
 
@@ -175,6 +187,11 @@ def get(name: str) -> Backend:
         raise ConfigError(f"backend {name!r} ({target}) does not implement parity.backend.Backend: lacks {missing}")
     _loaded[name] = obj
     return obj
+
+
+def training(name: str) -> bool:
+    """Whether backend `name` runs a fine-tuning step (TrainBackend): what `parity train-step --impl` needs."""
+    return isinstance(get(name), TrainBackend)
 
 
 def teacher_forcing(name: str) -> bool:

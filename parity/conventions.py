@@ -14,6 +14,8 @@ PositionOrigin = Literal[0, 1]
 FinalSoftcap = Literal["always", "never", "decode_only"]
 SlidingWindow = Literal["off", "transformers", "keras_hub"]
 NormalizerDtype = Literal["param", "float32"]
+LossNormalization = Literal["per_example", "per_token"]
+TrainPrefix = Literal["bidirectional", "causal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,17 @@ class Conventions:
     """Dtype in which sqrt(D) multiplies text embeddings: "param" rounds sqrt(D) to the embedding dtype and multiplies
     in it (big_vision, transformers 5.x; bf16 gives 45.25 for D=2048); "float32" multiplies in float32."""
 
+    loss_normalization: LossNormalization = "per_example"
+    """How a training step averages the token losses (parity.training): "per_example" sums each row's loss tokens,
+    divides by max(count, 1) and means over the rows (big_vision's fine-tuning guide, keras-hub's presets here);
+    "per_token" divides the batch's sum by its number of loss tokens (transformers' cross_entropy(reduction="mean")).
+    Whether the final softcap is in the training logits is `final_softcap`, exactly as for the forward logits."""
+
+    train_prefix: TrainPrefix = "bidirectional"
+    """The attention of a training step: "bidirectional" over image + prefix as mask_ar says (big_vision; transformers
+    given token_type_ids) or "causal" over every position, image tokens included (transformers without
+    token_type_ids)."""
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -52,6 +65,8 @@ class Conventions:
             "sliding_window": ("off", "transformers", "keras_hub"),
             "attn_softcap": (True, False),
             "normalizer_dtype": ("param", "float32"),
+            "loss_normalization": ("per_example", "per_token"),
+            "train_prefix": ("bidirectional", "causal"),
         }
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
@@ -60,7 +75,9 @@ class Conventions:
 
 PRESETS: dict[str, Conventions] = {
     "big_vision": Conventions(position_origin=0, final_softcap="decode_only", sliding_window="off"),
-    "transformers": Conventions(position_origin=1, final_softcap="always", sliding_window="transformers"),
+    "transformers": Conventions(
+        position_origin=1, final_softcap="always", sliding_window="transformers", loss_normalization="per_token"
+    ),
     # keras-hub: positions arange(S) (0-based over the whole sequence), `ReversibleEmbedding(logit_soft_cap)` on
     # every logit (forward and each decode step), the attention softcap on, sqrt(D) cast to the embedding dtype.
     "keras_hub": Conventions(position_origin=0, final_softcap="always", sliding_window="keras_hub"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.errors import ConfigError
+from parity.errors import ConfigError, InputsError
 
 DEFAULT_TRAINABLE = ("llm/layers/attn/*",)  # the guide's mask: the LLM's attention kernels
 ALL = "all"
@@ -76,6 +76,13 @@ class TrainOptions:
         return cls(**d)
 
 
+def check_implemented(options: TrainOptions) -> None:
+    """ConfigError for the options the implementations do not run yet (the guide's float16 mixed precision)."""
+    for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
+        if value != "float32":
+            raise ConfigError(f"{flag} {value}: not implemented yet in parity's torch and jax steps; use float32")
+
+
 def trainable_leaves(options: TrainOptions, leaves: Iterable[str]) -> list[str]:
     """The canonical keys `options.trainable` selects, in the order of `leaves` (the spec's). A glob that matches no
     leaf is a ConfigError listing every leaf name, so a typo is seen at once."""
@@ -129,3 +136,83 @@ class TrainResult:
                 if not math.isfinite(g):
                     return f"step {s.step}: gradient of {k}"
         return None
+
+
+# -- the loss, framework-free ---------------------------------------------------------------------------------------
+# big_vision's update_fn: the model runs on text[:, :-1], mask_ar[:, :-1] with no input mask (the last real token and
+# the padding may attend each other; their targets are masked, so neither loss nor gradients change); position i
+# predicts text[:, i + 1] with weight mask_loss[:, i + 1]; log-softmax over every vocabulary row the logits hold (the
+# stored table's, padded rows included). The training logits carry the final softcap exactly when the forward
+# logits do (`Conventions.final_softcap`): big_vision ("decode_only") trains on its uncapped `text_logits`,
+# transformers ("always") and keras-hub apply the cap.
+
+
+def mask_loss_of(inputs: dict[str, Any]) -> np.ndarray:
+    """The inputs' mask_loss as int32[B, L] (1 on the tokens to learn), or InputsError (exit 2) saying how to get
+    one. The training step needs it; forward runs ignore it."""
+    text = np.asarray(inputs["text"])
+    if "mask_loss" not in inputs:
+        raise InputsError(
+            "inputs: no 'mask_loss' (1 on the suffix tokens to learn); write training inputs with "
+            "parity inputs --suffix"
+        )
+    m = np.asarray(inputs["mask_loss"])
+    if m.shape != text.shape or not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
+        raise InputsError(
+            f"inputs: mask_loss: expected int32{list(text.shape)} (as text), found {m.dtype}{list(m.shape)}"
+        )
+    if not np.isin(m, (0, 1)).all():
+        raise InputsError(f"inputs: mask_loss: expected values 0/1, found {sorted(set(np.unique(m).tolist()))[:5]}")
+    if text.shape[1] < 2:
+        raise InputsError(f"inputs: text: a training step needs rows of at least 2 tokens, found {list(text.shape)}")
+    return m.astype(np.int32)
+
+
+def shift(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The training view of validated inputs: the model's inputs (image, text[:, :-1], mask_ar[:, :-1], no input
+    mask) plus "targets" text[:, 1:] and "weights" mask_loss[:, 1:] (int32[B, L - 1])."""
+    m = mask_loss_of(inputs)
+    text = np.asarray(inputs["text"]).astype(np.int32)
+    return {
+        "image": np.asarray(inputs["image"]),
+        "text": text[:, :-1],
+        "mask_ar": np.asarray(inputs["mask_ar"]).astype(np.int32)[:, :-1],
+        "targets": text[:, 1:],
+        "weights": m[:, 1:],
+    }
+
+
+def empty_rows(weights: np.ndarray) -> list[int]:
+    """Rows with no loss token (after the shift): they contribute 0 to the loss."""
+    return [int(r) for r in np.flatnonzero(np.asarray(weights).sum(axis=1) == 0)]
+
+
+def normalize(token_loss_sum: np.ndarray, counts: np.ndarray, normalization: str) -> tuple[Any, Any]:
+    """(loss, per-row losses) from per-row sums of token losses and per-row loss-token counts, for any array type
+    with numpy's operators (numpy, torch, jax): per row sum / max(count, 1); the loss is their mean
+    ("per_example") or the batch's sum over its total count, at least 1 ("per_token")."""
+    example = token_loss_sum / _at_least_one(counts)
+    if normalization == "per_example":
+        return example.mean(), example
+    if normalization == "per_token":
+        return token_loss_sum.sum() / _at_least_one(counts.sum()), example
+    raise ValueError(f"loss_normalization {normalization!r}; allowed: per_example, per_token")
+
+
+def _at_least_one(n):
+    return n + (n < 1) * (1 - n)  # max(n, 1) for numpy, torch and jax values alike (n >= 0)
+
+
+def reference_loss(logits: np.ndarray, inputs: dict[str, Any], conventions) -> tuple[float, np.ndarray]:
+    """(loss, per-row losses) in numpy float64, from `logits` float[B, *, V] of a forward pass on the shifted inputs
+    (its last L - 1 positions are the text's) under `conventions` (its loss_normalization): the independent
+    definition the implementations' steps are tested against."""
+    s = shift(inputs)
+    n = s["targets"].shape[1]
+    z = np.asarray(logits, np.float64)[:, -n:, :]
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    nll = -np.take_along_axis(logp, s["targets"][..., None].astype(np.int64), axis=-1)[..., 0]
+    w = s["weights"].astype(np.float64)
+    loss, example = normalize((nll * w).sum(axis=1), w.sum(axis=1), conventions.loss_normalization)
+    return float(loss), example

@@ -26,7 +26,7 @@ def run(cfg, conv, points_=None, dtype="float32", inputs=None, params=None):
 
 def test_presets():
     assert PRESETS["big_vision"] == Conventions(0, "decode_only", "off", True, "param")
-    assert PRESETS["transformers"] == Conventions(1, "always", "transformers", True, "param")
+    assert PRESETS["transformers"] == Conventions(1, "always", "transformers", True, "param", "per_token")
 
 
 @pytest.mark.parametrize("cfg", [PG1, PG2], ids=lambda c: c.name)

@@ -117,11 +117,6 @@ def test_several_steps_and_the_human_report(train_inputs):
 
 @pytest.mark.parametrize("impl", ["torch", "jax"])
 def test_our_implementations_train(train_inputs, tmp_path, impl):
-    import importlib
-
-    api = importlib.import_module(f"parity.{impl}_impl.api")
-    if not hasattr(api, "train_step"):
-        pytest.skip("train_step not merged")  # issue 22's CORE branch; the lead removes this guard at merge
     grads = tmp_path / "g.npz"
     r = invoke("train-step", CKPT, "--inputs", train_inputs, "--impl", impl, "--steps", "2", "--grads", grads, "--json")
     assert r.exit_code == 0, r.stderr

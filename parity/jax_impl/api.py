@@ -30,6 +30,7 @@ from parity.jax_impl.decoder import block_mask
 from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
 from parity.jax_impl.model import PaliGemma
+from parity.jax_impl.train import train_step  # noqa: F401  (the TrainBackend's step; documented there)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 PRECISIONS = ("highest", "high", "default")
@@ -380,4 +381,5 @@ def notes(model: Model) -> dict[str, Any]:
 
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.UnitBackend)
+assert isinstance(BACKEND, backend.TrainBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

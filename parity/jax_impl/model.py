@@ -57,12 +57,15 @@ class PaliGemma(nnx.Module):
         return jnp.concatenate([image_tokens, self.embed_text(text)], axis=1)
 
     # -- masks -----------------------------------------------------------------------------------------------------
-    def full_masks(self, text_mask_ar: jax.Array, text_mask_input: jax.Array):
-        """Masks of the whole prompt [image ; text]: (input_mask, mask_ar, positions, {"global", "local"})."""
+    def full_masks(self, text_mask_ar: jax.Array, text_mask_input: jax.Array, causal: bool = False):
+        """Masks of the whole prompt [image ; text]: (input_mask, mask_ar, positions, {"global", "local"}).
+        causal: every position its own block, image tokens included (the `train_prefix="causal"` convention)."""
         b, t = text_mask_ar.shape[0], self.config.num_image_tokens
         ones = jnp.ones((b, t), jnp.int32)
         input_mask = jnp.concatenate([ones, text_mask_input.astype(jnp.int32)], axis=1)
         mask_ar = jnp.concatenate([jnp.zeros_like(ones), text_mask_ar.astype(jnp.int32)], axis=1)
+        if causal:
+            mask_ar = jnp.ones_like(mask_ar)
         attn = prefix_lm_mask(input_mask, mask_ar)
         rel = positions_from_mask(input_mask, 0)
         masks = {"global": attn, "local": None}

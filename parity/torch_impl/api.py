@@ -26,6 +26,7 @@ from parity.torch_impl.decoder import block_mask
 from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
+from parity.torch_impl.train import train_step  # noqa: F401  (the TrainBackend's step; documented there)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEVICES = "cpu, cuda or cuda:N"
@@ -291,4 +292,5 @@ def notes(model: PaliGemma) -> dict[str, Any]:
 
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.UnitBackend)
+assert isinstance(BACKEND, backend.TrainBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

@@ -58,13 +58,16 @@ class PaliGemma(nn.Module):
 
     # -- masks -----------------------------------------------------------------------------------------------------
     def full_masks(
-        self, text_mask_ar: torch.Tensor, text_mask_input: torch.Tensor
+        self, text_mask_ar: torch.Tensor, text_mask_input: torch.Tensor, causal: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """Masks of the whole prompt [image ; text]: (input_mask, mask_ar, positions, {"global", "local"})."""
+        """Masks of the whole prompt [image ; text]: (input_mask, mask_ar, positions, {"global", "local"}).
+        causal: every position its own block, image tokens included (the `train_prefix="causal"` convention)."""
         b, t = text_mask_ar.shape[0], self.config.num_image_tokens
         ones = torch.ones(b, t, dtype=text_mask_input.dtype, device=text_mask_input.device)
         input_mask = torch.cat([ones, text_mask_input], dim=1)
         mask_ar = torch.cat([torch.zeros_like(ones), text_mask_ar.to(ones.dtype)], dim=1)
+        if causal:
+            mask_ar = torch.ones_like(mask_ar)
         attn = prefix_lm_mask(input_mask, mask_ar)
         rel = positions_from_mask(input_mask, 0)
         masks = {"global": attn, "local": None}
