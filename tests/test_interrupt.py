@@ -56,14 +56,14 @@ def big(tmp_path_factory):
 STOPPING_CLI = """
 import os, signal
 import converters.convert as convert
-stop_at, real, stopped = int(os.environ["PARITY_TEST_STOP_AT"]), convert._take, []
-def _take(stream, nbytes, progress, counter, total, key):
-    for chunk in real(stream, nbytes, progress, counter, total, key):
+stop_at, real, stopped = int(os.environ["PARITY_TEST_STOP_AT"]), convert._Meter.take, []
+def take(self, stream, nbytes, key):
+    for chunk in real(self, stream, nbytes, key):
         yield chunk
-        if 0 < stop_at <= counter[0] and not stopped:
+        if 0 < stop_at <= self.done and not stopped:
             stopped.append(True)
             os.kill(os.getpid(), signal.SIGSTOP)
-convert._take = _take
+convert._Meter.take = take
 from parity.cli import main
 main()
 """
