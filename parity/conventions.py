@@ -54,6 +54,10 @@ class Conventions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def forward_dict(self) -> dict[str, Any]:
+        """The options a forward pass or a decoding depends on (to_dict without TRAIN_FIELDS)."""
+        return forward_fields(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Conventions:
         return cls(**d)
@@ -71,6 +75,15 @@ class Conventions:
         for field, allowed in checks.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"convention {field}={getattr(self, field)!r}; allowed: {allowed}")
+
+
+TRAIN_FIELDS = ("loss_normalization", "train_prefix")  # options only a training step reads
+
+
+def forward_fields(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded conventions dict without the training-only options: what two forward runs (captures, decodings,
+    golden expectations) must agree on. Records made before those options existed lack them."""
+    return None if d is None else {k: v for k, v in d.items() if k not in TRAIN_FIELDS}
 
 
 PRESETS: dict[str, Conventions] = {

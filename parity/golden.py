@@ -40,6 +40,7 @@ from parity.compare import tolerances as tol
 from parity.compare.core import Comparison, compare_captures
 from parity.compare.generation import GenerationComparison, compare_generation_files
 from parity.config import PaliGemmaConfig
+from parity.conventions import forward_fields
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
 from parity.golden_report import render, render_record  # noqa: F401  (the terminal reports, as before)
 
@@ -251,7 +252,11 @@ def record(
             "expectations": [],
         }
         changes, replacing = None, old is not None
-        if old is not None and any(old.manifest.get(k) != bm[k] for k in ("inputs_sha256", "config", "conventions")):
+        same = {"conventions": forward_fields}  # training-only options aside (records made before they existed)
+        if old is not None and any(
+            same.get(k, lambda v: v)(old.manifest.get(k)) != same.get(k, lambda v: v)(bm[k])
+            for k in ("inputs_sha256", "config", "conventions")
+        ):
             changes = {
                 "note": "the old bundle was recorded on other inputs, another model or other conventions: "
                 "replaced whole"

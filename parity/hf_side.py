@@ -27,7 +27,6 @@ from parity.backend import DTYPES, PRECISIONS, Backend
 from parity.config import PaliGemmaConfig
 from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
-from parity.hf_train import TRAIN_FIELDS
 from parity.hf_train import train_step as _train_step
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
@@ -45,7 +44,7 @@ class HFModel:
     module: Any
     config: PaliGemmaConfig
     notes: dict = dataclasses.field(default_factory=dict)
-    conventions: Conventions | None = None  # with the training-only fields (hf_train.TRAIN_FIELDS) as asked
+    conventions: Conventions | None = None  # with the training-only fields (conventions.TRAIN_FIELDS) as asked
     precision: str = "highest"  # torch's float32 matmul precision inside each call (nothing process-wide)
 
 
@@ -104,13 +103,10 @@ def build_model(
     **impl_kw,
 ) -> HFModel:
     """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes (its
-    training-only fields, hf_train.TRAIN_FIELDS, are read by `train_step`, which refuses what it cannot run)."""
+    training-only fields, conventions.TRAIN_FIELDS, are read by `train_step`, which refuses what it cannot run)."""
     import torch
 
-    def forward_part(c: Conventions) -> dict:
-        return {k: v for k, v in c.to_dict().items() if k not in TRAIN_FIELDS}
-
-    if forward_part(conventions) != forward_part(PRESETS["transformers"]):
+    if conventions.forward_dict() != PRESETS["transformers"].forward_dict():
         raise ConfigError(
             f"the transformers side runs under the 'transformers' convention only, got "
             f"{conventions.to_dict()}; pass --convention transformers"

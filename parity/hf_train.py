@@ -29,9 +29,6 @@ from parity.errors import ConfigError, InputsError
 from parity.training import StepRecord, TrainOptions, TrainResult, trainable_leaves
 
 IGNORE = -100
-# Conventions fields that only the training step reads (the forward pass of the transformers side is the same under
-# every value); `build_model` ignores them when it checks for the transformers preset.
-TRAIN_FIELDS = ("loss_normalization", "train_prefix")
 
 
 def hf_name(key: str) -> str:

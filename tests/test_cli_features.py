@@ -84,6 +84,8 @@ def test_set_toggles_conventions_one_at_a_time(tmp_path):
             "final_softcap=always",
             "--set",
             "sliding_window=transformers",
+            "--set",
+            "loss_normalization=per_token",
         )
     )
     assert rep["conventions"] == PRESETS["transformers"].to_dict()

@@ -20,6 +20,7 @@ from converters.checkpoint import open_checkpoint
 from parity import spec
 from parity.cli import main
 from parity.config import TINY_VARIANTS
+from tests import signal_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
@@ -199,7 +200,8 @@ def test_interrupt_while_writing_leaves_nothing(train_inputs, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-c", SLOW_WRITE, "train-step", CKPT, "--inputs", train_inputs, *HF]
     cmd += ["--grads", str(out / "g.npz"), "-o", str(out / "u.npz")]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    # SIGINT at its default disposition in the child, whatever this suite inherited (nohup, a background job)
+    p = signal_child.popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = p.stderr.readline().strip()
         assert line == "writing", line + p.stderr.read()

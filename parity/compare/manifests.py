@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from parity.config import PaliGemmaConfig
+from parity.conventions import forward_fields
 from parity.errors import ConfigError, InputsError, describe
 
 # Manifest fields that always differ between two runs and say nothing about them.
@@ -48,8 +49,9 @@ def check_manifests(a: dict, b: dict, allow_convention_mismatch: bool) -> None:
     if a.get("config") != b.get("config"):
         diff = [d["key"] for d in manifest_differences({"config": a.get("config")}, {"config": b.get("config")})]
         raise ConfigError(f"the two sides are different models: config fields {', '.join(diff[:6])} differ")
-    if a.get("conventions") != b.get("conventions") and not allow_convention_mismatch:
-        diff = list(manifest_differences({"c": a.get("conventions")}, {"c": b.get("conventions")}))
+    ca, cb = forward_fields(a.get("conventions")), forward_fields(b.get("conventions"))  # training options aside
+    if ca != cb and not allow_convention_mismatch:
+        diff = list(manifest_differences({"c": ca}, {"c": cb}))
         raise ConfigError(
             "the two sides ran under different conventions ("
             + ", ".join(f"{d['key'][2:]}: {d['a']} vs {d['b']}" for d in diff)
