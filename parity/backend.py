@@ -155,6 +155,36 @@ class TrainBackend(BlockBackend, Protocol):
         ...
 
 
+@runtime_checkable
+class TrainPointsBackend(Backend, Protocol):
+    """A backend whose training step can be compared point by point (`compare --train-step`): torch, jax and
+    transformers (parity.hf_backward)."""
+
+    def train_points(self, model: Any, inputs: dict[str, np.ndarray], options: TrainOptions) -> dict[str, np.ndarray]:
+        """Every point of points.train_points it has a counterpart of, float32 numpy, from one training step on
+        `inputs` (with mask_loss) under `options`: the training forward's capture points (on the shifted inputs:
+        S - 1 positions), train/loss (shape ()) and train/example_loss ([B]), the gradient at every unit input
+        (points.train_units), grad/<leaf> of every trainable leaf with grad/<leaf>/layerNN of stacked ones; with
+        options.steps > 1 the later steps' losses and the trainable leaves after the last step (the model's
+        trainable leaves are then updated in place)."""
+        ...
+
+
+@runtime_checkable
+class BackwardBackend(TrainPointsBackend, BlockBackend, Protocol):
+    """A TrainPointsBackend that also runs each unit's VJP on another run's points: the side B of
+    `compare --train-step --teacher-forced` (parity.torch_impl.api, parity.jax_impl.api)."""
+
+    def unit_vjps(
+        self, model: Any, inputs: dict[str, np.ndarray], options: TrainOptions, given: dict[str, np.ndarray]
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """{unit of points.train_units: its forward points, its input's gradient point and the gradient points of
+        its trainable parameters (layer i of a stacked leaf; a whole leaf's share from this unit otherwise)}, each
+        unit run on `given`'s input to it and with `given`'s gradient of its output as the cotangent (the head with
+        the loss: none), float32 numpy."""
+        ...
+
+
 # -- the registry -------------------------------------------------------------------------------------------------
 _loaded: dict[str, Backend] = {}
 
@@ -192,6 +222,16 @@ def get(name: str) -> Backend:
 def training(name: str) -> bool:
     """Whether backend `name` runs a fine-tuning step (TrainBackend): what `parity train-step --impl` needs."""
     return isinstance(get(name), TrainBackend)
+
+
+def train_points(name: str) -> bool:
+    """Whether backend `name` compares a training step point by point (TrainPointsBackend)."""
+    return isinstance(get(name), TrainPointsBackend)
+
+
+def teacher_forced_backward(name: str) -> bool:
+    """Whether backend `name` runs single units' VJPs (BackwardBackend): side B of `--train-step --teacher-forced`."""
+    return isinstance(get(name), BackwardBackend)
 
 
 def teacher_forcing(name: str) -> bool:

@@ -23,10 +23,11 @@ import numpy as np
 
 from converters.hf_config import to_hf_config
 from parity import points, spec
-from parity.backend import DTYPES, PRECISIONS, Backend
+from parity.backend import DTYPES, PRECISIONS, Backend, TrainPointsBackend
 from parity.config import PaliGemmaConfig
 from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
+from parity.hf_backward import train_points  # noqa: F401  (backend.TrainPointsBackend; documented there)
 from parity.hf_train import train_step as _train_step
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
@@ -347,3 +348,4 @@ def notes(model: HFModel) -> dict[str, Any]:
 
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, Backend)
+assert isinstance(BACKEND, TrainPointsBackend)

@@ -156,3 +156,101 @@ def select(points: list[str], patterns: str | list[str] | None) -> list[str]:
     if LOGITS in points and LOGITS not in chosen:
         chosen.append(LOGITS)
     return chosen
+
+
+# -- the training step (`compare --train-step`): its loss, the gradients at every unit boundary, the parameters ------
+# A gradient point `grad/P` is d loss / d (forward point P); `grad/U/in` is d loss / d (the input of unit U). The
+# backward units are the forward units plus the head with the loss (`logits`); `train_units` lists them.
+TRAIN_LOSS = "train/loss"
+TRAIN_EXAMPLE_LOSS = "train/example_loss"
+GRAD_HEAD_IN = "grad/llm/final_norm"  # the head's input: the final norm's output
+GRAD_FINAL_NORM_IN = "grad/llm/final_norm/in"
+GRAD_PROJECTOR = "grad/img/projector"  # the image input of the image/text concatenation
+GRAD_PROJECTOR_IN = "grad/img/projector/in"
+GRAD_IMG_FINAL_NORM_IN = "grad/img/encoder_norm/in"
+STEM = "img/stem"  # the patch embedding and the position embedding: the unit whose input is the image
+
+
+def grad_llm_block_in(i: int) -> str:
+    """d loss / d (the input of LLM block i)."""
+    return f"grad/llm/layer{i:02d}/in"
+
+
+def grad_img_block_in(i: int) -> str:
+    """d loss / d (the input of ViT block i)."""
+    return f"grad/img/block{i:02d}/in"
+
+
+def grad_leaf(key: str, layer: int | None = None) -> str:
+    """The gradient of a parameter leaf (canonical key), or of one layer of a stacked leaf."""
+    return f"grad/{key}" if layer is None else f"grad/{key}/layer{layer:02d}"
+
+
+def train_loss_at(step: int) -> str:
+    return f"train/loss@step{step}"
+
+
+def param_at(key: str, step: int) -> str:
+    """A trainable leaf after `step` SGD steps."""
+    return f"param/{key}@step{step}"
+
+
+def train_units(config: PaliGemmaConfig) -> list[tuple[str, str | None, str | None, str | None]]:
+    """The units of a training step in forward order: (unit, its input's forward point or None for the image, the
+    gradient point of its input or None, the gradient point of its output or None for the loss). A unit is named
+    as verdict.py names them: a block (`img/block00`, `llm/layer00`), a unit between the blocks by its output point,
+    the stem, and the head with the loss (`logits`)."""
+    v, t = config.vision.depth, config.text.depth
+    units: list[tuple[str, str | None, str | None, str | None]] = []
+    img_in = [grad_img_block_in(i) for i in range(v)] + [GRAD_IMG_FINAL_NORM_IN]
+    units.append((STEM, None, None, img_in[0]))
+    for i in range(v):
+        units.append((f"img/block{i:02d}", img_block_out(i - 1) if i else IMG_POS_EMBED, img_in[i], img_in[i + 1]))
+    units.append(
+        (IMG_FINAL_NORM, img_block_out(v - 1) if v else IMG_POS_EMBED, GRAD_IMG_FINAL_NORM_IN, GRAD_PROJECTOR_IN)
+    )
+    units.append((PROJECTOR, IMG_FINAL_NORM, GRAD_PROJECTOR_IN, GRAD_PROJECTOR))
+    llm_in = [grad_llm_block_in(i) for i in range(t)] + [GRAD_FINAL_NORM_IN]
+    units.append((LLM_INPUT, PROJECTOR, GRAD_PROJECTOR, llm_in[0]))
+    for i in range(t):
+        units.append((f"llm/layer{i:02d}", llm_block_out(i - 1) if i else LLM_INPUT, llm_in[i], llm_in[i + 1]))
+    units.append((LLM_FINAL_NORM, llm_block_out(t - 1) if t else LLM_INPUT, GRAD_FINAL_NORM_IN, GRAD_HEAD_IN))
+    units.append((LOGITS, LLM_FINAL_NORM, GRAD_HEAD_IN, None))
+    return units
+
+
+def leaf_unit(key: str, layer: int | None = None) -> list[str]:
+    """The units whose parameters include leaf `key` (layer `layer` of a stacked one): the tied embedding is in two,
+    the image/text concatenation (the lookup) and the head."""
+    if key.startswith("img/Transformer/encoderblock/"):
+        return [f"img/block{layer:02d}"]
+    if key.startswith("llm/layers/"):
+        return [f"llm/layer{layer:02d}"]
+    if key.startswith("img/Transformer/encoder_norm/"):
+        return [IMG_FINAL_NORM]
+    if key.startswith("img/head/"):
+        return [PROJECTOR]
+    if key.startswith("llm/embedder/"):
+        return [LLM_INPUT, LOGITS]
+    if key.startswith("llm/final_norm/"):
+        return [LLM_FINAL_NORM]
+    return [STEM]
+
+
+def backward_points(config: PaliGemmaConfig) -> list[str]:
+    """The activation gradients, from the head down (the order a backward pass produces them)."""
+    return [u[2] for u in reversed(train_units(config)) if u[2] is not None]
+
+
+def train_points(config: PaliGemmaConfig, trainable: list[str], stacked: dict[str, int | None], steps: int = 1):
+    """Every point of `compare --train-step` in the order the computation produces them: the forward points of the
+    training forward, the loss, the activation gradients, the parameter gradients (whole, then per layer for the
+    stacked `trainable` leaves: `stacked` maps key -> layers or None), and with steps > 1 every step's loss and the
+    trainable leaves after the last step."""
+    pts = forward_points(config) + [TRAIN_LOSS, TRAIN_EXAMPLE_LOSS] + backward_points(config)
+    for key in trainable:
+        pts.append(grad_leaf(key))
+        pts += [grad_leaf(key, i) for i in range(stacked.get(key) or 0)]
+    if steps > 1:
+        pts += [train_loss_at(n) for n in range(2, steps + 1)] + [param_at(k, steps) for k in trainable]
+    return pts

@@ -26,6 +26,7 @@ from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
 from parity.jax_impl import mesh as meshes
+from parity.jax_impl.backward import train_points, unit_vjps  # noqa: F401  (BackwardBackend; there)
 from parity.jax_impl.decoder import block_mask
 from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
@@ -382,4 +383,5 @@ def notes(model: Model) -> dict[str, Any]:
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.UnitBackend)
 assert isinstance(BACKEND, backend.TrainBackend)
+assert isinstance(BACKEND, backend.BackwardBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)

@@ -22,6 +22,7 @@ from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
+from parity.torch_impl.backward import train_points, unit_vjps  # noqa: F401  (BackwardBackend; there)
 from parity.torch_impl.decoder import block_mask
 from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
@@ -293,4 +294,5 @@ def notes(model: PaliGemma) -> dict[str, Any]:
 BACKEND = sys.modules[__name__]  # the module itself: its functions are the protocol's methods
 assert isinstance(BACKEND, backend.UnitBackend)
 assert isinstance(BACKEND, backend.TrainBackend)
+assert isinstance(BACKEND, backend.BackwardBackend)
 assert tuple(DTYPES) == backend.DTYPES and PRECISIONS == backend.PRECISIONS  # one list of each (parity.backend)
