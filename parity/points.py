@@ -254,3 +254,31 @@ def train_points(config: PaliGemmaConfig, trainable: list[str], stacked: dict[st
     if steps > 1:
         pts += [train_loss_at(n) for n in range(2, steps + 1)] + [param_at(k, steps) for k in trainable]
     return pts
+
+
+def train_point_unit(point: str) -> str | None:
+    """The unit (a name of train_units) whose backward produces a gradient point, or whose head computes the loss;
+    None for a whole stacked leaf's gradient and the points after later steps (no one unit computes them)."""
+    if point in (TRAIN_LOSS, TRAIN_EXAMPLE_LOSS):
+        return LOGITS
+    for unit, _, grad_in, _ in _TRAIN_UNITS_BY_GRAD:
+        if point == grad_in:
+            return unit
+    m = re.fullmatch(r"grad/(img|llm)/(block|layer)(\d+)/in", point)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}{int(m.group(3)):02d}"
+    m = re.fullmatch(r"grad/(.+)/layer(\d+)", point)
+    if m:
+        return leaf_unit(m.group(1), int(m.group(2)))[0]
+    if point.startswith("grad/") and not point.startswith(("grad/img/Transformer/encoderblock/", "grad/llm/layers/")):
+        return leaf_unit(point[len("grad/") :])[0]
+    return None
+
+
+_TRAIN_UNITS_BY_GRAD = (
+    (LOGITS, None, GRAD_HEAD_IN, None),
+    (LLM_FINAL_NORM, None, GRAD_FINAL_NORM_IN, None),
+    (LLM_INPUT, None, GRAD_PROJECTOR, None),
+    (PROJECTOR, None, GRAD_PROJECTOR_IN, None),
+    (IMG_FINAL_NORM, None, GRAD_IMG_FINAL_NORM_IN, None),
+)

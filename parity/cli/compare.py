@@ -8,7 +8,9 @@ import click
 
 from parity.backend import DTYPES, PRECISIONS
 from parity.cli.base import BackendChoice, _emit, _status, main
+from parity.cli.compare_train import _compare_train, _saved_train_step, _train_options
 from parity.conventions import PRESETS
+from parity.training import FROZEN_DTYPES, VIT_MATMUL_DTYPES
 
 
 @main.command("compare")
@@ -78,6 +80,33 @@ from parity.conventions import PRESETS
     is_flag=True,
     help="Also run side A's implementation in float64 and say, per point and overall, which side drifts from it.",
 )
+@click.option(
+    "--train-step",
+    is_flag=True,
+    help="Compare one fine-tuning step point by point: the training forward, the loss, the gradient at every "
+    "unit input and of every trainable leaf (parity.compare.train_step); --inputs must hold mask_loss.",
+)
+@click.option(
+    "--trainable",
+    multiple=True,
+    metavar="GLOB",
+    help="With --train-step: leaves to train, as `parity train-step --trainable` (repeatable; default "
+    "llm/layers/attn/*; 'all' trains every leaf).",
+)
+@click.option("--steps", default=None, type=int, help="With --train-step: SGD steps (>= 1; default 1).")
+@click.option("--lr", default=None, type=float, help="With --train-step: learning rate of plain SGD (default 0.03).")
+@click.option(
+    "--frozen-dtype",
+    default=None,
+    type=click.Choice(FROZEN_DTYPES),
+    help="With --train-step: the frozen leaves' dtype (as `parity train-step`; default float32).",
+)
+@click.option(
+    "--vit-matmul-dtype",
+    default=None,
+    type=click.Choice(VIT_MATMUL_DTYPES),
+    help="With --train-step: the ViT's activation dtype (as `parity train-step`; default float32).",
+)
 def compare_cmd(
     ckpt,
     side_a,
@@ -101,6 +130,12 @@ def compare_cmd(
     tokenizer,
     stop_at_eos,
     truth,
+    train_step,
+    trainable,
+    steps,
+    lr,
+    frozen_dtype,
+    vit_matmul_dtype,
 ):
     """Compare two runs point by point: exit 0 when every point passes, 1 on a mismatch, 2 on bad input."""
     from parity import compare as cmp
@@ -128,6 +163,11 @@ def compare_cmd(
             stop_at_eos,
             layer_by_layer or points or save or rejudge or truth,
         )
+    train = _train_options(train_step, trainable, steps, lr, frozen_dtype, vit_matmul_dtype, generate_steps, truth)
+    if train is not None or (rejudge and _saved_train_step(rejudge)):
+        sides = dict(a=side_a, b=side_b, ckpt=ckpt, against=against, impl=impl, inputs=inputs, convention=convention)
+        run = dict(config=config, teacher_forced=teacher_forced, points=points, profile=profile, policy=policy)
+        _compare_train(train, {**sides, **run, "allow": allow_convention_mismatch}, save, rejudge, html_path, as_json)
     if rejudge and truth:
         from parity.errors import UsageError
 

@@ -13,6 +13,12 @@ from parity.compare.core import COMPARED, Comparison
 from parity.compare.truth import html_table as truth_table
 
 W, H, PAD = 640, 240, 48
+TOWERS = (  # forward curves, then (a training step's) backward curves beside them: the gradient at each block's input
+    ("img", "vision tower (ViT blocks)"),
+    ("llm", "text tower (LLM blocks)"),
+    ("llm_backward", "text tower backward (gradient at each block's input)"),
+    ("img_backward", "vision tower backward (gradient at each block's input)"),
+)
 COLORS = {"propagated": "#d62728", "teacher-forced": "#1f77b4", "tolerance": "#7f7f7f"}
 
 
@@ -123,8 +129,8 @@ def render_html(c: Comparison) -> str:
     amp = c.amplification()
     first = c.first_divergence
     curves = []
-    for tower, title in (("img", "vision tower (ViT blocks)"), ("llm", "text tower (LLM blocks)")):
-        if amp[tower]:
+    for tower, title in TOWERS:
+        if amp.get(tower):
             j = next((r.judgement for r in c.records if r.point == amp[tower][0]["point"]), None)
             bound = next((ch.bound for ch in j.checks if ch.stat == "max_rel"), None) if j is not None else None
             curves.append(_curve_svg(title, amp[tower], bound, first))

@@ -61,7 +61,12 @@ class Verdict:
 
 
 def _unit(point: str) -> str | None:
-    """The unit a point belongs to: its block ("llm/layer01"), or itself for a unit between the blocks."""
+    """The unit a point belongs to: its block ("llm/layer01"), or itself for a unit between the blocks; a training
+    step's loss and gradient points: the unit whose backward computes them (points.train_point_unit)."""
+    if point.startswith(("grad/", "train/", "param/")):
+        from parity.points import train_point_unit
+
+        return train_point_unit(point)
     if point in NAMES:
         return point
     m = UNIT.match(point)

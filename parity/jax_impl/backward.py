@@ -23,6 +23,7 @@ from parity import spec, training
 from parity.errors import ConfigError
 from parity.jax_impl import train
 from parity.jax_impl.decoder import block_mask
+from parity.jax_impl.load import _flat
 from parity.training import TrainOptions
 
 
@@ -39,7 +40,7 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     with matmul_precision(model.precision):
         out, (grads, probe_grads) = _points(graphdef, leaves, frozen, batch, probes)
     result = {k: np.asarray(jax.device_get(v)) for k, v in {**out, **probe_grads}.items()}
-    result.update(_leaf_points(model, train._canonical(model, grads)))
+    result.update(_leaf_points(model, _canonical(model, grads)))
     if options.steps > 1:
         later = train.train_step(model, inputs, options)
         result.update({pts.train_loss_at(r.step): np.asarray(r.loss, np.float32) for r in later.steps[1:]})
@@ -70,7 +71,7 @@ def unit_vjps(
         r = {k: np.asarray(jax.device_get(v)) for k, v in aux[unit].items()}
         if grad_in is not None:
             r[grad_in] = np.asarray(jax.device_get(gx[unit])).astype(np.float32)
-        canonical = train._canonical(model, grads[unit])
+        canonical = _canonical(model, grads[unit])
         for point, key, i in _owned(model, unit, canonical):
             r[point] = canonical[key] if i is None else canonical[key][i]
         result[unit] = r
@@ -143,6 +144,16 @@ def _owned(model, unit: str, leaves: dict[str, Any]) -> list[tuple[str, str, int
         elif layers[key] is None and unit in pts.leaf_unit(key):
             owned.append((pts.grad_leaf(key), key, None))
     return owned
+
+
+def _canonical(model, grads) -> dict[str, np.ndarray]:
+    """{key: numpy in canonical layout}, float32 (float64 for a float64 model), in spec order."""
+    flat = _flat(nnx.to_pure_dict(grads))
+    return {
+        e.key: np.asarray(jax.device_get(flat[e.key])).astype(np.promote_types(flat[e.key].dtype, np.float32))
+        for e in spec.entries(model.config)
+        if e.key in flat
+    }
 
 
 def _leaf_points(model, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -50,7 +50,7 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     for key, ps in leaves.items():
         grads[key], at = list(flat[at : at + len(ps)]), at + len(ps)
     result = {k: _numpy(v) for k, v in out.items()}
-    result.update(_leaf_points(model, train._canonical(model, grads)))
+    result.update(_leaf_points(model, _canonical(model, grads)))
     if options.steps > 1:
         later = train.train_step(model, inputs, options)
         result.update({pts.train_loss_at(r.step): np.asarray(r.loss, np.float32) for r in later.steps[1:]})
@@ -154,6 +154,12 @@ def _owned(model, unit: str, leaves: dict[str, list]) -> list[tuple[str, Any]]:
         elif layers[key] is None and unit in pts.leaf_unit(key):
             owned.append((pts.grad_leaf(key), ps[0]))
     return owned
+
+
+def _canonical(model, grads: dict[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
+    """{key: numpy in canonical layout}, float32 (float64 for a float64 model): per-layer tensors stacked."""
+    layers = {e.key: e.layers for e in spec.entries(model.config)}
+    return {k: np.stack([_numpy(t) for t in ts]) if layers[k] else _numpy(ts[0]) for k, ts in grads.items()}
 
 
 def _leaf_points(model, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
