@@ -1,0 +1,227 @@
+"""`parity compare --train-step` (issue 23): a training step compared point by point, forward and backward.
+
+Independent computations only: torch against jax and against transformers (three implementations of one step),
+a finite difference of the loss for the activation gradients, and checkpoints with a change planted in one LLM block
+and in one ViT block, whose teacher-forced backward must fail in that block only. Then the CLI's wording, exit codes
+and bad input, --save / --rejudge and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converters.checkpoint import open_checkpoint
+from parity import points as pts
+from parity import spec
+from parity.cli import main
+from parity.compare.train_step import compare_train_step
+from parity.config import TINY_VARIANTS
+from parity.conventions import PRESETS
+from parity.torch_impl import api as torch_api
+from parity.training import TrainOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = os.path.join(ROOT, "golden", "tiny-pg1-mqa.npz")
+CFG = TINY_VARIANTS["tiny-pg1-mqa"]
+ALL = TrainOptions(trainable=("all",))
+UNIT = re.compile(r"^(img/block\d+|llm/layer\d+)/")
+
+
+def train_inputs(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three rows: different prefix and suffix lengths, two right-padded; mask_loss on the real suffix."""
+    rng = np.random.default_rng(seed)
+    length, prefix, total = (12, 8, 10), (3, 5, 7), 12
+    text = rng.integers(3, cfg.text.vocab_size, (3, total)).astype(np.int32)
+    text[:, 0] = 2
+    mask_ar, mask_input = np.zeros_like(text), np.zeros_like(text)
+    for r in range(3):
+        mask_ar[r, prefix[r] : length[r]] = 1
+        mask_input[r, : length[r]] = 1
+        text[r, length[r] :] = 0
+    image = rng.uniform(-1, 1, (3, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    return dict(image=image, text=text, mask_ar=mask_ar, mask_input=mask_input, mask_loss=mask_ar * mask_input)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Training inputs, the same inputs without mask_loss, and checkpoints with a change planted in LLM block 1
+    (its MLP output kernel x 1.01) and in ViT block 0 (its MLP output kernel x 1.01)."""
+    d = tmp_path_factory.mktemp("train_cmp")
+    x = train_inputs(CFG)
+    np.savez(d / "train.npz", **x)
+    np.savez(d / "forward.npz", **{k: v for k, v in x.items() if k != "mask_loss"})
+    with open_checkpoint(CKPT) as ck:
+        params = ck.load()
+    for name, key, i in (
+        ("llm1", "llm/layers/mlp/linear", 1),
+        ("vit0", "img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel", 0),
+    ):
+        planted = {k: v.copy() for k, v in params.items()}
+        planted[key][i] *= np.float32(1.01)
+        np.savez(d / f"{name}.npz", **planted)
+    return {k: str(d / f"{k}.npz") for k in ("train", "forward", "llm1", "vit0")}
+
+
+# -- the points themselves ----------------------------------------------------------------------------------------
+def test_activation_gradients_match_a_finite_difference():
+    """grad/llm/layer01/in (the probe's gradient) against a central difference in float64 of the loss computed from
+    that block's input on, at its largest element."""
+    import torch
+
+    from parity.torch_impl import backward as tb
+    from parity.torch_impl import train
+
+    x = train_inputs(CFG, seed=3)
+    model = torch_api.build_model(CFG, PRESETS["big_vision"], dtype="float64", params=spec.random_params(CFG, seed=2))
+    got = torch_api.train_points(model, x, ALL)
+    g = got[pts.grad_llm_block_in(1)]
+    at = np.unravel_index(np.argmax(np.abs(g)), g.shape)
+    ctx = tb._context(model, train._batch(model, x))
+
+    def loss_from(delta: float) -> float:
+        z = got[pts.llm_block_out(0)].copy()
+        z[at] += delta
+        y = torch.as_tensor(z)
+        with torch.no_grad():
+            for unit in ("llm/layer01", pts.LLM_FINAL_NORM, pts.LOGITS):
+                y, _ = tb._unit(model, unit, y, ctx)
+        return float(y)
+
+    h = 1e-5
+    fd = (loss_from(h) - loss_from(-h)) / (2 * h)
+    assert abs(fd - g[at]) <= 1e-7 * abs(g[at]) and abs(g[at]) > 1e-4
+
+
+# -- sides that pass -------------------------------------------------------------------------------------------------
+def test_torch_vs_jax_pass_teacher_forced_big_vision(files):
+    c = compare_train_step("torch", "jax", ckpt=CKPT, inputs=files["train"], options=ALL, teacher_forced=True)
+    assert c, c.verdict().words
+    d = c.to_dict()
+    assert d["passed"] and d["first_divergence"] is None and d["first_local_divergence"] is None
+    names = [p["point"] for p in d["points"]]
+    # forward, loss, backward from the head down, then the leaves
+    assert names.index("logits") < names.index(pts.TRAIN_LOSS) < names.index(pts.GRAD_HEAD_IN)
+    assert (
+        names.index(pts.grad_llm_block_in(1)) < names.index(pts.grad_llm_block_in(0)) < names.index(pts.GRAD_PROJECTOR)
+    )
+    assert names.index(pts.grad_img_block_in(0)) < names.index("grad/llm/embedder/input_embedding")
+    assert "grad/llm/layers/attn/q_einsum/w/layer01" in names
+    assert all(p["local"] is not None for p in d["points"] if p["point"].startswith("grad/llm/layer"))
+    key_bias = "grad/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/key/bias"
+    assert any(n.startswith(key_bias) and "global gradient scale" in n for n in d["notes"])
+    assert "llm_backward" in c.amplification() and c.amplification()["llm_backward"][0]["block"] == 1
+
+
+def test_torch_vs_jax_pass_transformers_preset_two_steps(tmp_path):
+    cfg = TINY_VARIANTS["tiny-pg2-gqa"]
+    ckpt = os.path.join(ROOT, "golden", "tiny-pg2-gqa.b16.npz")
+    np.savez(tmp_path / "train.npz", **train_inputs(cfg, seed=1))
+    c = compare_train_step(
+        "torch",
+        "jax",
+        ckpt=ckpt,
+        inputs=str(tmp_path / "train.npz"),
+        convention="transformers",
+        options=TrainOptions(steps=2),
+    )
+    assert c, c.verdict().words
+    names = {r.point for r in c.records}
+    assert {pts.train_loss_at(2), pts.param_at("llm/layers/attn/q_einsum/w", 2)} <= names
+
+
+def test_torch_vs_transformers_pass(files):
+    """transformers as side A (its hooks' points and gradients), torch's units teacher-forced on them."""
+    c = compare_train_step("transformers", "torch", ckpt=CKPT, inputs=files["train"], options=ALL, teacher_forced=True)
+    assert c, c.verdict().words
+    assert c.sides["A"]["manifest"]["conventions"]["loss_normalization"] == "per_token"
+    compared = {r.point for r in c.records if r.stats is not None}
+    assert {pts.grad_llm_block_in(0), pts.GRAD_PROJECTOR, pts.grad_img_block_in(0), pts.TRAIN_LOSS} <= compared
+
+
+# -- planted changes ------------------------------------------------------------------------------------------------
+def _unit_of(point: str) -> str | None:
+    if point.startswith(("grad/", "train/", "param/")):
+        return pts.train_point_unit(point)
+    m = UNIT.match(point)
+    return m.group(1) if m else point
+
+
+@pytest.mark.parametrize(
+    "planted, unit, first",
+    [("llm1", "llm/layer01", "llm/layer01/mlp"), ("vit0", "img/block00", "img/block00/out")],
+)
+def test_a_planted_block_fails_locally_alone(files, planted, unit, first):
+    c = compare_train_step(
+        ckpt=CKPT, against=files[planted], impl="torch", inputs=files["train"], options=ALL, teacher_forced=True
+    )
+    assert not c and c.first_divergence == first and c.first_local_divergence == first
+    failing = [r.point for r in c.records if r.local_judgement is not None and not r.local_judgement]
+    whole = [p for p in failing if _unit_of(p) is None]  # a stacked leaf's whole gradient holds that layer's
+    assert failing and {_unit_of(p) for p in failing if p not in whole} == {unit}
+    backward = pts.grad_llm_block_in(1) if planted == "llm1" else pts.grad_img_block_in(0)
+    assert backward in failing
+    assert all(pts.train_point_unit(p) != unit for p in whole)
+    # every other unit's backward passes locally though its propagated gradient differs
+    others = [r for r in c.records if r.local is not None and _unit_of(r.point) not in (unit, None)]
+    assert others and all(r.local_judgement for r in others)
+    assert any(not r.judgement for r in others if r.point.startswith("grad/"))
+    assert c.verdict().first_differing_unit == unit
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------------
+def test_cli_report_exit_codes_save_rejudge_html(files, tmp_path):
+    args = ("compare", CKPT, "--against", files["llm1"], "--train-step", "--inputs", files["train"])
+    r = invoke(*args, "--trainable", "llm/layers/attn/*", "--teacher-forced", "--save", tmp_path / "c.json")
+    assert r.exit_code == 1, r.output
+    assert "first divergence: llm/layer01/mlp" in r.output
+    assert "B computes differently: first differing unit llm/layer01" in r.output
+    assert re.search(r"FAILED grad/llm/layer01/in: max_rel \S+ <= 5e-05 \(profile fp32 \(training step\)\)", r.output)
+    r = invoke("compare", "--rejudge", tmp_path / "c.json", "--json", "--html", tmp_path / "c.html")
+    assert r.exit_code == 1
+    d = json.loads(r.output)
+    assert d["first_local_divergence"] == "llm/layer01/mlp" and d["train_step"]["trainable"] == ["llm/layers/attn/*"]
+    page = (tmp_path / "c.html").read_text()
+    assert "text tower backward" in page and "text tower (LLM blocks)" in page
+    r = invoke("compare", "--rejudge", tmp_path / "c.json", "--policy", _loose(tmp_path), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["passed"]
+    r = invoke("compare", CKPT, "--a", "torch", "--b", "torch", "--train-step", "--inputs", files["train"])
+    assert r.exit_code == 0 and "every point passes" in r.output
+
+
+def _loose(tmp_path) -> str:
+    p = tmp_path / "loose.toml"
+    p.write_text('[[rules]]\npoints = "*"\nmax_rel = 0.5\n[[rules]]\npoints = "logits"\nmax_rel = 0.5\n')
+    return str(p)
+
+
+def one_line(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_input(files, tmp_path):
+    base = ("compare", CKPT, "--train-step", "--inputs", files["train"])
+    capture = tmp_path / "a.safetensors"
+    assert invoke("capture", CKPT, "--inputs", files["forward"], "-o", capture).exit_code == 0
+    one_line(invoke(*base, "--a", capture, "--b", "torch"), "side A", "capture file", "training step")
+    one_line(invoke("compare", CKPT, "--a", "torch", "--b", "jax", "--train-step", "--inputs", files["forward"]),
+             "mask_loss", "parity inputs --suffix")  # fmt: skip
+    one_line(invoke(*base, "--a", "torch", "--b", "jax", "--trainable", "llm/nope*"), "llm/nope*", "matches no leaf")
+    one_line(invoke(*base, "--a", "torch", "--b", "jax", "--steps", "0"), "--steps 0")
+    one_line(invoke(*base, "--a", "torch", "--b", "jax", "--lr", "-1"), "--lr -1.0")
+    one_line(invoke("compare", CKPT, "--a", "torch", "--b", "jax", "--steps", "2"), "--steps", "--train-step")
+    one_line(invoke(*base, "--a", "torch", "--b", "jax", "--truth"), "--truth")
+    one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--teacher-forced"), "transformers", "unit_vjps")
+    one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--convention", "big_vision"), "transformers")
