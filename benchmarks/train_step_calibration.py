@@ -4,11 +4,12 @@ bounds of parity.compare.train_step (TRAIN_RULES) are set from.
     python benchmarks/train_step_calibration.py [-o benchmarks/results/train_step_calibration.json]
 
 Sides, all on the same weights and training inputs (every leaf trainable): PyTorch float32, JAX float32, PyTorch
-float64 (the float64 computation) and, under the transformers preset, transformers float32; on the four tiny
-configs (random weights, seed 1) under both presets. Each float32 side is measured against torch float32 and
-against float64, per group of points (forward, loss, activation gradients, parameter gradients), as max_rel over
-the positions that reach the loss (parity.compare.train_step); leaves with an exactly-zero true gradient (max |g|
-below NEAR_ZERO of the global scale) against the global gradient scale, as the comparison judges them.
+float64 (the float64 computation) and, under the transformers preset, transformers float32; on the four tiny configs
+(random weights, seed 1, and the shipped golden checkpoints) under both presets. Each float32 side is measured
+against torch float32 and against float64, per group of points (forward, loss, activation gradients, parameter
+gradients), as max_rel over the positions that reach the loss (parity.compare.train_step); leaves with an exactly-
+zero true gradient (max |g| below NEAR_ZERO of the global scale) against the global gradient scale, as the
+comparison judges them.
 """
 
 from __future__ import annotations
@@ -78,15 +79,29 @@ def distances(ref: dict, other: dict, cfg, inputs, scale: float) -> dict[str, di
     return out
 
 
+def weight_sets():
+    """(config name, config, what the weights are, canonical params): random weights (seed 1) for every tiny
+    config, and the shipped golden checkpoints (their weights are larger: errors amplify more through depth)."""
+    from converters.checkpoint import open_checkpoint
+
+    root = Path(__file__).resolve().parents[1] / "golden"
+    for name, cfg in TINY_VARIANTS.items():
+        yield name, cfg, "random seed 1", spec.random_params(cfg, seed=1)
+        for file in (root / f"{name}.npz", root / f"{name}.b16.npz"):
+            if file.is_file():
+                with open_checkpoint(str(file)) as ck:
+                    params = {k: np.asarray(v, np.float32) for k, v in ck.load().items()}
+                yield name, cfg, f"golden/{file.name}", params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-o", "--output", default="benchmarks/results/train_step_calibration.json")
     args = ap.parse_args()
     options = TrainOptions(trainable=("all",))
     results = []
-    for name, cfg in TINY_VARIANTS.items():
+    for name, cfg, weights, params in weight_sets():
         inputs = train_inputs(cfg)
-        params = spec.random_params(cfg, seed=1)
         for preset in ("big_vision", "transformers"):
             t0 = time.perf_counter()
             conv = PRESETS[preset]
@@ -103,7 +118,7 @@ def main() -> None:
                 )
             leaf = [k for k in runs["float64"] if k.startswith("grad/") and group(k) == "param_grads"]
             scale = max(float(np.abs(runs["float64"][k]).max()) for k in leaf)
-            row = {"config": name, "preset": preset, "global_gradient_scale": scale}
+            row = {"config": name, "weights": weights, "preset": preset, "global_gradient_scale": scale}
             for side in [s for s in runs if s not in ("torch", "float64")]:
                 row[f"{side}_vs_torch"] = distances(runs["torch"], runs[side], cfg, inputs, scale)
             for side in [s for s in runs if s != "float64"]:
@@ -118,7 +133,7 @@ def main() -> None:
                 continue
             for g, v in groups.items():
                 if g not in worst or v["max_rel"] > worst[g]["max_rel"]:
-                    worst[g] = {**v, "config": row["config"], "preset": row["preset"], "pair": key}
+                    worst[g] = {**v, **{k: row[k] for k in ("config", "weights", "preset")}, "pair": key}
     doc = {"machine": platform.machine(), "largest": worst, "runs": results}
     Path(args.output).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(worst, indent=1))

@@ -157,3 +157,14 @@ def test_jax_runs_leave_the_matmul_precision_as_found(models, monkeypatch, preci
             assert jax.config.jax_default_matmul_precision == "bfloat16", name
             assert seen == [precision], (name, seen)
     assert jax.config.jax_default_matmul_precision is None
+
+
+def test_backward_files_define_the_same_things_in_the_same_order():
+    """The training step point by point (issue 23): the same definitions in the same order; each side's own
+    helpers are named (torch's tensor-to-numpy, jax's jitted steps and their probes)."""
+    torch_defs = _definitions(ROOT / "parity/torch_impl/backward.py")
+    jax_defs = _definitions(ROOT / "parity/jax_impl/backward.py")
+    shared = ["train_points", "unit_vjps", "_check", "_context", "_block", "_unit", "_owned", "_canonical"]
+    shared += ["_leaf_points", "_input"]
+    assert torch_defs == shared + ["_numpy"]
+    assert jax_defs == shared + ["_probes", "_points", "_vjps"]
