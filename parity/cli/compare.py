@@ -8,7 +8,13 @@ import click
 
 from parity.backend import DTYPES, PRECISIONS
 from parity.cli.base import BackendChoice, _emit, _status, main
-from parity.cli.compare_train import _compare_train, _saved_train_step, _train_options
+from parity.cli.compare_train import (
+    _compare_train,
+    _golden_check_train,
+    _golden_record_train,
+    _saved_train_step,
+    _train_options,
+)
 from parity.conventions import PRESETS
 from parity.training import FROZEN_DTYPES, VIT_MATMUL_DTYPES
 
@@ -289,10 +295,22 @@ def golden_group():
 @click.option("--config", default=None, help="Variant name or config.json (default: detected).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The bundle directory (NAME.bundle).")
 @click.option("--update", is_flag=True, help="Re-record into an existing bundle and report what changed.")
+@click.option(
+    "--train-step",
+    is_flag=True,
+    help="Record a training-step bundle instead: loss, per-example losses, per-leaf gradient norms and the full LLM "
+    "attention gradients of one step (every leaf trainable; --inputs with mask_loss; parity.golden_train).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def golden_record_cmd(ckpt, inputs, impl, convention, steps, dtype, device, precision, config, output, update, as_json):
+def golden_record_cmd(
+    ckpt, inputs, impl, convention, steps, dtype, device, precision, config, output, update, train_step, as_json
+):
     """Record the expectation of this device class and precision profile into a golden bundle."""
     from parity import golden
+
+    if train_step:
+        run = dict(impl=impl, convention=convention, dtype=dtype, device=device, precision=precision, config=config)
+        _golden_record_train(ckpt, inputs, output, steps, update, as_json, run)
 
     with _status(not as_json and sys.stderr.isatty()) as say:
         rep = golden.record(
@@ -335,6 +353,9 @@ def golden_record_cmd(ckpt, inputs, impl, convention, steps, dtype, device, prec
 def golden_check_cmd(bundle, impl, checkpoint, profile, policy, dtype, device, precision, as_json):
     """Run an implementation on a bundle's inputs and compare: exit 0 when it matches, 1 if not, 2 bad input."""
     from parity import golden
+
+    run = dict(impl=impl, checkpoint=checkpoint, profile=profile, policy=policy, dtype=dtype, device=device)
+    _golden_check_train(bundle, {**run, "precision": precision}, as_json)  # returns unless a training bundle
 
     with _status(not as_json and sys.stderr.isatty()) as say:
         r = golden.check(

@@ -58,3 +58,36 @@ def _compare_train(options, run: dict, save, rejudge, html_path, as_json):
         write_html(c, html_path)
     _emit(c.to_dict(), as_json, lambda _: render(c))
     sys.exit(c.exit_code)
+
+
+def _golden_record_train(ckpt, inputs, output, steps, update, as_json, run: dict):
+    """`golden record --train-step`: a training-step bundle (parity.golden_train)."""
+    from parity import golden_train
+    from parity.errors import UsageError
+
+    if steps is not None:
+        raise UsageError("--generate records decoding; a --train-step bundle records one training step")
+    with _status(not as_json and sys.stderr.isatty()) as say:
+        rep = golden_train.record(ckpt, inputs, output, update=update, progress=say, **run)
+    _emit(rep, as_json, lambda _: print(f"recorded {output}: one training step of {rep['impl']} ({rep['convention']})"))
+    sys.exit(0)
+
+
+def _golden_check_train(bundle, run: dict, as_json):
+    """`golden check` of a training-step bundle: compared as `compare --train-step` judges; returns for others."""
+    from parity import golden_train
+    from parity.compare.report import render
+
+    if not golden_train.is_train_bundle(bundle):
+        return
+    with _status(not as_json and sys.stderr.isatty()) as say:
+        r = golden_train.check(bundle, progress=say, **run)
+
+    def human(_):
+        render(r.comparison)
+        for leaf, v in r.zero_leaves.items():
+            verdict = "pass" if v < golden_train.NEAR_ZERO else "FAIL"
+            print(f"exactly-zero gradient {leaf}: {v:.2g} of the largest leaf norm ({verdict})")
+
+    _emit(r.to_dict(), as_json, human)
+    sys.exit(r.exit_code)
