@@ -1,7 +1,7 @@
 """Training-step golden bundles: one fine-tuning step of a tiny checkpoint, recorded once, checked on every CI run.
 
-    parity golden record CKPT --train-step --inputs TRAIN --impl transformers -o golden/NAME.train.bundle
-    parity golden check golden/NAME.train.bundle --impl jax
+    parity golden record CKPT --train-step --inputs TRAIN --impl transformers -o golden/train/NAME.bundle
+    parity golden check golden/train/NAME.bundle --impl jax
 
 A bundle is a directory:
     bundle.json          schema parity.golden.train/1: the checkpoint (path relative to the bundle, sha256), the

@@ -184,7 +184,7 @@ def test_cli_report_exit_codes_save_rejudge_html(files, tmp_path):
     assert r.exit_code == 1, r.output
     assert "first divergence: llm/layer01/mlp" in r.output
     assert "B computes differently: first differing unit llm/layer01" in r.output
-    assert re.search(r"FAILED grad/llm/layer01/in: max_rel \S+ <= 5e-05 \(profile fp32 \(training step\)\)", r.output)
+    assert re.search(r"FAILED grad/llm/layer01/in: max_rel \S+ <= 0.0001 \(profile fp32 \(training step\)\)", r.output)
     r = invoke("compare", "--rejudge", tmp_path / "c.json", "--json", "--html", tmp_path / "c.html")
     assert r.exit_code == 1
     d = json.loads(r.output)
@@ -225,3 +225,18 @@ def test_bad_input(files, tmp_path):
     one_line(invoke(*base, "--a", "torch", "--b", "jax", "--truth"), "--truth")
     one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--teacher-forced"), "transformers", "unit_vjps")
     one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--convention", "big_vision"), "transformers")
+
+
+def test_sides_training_under_different_conventions_are_refused():
+    """The forward conventions are checked as the forward compare does; the training fields too."""
+    from parity.compare.train_step import _check_sides
+    from parity.errors import ConfigError
+
+    base = {"inputs": {"sha256": "x"}, "config": CFG.to_dict(), "conventions": PRESETS["transformers"].to_dict()}
+    other = {**base, "conventions": {**base["conventions"], "loss_normalization": "per_example"}}
+    with pytest.raises(ConfigError, match="loss_normalization: per_token vs per_example.*--allow-convention-mismatch"):
+        _check_sides(None, base, other, False)
+    _check_sides(None, base, other, True)
+    forward = {**base, "conventions": PRESETS["big_vision"].to_dict()}
+    with pytest.raises(ConfigError, match="different conventions"):
+        _check_sides(None, base, forward, False)

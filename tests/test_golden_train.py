@@ -17,7 +17,7 @@ from parity.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
-BUNDLES = {p: os.path.join(GOLDEN, f"tiny-pg2-gqa.train-{p}.bundle") for p in ("transformers", "big_vision")}
+BUNDLES = {p: os.path.join(GOLDEN, "train", f"tiny-pg2-gqa.{p}.bundle") for p in ("transformers", "big_vision")}
 
 
 def invoke(*args):
