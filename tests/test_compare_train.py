@@ -235,8 +235,8 @@ def test_sides_training_under_different_conventions_are_refused():
     base = {"inputs": {"sha256": "x"}, "config": CFG.to_dict(), "conventions": PRESETS["transformers"].to_dict()}
     other = {**base, "conventions": {**base["conventions"], "loss_normalization": "per_example"}}
     with pytest.raises(ConfigError, match="loss_normalization: per_token vs per_example.*--allow-convention-mismatch"):
-        _check_sides(None, base, other, False)
-    _check_sides(None, base, other, True)
+        _check_sides(base, other, False)
+    _check_sides(base, other, True)
     forward = {**base, "conventions": PRESETS["big_vision"].to_dict()}
     with pytest.raises(ConfigError, match="different conventions"):
-        _check_sides(None, base, forward, False)
+        _check_sides(base, forward, False)

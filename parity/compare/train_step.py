@@ -160,10 +160,8 @@ def compare_train_step(
     for side in (side_a, side_b):
         say(f"side {side.label}: {side.describe()}")
         loaded = load(_job(side, inputs, convention, config), None, None, check)
-        if side is side_a:
-            _check_sides(side_a, loaded.manifest, None, allow_convention_mismatch)
-        else:
-            _check_sides(side_b, runs["A"][1], loaded.manifest, allow_convention_mismatch)
+        if side is side_b:
+            _check_sides(runs["A"][1], loaded.manifest, allow_convention_mismatch)
         local = None
         if side is side_b and teacher_forced:
             say("side B: every unit's VJP on side A's points")
@@ -179,15 +177,14 @@ def compare_train_step(
     stacked = {e.key: e.layers for e in spec.entries(cfg)}
     order = pts.train_points(cfg, leaves, stacked, options.steps)
     order = pts.select(order, points) if points else order
-    return _compare(pa, pb, _local_points(local, stacked) if local else None, order, ma, mb, cfg, batch,
-                    {"A": side_a, "B": side_b}, profile, policy, options, leaves)  # fmt: skip
+    local = _local_points(local, stacked) if local else None
+    sides = {"A": side_a, "B": side_b}
+    return _compare(pa, pb, local, order, ma, mb, cfg, batch, sides, profile, policy, options, leaves)
 
 
-def _check_sides(side, ma: dict, mb: dict | None, allow: bool) -> None:
+def _check_sides(ma: dict, mb: dict, allow: bool) -> None:
     """Side B against side A as the forward compare checks them (inputs, model, forward conventions), and the
     training conventions too (conventions.TRAIN_FIELDS)."""
-    if mb is None:
-        return
     check_manifests(ma, mb, allow)
     ca, cb = ({k: m.get("conventions", {}).get(k) for k in TRAIN_FIELDS} for m in (ma, mb))
     if ca != cb and not allow:
