@@ -240,3 +240,16 @@ def test_sides_training_under_different_conventions_are_refused():
     forward = {**base, "conventions": PRESETS["big_vision"].to_dict()}
     with pytest.raises(ConfigError, match="different conventions"):
         _check_sides(base, forward, False)
+
+
+def test_backends_implement_the_training_protocols_with_their_signatures():
+    import inspect
+
+    from parity import backend
+
+    assert [backend.train_points(n) for n in ("torch", "jax", "transformers")] == [True, True, True]
+    assert [backend.teacher_forced_backward(n) for n in ("torch", "jax", "transformers")] == [True, True, False]
+    for name in ("torch", "jax", "transformers"):
+        for meth in ("train_points", "unit_vjps")[: 1 if name == "transformers" else 2]:
+            proto = list(inspect.signature(getattr(backend.BackwardBackend, meth)).parameters)[1:]
+            assert list(inspect.signature(getattr(backend.get(name), meth)).parameters) == proto, (name, meth)
