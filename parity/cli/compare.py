@@ -74,6 +74,12 @@ from parity.conventions import PRESETS
 )
 @click.option("--stop-at-eos", is_flag=True, help="With --generate: stop rows at <eos> (default: ignore it).")
 @click.option(
+    "--stream",
+    is_flag=True,
+    help="Run the implementation sides block-streamed (one unit's weights at a time; see parity capture "
+    "--stream). Chosen per side automatically when a resident side would not fit.",
+)
+@click.option(
     "--truth",
     is_flag=True,
     help="Also run side A's implementation in float64 and say, per point and overall, which side drifts from it.",
@@ -100,6 +106,7 @@ def compare_cmd(
     generate_steps,
     tokenizer,
     stop_at_eos,
+    stream,
     truth,
 ):
     """Compare two runs point by point: exit 0 when every point passes, 1 on a mismatch, 2 on bad input."""
@@ -107,6 +114,10 @@ def compare_cmd(
     from parity.compare.html import write_html
     from parity.compare.report import render
 
+    if generate_steps is not None and stream:
+        from parity.errors import UsageError
+
+        raise UsageError("--stream: generation does not run block-streamed yet; drop --stream with --generate")
     if generate_steps is not None:
         _compare_generation(
             ckpt,
@@ -153,6 +164,7 @@ def compare_cmd(
                 allow_convention_mismatch=allow_convention_mismatch,
                 progress=say,
                 truth=truth,
+                stream=stream or None,
             )
     if save:
         cmp.save(c, save)
