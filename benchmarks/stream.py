@@ -54,6 +54,10 @@ def child(ckpt: str, inputs: str, out: str, impl: str, dtype: str, points: str, 
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def mem_available() -> int:
+    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
+
+
 def agreement(a: str, b: str) -> dict:
     """max |a - b| / max |a| per point over the two capture files, and how many points are bit-identical."""
     from parity.capture_file import read_capture
@@ -74,6 +78,9 @@ def main() -> None:
     ap.add_argument("--points", default="logits", help="Capture points (globs), as parity capture --points.")
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--streamed-only", action="store_true", help="No resident run (a model too big to hold).")
+    ap.add_argument(
+        "--resident-needs", type=float, default=21.0, help="GB that must be available to start the resident run."
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -99,6 +106,11 @@ def main() -> None:
         plan = ["streamed"] if args.streamed_only else ["streamed", "resident", "streamed"]
         outs = {}
         for n, mode in enumerate(plan):
+            if mode == "resident" and (free := mem_available()) < args.resident_needs * 1e9:
+                raise SystemExit(
+                    f"resident run skipped: {free / 1e9:.1f} GB available, --resident-needs {args.resident_needs} GB "
+                    f"(streamed so far: {json.dumps(rows)})"
+                )
             out = os.path.join(tmp, f"{mode}{n}.safetensors")
             t0 = time.perf_counter()
             r = child(args.ckpt, inputs, out, args.impl, args.dtype, args.points, mode)
