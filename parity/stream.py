@@ -71,10 +71,11 @@ def identity(path: str) -> tuple:
 
 
 class Source:
-    """The units' weights of an open Checkpoint (`ck`), each rounded to `rounding` (None: kept as stored)."""
+    """The units' weights of an open Checkpoint (`ck`), each rounded to `rounding` (None: kept as stored), as the
+    resident load rounds them, then cast to `compute` (on the reader thread, off the compute's)."""
 
-    def __init__(self, ck, rounding: np.dtype | None):
-        self.ck, self.rounding = ck, rounding
+    def __init__(self, ck, rounding: np.dtype | None, compute: np.dtype | None = None):
+        self.ck, self.rounding, self.compute = ck, rounding, compute
         self.entries = {e.key: e for e in ck.entries()}
         self.identity = identity(ck.path)
         self.bytes_read = 0
@@ -93,7 +94,7 @@ class Source:
 
     def _cast(self, x: np.ndarray) -> np.ndarray:
         self.bytes_read += x.nbytes
-        return dtypes.cast(np.ascontiguousarray(x), self.rounding)
+        return dtypes.cast(dtypes.cast(np.ascontiguousarray(x), self.rounding), self.compute)
 
     def read(self, keys, layer: int | None = None) -> dict[str, np.ndarray]:
         """{key: tensor} of `keys` (their layer `layer` for stacked keys)."""
@@ -155,7 +156,8 @@ def load(ck, impl: str, conventions, compute: str, rounding, device: str, precis
     """A StreamModel over the open Checkpoint `ck` (kept open: StreamModel.close closes it)."""
     h = hook(impl)
     skeleton = h.skeleton(ck.config, conventions, compute, device, precision)
-    return StreamModel(h, skeleton, Source(ck, rounding), ck.config, head_rows(ck.config))
+    wide = dtypes.FLOAT_DTYPES.get(compute, np.dtype(np.float64) if compute == "float64" else None)
+    return StreamModel(h, skeleton, Source(ck, rounding, wide), ck.config, head_rows(ck.config))
 
 
 # -- the backend ---------------------------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ def test_streamed_equals_resident_every_format(files, fmt, impl):
 
 
 @pytest.mark.parametrize(
-    "dtype,compute", [("bfloat16", None), ("bfloat16", "float32")]
-)  # bf16 compute; bf16 values computed in float32 (rounded on read, as the resident load rounds them)
+    "dtype,compute", [("bfloat16", None), ("bfloat16", "float32"), ("float64", None)]
+)  # bf16 compute; bf16 values computed in float32 (rounded on read, as the resident load rounds them); float64
 def test_streamed_equals_resident_other_dtypes(files, dtype, compute):
     kw = {"dtype": dtype, "compute_dtype": compute}
     _same(
