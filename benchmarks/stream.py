@@ -99,7 +99,9 @@ def main() -> None:
             inputs,
             {
                 "image": rng.uniform(-1, 1, (1, px, px, 3)).astype(np.float32),
-                "text": rng.integers(2, cfg.text.vocab_size, (1, args.text_len)).astype(np.int32),
+                "text": np.concatenate(  # <bos>, then random tokens
+                    [[[2]], rng.integers(3, cfg.text.vocab_size, (1, args.text_len - 1))], axis=1
+                ).astype(np.int32),
                 "mask_ar": np.zeros((1, args.text_len), np.int32),
             },
         )
