@@ -54,6 +54,37 @@ def child(ckpt: str, inputs: str, out: str, impl: str, dtype: str, points: str, 
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def make_mid(path: str, depth: int) -> None:
+    """A bf16 checkpoint of PaliGemma 2 3B-224's shapes with `depth` ViT and Gemma blocks (the same units, the full
+    vocabulary; realistic weights from benchmarks/convert.py's generator) and its config sidecar."""
+    import dataclasses
+
+    import convert as gen
+
+    from converters import dtypes
+    from converters.config_source import sidecar_path
+    from converters.npz_write import NpzWriter
+    from parity import spec
+    from parity.config import VARIANTS
+
+    gen._heavy()
+    base = VARIANTS["paligemma2-3b-224"]
+    cfg = dataclasses.replace(
+        base,
+        vision=dataclasses.replace(base.vision, depth=depth),
+        text=dataclasses.replace(base.text, depth=depth),
+    ).with_name(f"pg2-3b-224-depth{depth}")
+    rng = np.random.default_rng(0)
+    with open(path + ".partial", "wb") as f:
+        w = NpzWriter(f)
+        for e in spec.entries(cfg):
+            w.write(spec.NPZ_PREFIX + e.key, dtypes.BF16, e.shape, gen.member_chunks(e, rng, "realistic"))
+        w.close()
+    with open(sidecar_path(path), "w") as f:
+        f.write(cfg.to_json())
+    os.replace(path + ".partial", path)
+
+
 def mem_available() -> int:
     return next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
 
@@ -82,7 +113,17 @@ def main() -> None:
         "--resident-needs", type=float, default=21.0, help="GB that must be available to start the resident run."
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--make-mid",
+        type=int,
+        default=None,
+        metavar="DEPTH",
+        help="First write CKPT: PaliGemma 2 3B-224's shapes with DEPTH ViT and Gemma blocks (bf16), if absent.",
+    )
     args = ap.parse_args()
+    if args.make_mid and not os.path.exists(args.ckpt):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        make_mid(args.ckpt, args.make_mid)
 
     from converters.checkpoint import open_checkpoint
     from parity import estimate
