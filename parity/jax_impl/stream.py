@@ -48,10 +48,13 @@ def manifest(model: api.Model) -> dict[str, Any]:
 
 
 def _placed(model: api.Model, weights: dict[str, np.ndarray]):
-    """(graphdef, state) of the model holding `weights` (stacked keys as a stack of one layer) and nothing else."""
+    """(graphdef, state) of the model holding `weights` (stacked keys as a stack of one layer) and nothing else.
+    `weights` is emptied on the way, so each numpy array is freed once placed (a unit is held once, not twice)."""
     arrays = dict(model.stream_empty)
-    for key, x in weights.items():
+    while weights:
+        key, x = weights.popitem()
         arrays[key] = to_device(x[None] if key in model.stream_stacked else x, model.dtype, model.stream_where)
+        del x
     return nnx.split(place(model.module, arrays))
 
 

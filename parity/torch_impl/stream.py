@@ -47,16 +47,17 @@ def manifest(model: PaliGemma) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _placed(model: PaliGemma, weights: dict[str, np.ndarray], layer: int | None = None) -> Iterator[None]:
-    """`weights` as the model's parameters (layer `layer` of stacked keys) inside the block; meta again after."""
+    """`weights` as the model's parameters (layer `layer` of stacked keys) inside the block; meta again after.
+    `weights` is emptied on the way (the parameters alias the numpy arrays when the dtypes agree)."""
     names = []
-    for key, x in weights.items():
-        name = torch_names(key, None if layer is None else layer + 1)[-1]
-        *path, leaf = name.split(".")
-        module = model.get_submodule(".".join(path))
-        t = to_torch(x).to(device=model.stream_device, dtype=model.stream_dtype)
-        names.append((module, leaf, getattr(module, leaf)))
-        setattr(module, leaf, nn.Parameter(t, requires_grad=False))
     try:
+        while weights:
+            key, x = weights.popitem()
+            *path, leaf = torch_names(key, None if layer is None else layer + 1)[-1].split(".")
+            module = model.get_submodule(".".join(path))
+            t = to_torch(x).to(device=model.stream_device, dtype=model.stream_dtype)
+            names.append((module, leaf, getattr(module, leaf)))
+            setattr(module, leaf, nn.Parameter(t, requires_grad=False))
         yield
     finally:
         for module, leaf, meta in names:
