@@ -32,6 +32,7 @@ import numpy as np
 from converters import dtypes
 from parity import monitor
 from parity import points as pts
+from parity.blockcheck import check_block, check_unit
 from parity.config import PaliGemmaConfig
 from parity.errors import CheckpointError, UsageError
 from parity.inputs import validate_inputs
@@ -193,12 +194,16 @@ class Streamed:
 
     # -- one unit each (teacher-forced compares call these on the reference's inputs) ------------------------------
     def vit_block(self, m: StreamModel, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
+        check_block(i, m.config.vision.depth, x, m.config.vision.width, "ViT")
         return m.hook.vit_block(m.model, m.source.layer(VIT, i), i, x)
 
     def llm_block(self, m: StreamModel, i: int, x: np.ndarray, inputs) -> dict[str, np.ndarray]:
+        check_block(i, m.config.text.depth, x, m.config.text.width, "LLM")
+        inputs = validate_inputs(inputs, m.config, "inputs")
         return m.hook.llm_block(m.model, m.source.layer(LLM, i), i, x, inputs)
 
     def unit(self, m: StreamModel, point: str, x: np.ndarray, inputs) -> np.ndarray:
+        check_unit(point, m.config, x)
         text = np.asarray(validate_inputs(inputs, m.config, "inputs")["text"])
         if point == pts.LLM_INPUT:
             ids, local = np.unique(text, return_inverse=True)
@@ -207,7 +212,7 @@ class Streamed:
             return self._head(m, x, text)
         return m.hook.unit(m.model, m.source.read(UNIT_KEYS.get(point, ())), point, x, text)
 
-    def _head(self, m: StreamModel, x: np.ndarray, text, read: Callable | None = None) -> np.ndarray:
+    def _head(self, m: StreamModel, x: np.ndarray, text) -> np.ndarray:
         """The tied head in row chunks of the embedding table (the next chunk read while this one computes)."""
         v, n = m.config.text.vocab_size, m.chunk_rows
         spans = [(a, min(a + n, v)) for a in range(0, v, n)]
