@@ -21,7 +21,8 @@ A compare runs each side in its own process, one after the other (parity.compare
 side plus the comparing process, which reads the two captures one point at a time.
 
 The block-streamed figure (issue 24 §1: 1 GB + 2 x the largest unit in the compute dtype, plus activations and
-outputs) is reported for planning; streaming is not implemented yet.
+outputs) is what a streamed run (parity.stream) needs: `check_fits` streams a capture or compare side that would
+not fit resident but fits streamed (one line says so), and refuses one that fits neither way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 from parity import points as pts
 from parity import spec
 from parity.config import PaliGemmaConfig
-from parity.errors import ParityError
+from parity.errors import ParityError, UsageError
 
 GB = 1e9
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -50,6 +51,8 @@ KINDS = ("capture", "side", "generate", "golden")
 ENV_LIMIT = "PARITY_MEMORY_LIMIT"
 ENV_CHECK = "PARITY_MEMORY_CHECK"  # "off": skip the check
 ENV_ROOT = "PARITY_MEMORY_ROOT"  # a fake / for /proc and /sys (tests)
+STREAMED_IMPLS = ("torch", "jax")  # the implementations with a streaming hook (parity.stream.HOOKS)
+STREAMED_KINDS = ("capture", "side")  # generation (and so golden) does not stream yet
 
 
 class MemoryRefused(ParityError):
@@ -78,7 +81,9 @@ class Estimate:
     dtype: str
     items: dict[str, int]
     peak: int
-    streamed: int  # the block-streamed figure (not implemented yet)
+    streamed: int  # the block-streamed figure
+    stream: bool = False  # check_fits' choice: run block-streamed
+    note: str | None = None  # the one line saying why it streams (an automatic choice)
 
     def brief(self) -> str:
         parts = ", ".join(f"{k} {gb(v)}" for k, v in self.items.items() if v)
@@ -302,18 +307,35 @@ def check_fits(
     device: str = "cpu",
     root: str | None = None,
     env: Mapping[str, str] | None = None,
+    stream: bool | None = None,
 ) -> Estimate:
-    """Refuse (MemoryRefused, exit 2, one line: the need, what is available and from where, the way out) a run whose
-    estimate exceeds the host memory available; called before any tensor is read. $PARITY_MEMORY_CHECK=off skips
-    it. An accelerator's own memory is not checked (the framework reports its out-of-memory errors)."""
+    """The run's estimate, with `stream` set when it is to run block-streamed: asked (`stream` True), or chosen
+    because it would not fit resident but fits streamed (`note`: the one line saying so). Refuse (MemoryRefused,
+    exit 2, one line: the need, what is available and from where, the way out) a run that fits neither way; called
+    before any tensor is read. $PARITY_MEMORY_CHECK=off skips the check. An accelerator's own memory is not checked
+    (the framework reports its out-of-memory errors)."""
     env = os.environ if env is None else env
     work = work or Work()
     rows, text_len = (int(n) for n in np.shape(inputs["text"]))
     held = held_itemsize(ckpt, compute, dtype)
     est = estimate(cfg, impl, compute, rows, text_len, work, held, device)
-    if env.get(ENV_CHECK, "").lower() in ("off", "0", "no", "false"):
-        return est
-    limit, source = available(root, env)
+    streamable = impl in STREAMED_IMPLS and work.kind in STREAMED_KINDS
+    if stream and not streamable:
+        why = f"implementation {impl!r}" if impl not in STREAMED_IMPLS else "generation (golden check, generate)"
+        raise UsageError(
+            f"--stream: {why} does not run block-streamed (streamed: capture and compare sides, torch and jax)"
+        )
+    checked = env.get(ENV_CHECK, "").lower() not in ("off", "0", "no", "false")
+    limit, source = available(root, env) if checked else (None, "")
+    if stream:
+        est = dataclasses.replace(est, peak=est.streamed, stream=True)
+    elif limit is not None and est.peak > limit and streamable and est.streamed <= limit:
+        what = "a compare side" if work.kind == "side" else work.kind
+        note = (
+            f"{cfg.name}: {what} with {impl} {compute} needs {gb(est.peak)} resident but {gb(limit)} is available "
+            f"({source}): running block-streamed instead (~{gb(est.streamed)}, one unit's weights at a time)"
+        )
+        return dataclasses.replace(est, peak=est.streamed, stream=True, note=note)
     if limit is None or est.peak <= limit:
         return est
 
@@ -334,12 +356,18 @@ def check_fits(
         if n:
             ways.append(f"fewer rows in the inputs ({n} of {rows} would fit)")
     ways.append(f"a machine with {-(-est.peak // (1 << 30))} GiB available")
-    ways.append("block streaming (issue 24 §1) is not implemented yet")
+    if not est.stream and streamable:
+        ways.append(f"block-streamed it needs {gb(est.streamed)}, more than available too")
+    elif not streamable:
+        ways.append(
+            "generation does not run block-streamed yet" if impl in STREAMED_IMPLS else f"{impl} does not stream"
+        )
     ways.append(f"{ENV_CHECK}=off runs anyway")
     what = "a compare side" if work.kind == "side" else work.kind
+    need = f"{gb(est.peak)} block-streamed" if est.stream else est.brief()
     raise MemoryRefused(
         f"{cfg.name}: {what} with {impl} {compute}, {rows} row{'s' * (rows != 1)} x "
-        f"{cfg.num_image_tokens + text_len} tokens needs {est.brief()} at peak, "
+        f"{cfg.num_image_tokens + text_len} tokens needs {need} at peak, "
         f"but {gb(limit)} is available ({source}); way out: {'; '.join(ways)}"
     )
 
@@ -376,7 +404,8 @@ def table(cfg: PaliGemmaConfig, stored: float = 4, rows: int = 1, text_len: int 
         "largest_unit_parameters": largest_unit(cfg),
         "notes": [
             "resident: today's loaders, numpy parameters beside the framework's (docs/memory.md)",
-            "streamed: block streaming (issue 24 §1) is not implemented yet; the figure is its target",
+            "streamed: capture and compare run block-streamed (--stream, or automatically when resident would not "
+            "fit); generate runs resident",
             "compare: the sides run one after the other, each in its own process: the larger side + the comparer",
         ],
         "table": out,

@@ -71,6 +71,7 @@ class Job:
     teacher_from: str | None = None  # a capture whose block inputs this backend's blocks are run on
     teacher_output: str | None = None
     generate: Generate | None = None
+    stream: bool | None = None  # block-streamed (parity.stream): True forces it; None: when resident would not fit
     role: str = "run"  # "run", or "side" for a compare's side (named so in messages, e.g. a memory refusal)
     train: TrainOptions | None = None  # a training step (record_train); None: no training
     grads: str | None = None  # the first step's gradients (npz), or None

@@ -20,7 +20,7 @@ from converters import hub
 from converters.checkpoint import open_checkpoint
 from converters.dtypes import FLOAT_DTYPES
 from parity import backend as backends
-from parity import estimate, monitor
+from parity import estimate, monitor, stream
 from parity import points as pts
 from parity.backend import DTYPES
 from parity.capture_file import Capture, capture_header, file_sha256, library_versions, read_capture, write_capture
@@ -119,20 +119,29 @@ def load(
         if progress:
             progress("loading", done, total)
 
-    with open_checkpoint(ckpt, job.config_arg) as ck:
+    with open_checkpoint(ckpt, job.config_arg) as ck:  # a streamed run reopens it: parity.stream holds it open
         cfg = ck.config
         inputs = load_inputs(job.inputs, cfg)
         if check is not None:
             check(cfg)
-        # Refuse (exit 2, one line) a run that would not fit in memory before any tensor is read.
-        estimate.check_fits(cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device)
+        # Refuse (exit 2, one line) a run that would not fit in memory before any tensor is read; stream one that
+        # would fit only streamed, or when asked (parity.stream).
+        fit = estimate.check_fits(
+            cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device, stream=job.stream
+        )
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
-        params = ck.load(FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None, on_chunk)
+        rounding = FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None
+        params = None if fit.stream else ck.load(rounding, on_chunk)
     if progress:
         progress("building", None, None)
-    options = {"mesh": job.mesh} if job.mesh else {}
-    model = be.build_model(cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options)
+    if fit.stream:
+        be, model = stream.open_streamed(be, ckpt, cfg, job, conv, compute, rounding, device, warn, fit.note)
+    else:
+        options = {"mesh": job.mesh} if job.mesh else {}
+        model = be.build_model(
+            cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options
+        )
     del params
     if progress:
         progress("hashing", None, None)
@@ -217,37 +226,40 @@ def record_run(
             wanted = pts.select(pts.forward_points(cfg), job.points)
 
     loaded = load(job, progress, warn, check)
-    be, model, cfg, batch = loaded.backend, loaded.model, loaded.config, loaded.inputs
-    rec = Record(loaded)
-    if wanted is not None:
-        t0 = time.perf_counter()
-        with monitor.reporting(_counting(cfg, progress)):
-            out = be.forward(model, batch, wanted)
-        wide = point_dtype(loaded.manifest["compute_dtype"])
-        arrays = {k: np.ascontiguousarray(out[k], wide) for k in wanted if k in out}
-        rec.capture = {
-            **loaded.manifest,
-            "points": list(arrays),
-            "tensors": tensor_fields(arrays),
-            "run_seconds": round(time.perf_counter() - t0, 3),
-        }
-        if notes := be.notes(model):
-            rec.capture["notes"] = notes
-        _write(job.capture, arrays, rec.capture, progress)
-        if job.teacher_from:
-            blocks = teacher_forced_blocks(be, model, cfg, batch, job.teacher_from)
-            blocks = {k: np.ascontiguousarray(v, wide) for k, v in blocks.items()}
-            rec.teacher = {
-                **rec.capture,
-                "points": list(blocks),
-                "tensors": tensor_fields(blocks),
-                "teacher_forced_from": job.teacher_from,
+    try:
+        be, model, cfg, batch = loaded.backend, loaded.model, loaded.config, loaded.inputs
+        rec = Record(loaded)
+        if wanted is not None:
+            t0 = time.perf_counter()
+            with monitor.reporting(_counting(cfg, progress)):
+                out = be.forward(model, batch, wanted)
+            wide = point_dtype(loaded.manifest["compute_dtype"])
+            arrays = {k: np.ascontiguousarray(out[k], wide) for k in wanted if k in out}
+            rec.capture = {
+                **loaded.manifest,
+                "points": list(arrays),
+                "tensors": tensor_fields(arrays),
+                "run_seconds": round(time.perf_counter() - t0, 3),
             }
-            _write(job.teacher_output, blocks, rec.teacher, progress)
-    if job.generate is not None:
-        rec.generated, rec.generation = _decode(loaded, job.generate, progress)
-        _write(job.generate.output, _generation_arrays(rec.generated, cfg), rec.generation, progress)
-    return rec
+            if notes := be.notes(model):
+                rec.capture["notes"] = notes
+            _write(job.capture, arrays, rec.capture, progress)
+            if job.teacher_from:
+                blocks = teacher_forced_blocks(be, model, cfg, batch, job.teacher_from)
+                blocks = {k: np.ascontiguousarray(v, wide) for k, v in blocks.items()}
+                rec.teacher = {
+                    **rec.capture,
+                    "points": list(blocks),
+                    "tensors": tensor_fields(blocks),
+                    "teacher_forced_from": job.teacher_from,
+                }
+                _write(job.teacher_output, blocks, rec.teacher, progress)
+        if job.generate is not None:
+            rec.generated, rec.generation = _decode(loaded, job.generate, progress)
+            _write(job.generate.output, _generation_arrays(rec.generated, cfg), rec.generation, progress)
+        return rec
+    finally:
+        stream.close(loaded.model)
 
 
 def _decode(loaded: Loaded, g, progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:

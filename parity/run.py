@@ -112,9 +112,11 @@ def capture(
     warn: Callable[[str], None] | None = None,
     precision: str = "highest",
     mesh: str | None = None,
+    stream: bool | None = None,
 ) -> dict[str, Any]:
     """Run a forward pass, write every selected point plus `logits` (float32) to a safetensors file whose header
-    metadata holds the manifest under "parity_manifest". Returns the manifest (with "output")."""
+    metadata holds the manifest under "parity_manifest". Returns the manifest (with "output"). `stream`: run
+    block-streamed (parity.stream; None: when a resident run would not fit)."""
     t0 = time.perf_counter()
     output = check_output(output, overwrite)
     job = Job(
@@ -131,6 +133,7 @@ def capture(
         mesh,
         capture=output,
         points=points,
+        stream=stream,
     )
     manifest = record_run(job, progress, warn).capture
     manifest.update(seconds=round(time.perf_counter() - t0, 3), output=output)

@@ -118,7 +118,7 @@ def test_refusal_exits_2_in_one_line_and_writes_nothing(tmp_path):
     line = lines[0]
     for part in ("needs", "weights", "at peak", "available", "PARITY_MEMORY_LIMIT=50M", "way out", "GiB available"):
         assert part in line, (part, line)
-    assert "not implemented" in line  # streaming: named as not there yet
+    assert "block-streamed it needs" in line  # streaming named, with its own need
     assert not out.exists() and os.listdir(tmp_path) == []
     assert time.perf_counter() - t0 < 120  # no forward, no load (a loose bound: the imports on a busy machine)
 
@@ -273,7 +273,7 @@ def test_inspect_json_carries_the_estimate():
         assert t["resident_bytes"]["torch"] > 0 and t["streamed_bytes"] > 0
     # the checkpoint is bf16: the loader's copy is 2 bytes a parameter, in either compute dtype
     assert rows[("capture", "bfloat16")]["items"]["torch"]["load copy"] == spec.param_count(cfg) * 2
-    assert any("not implemented" in n for n in mem["notes"])
+    assert any("block-streamed" in n for n in mem["notes"])
     text = CliRunner().invoke(main, ["inspect", CKPT]).stdout
     assert "memory estimate" in text and "streamed*" in text
 

@@ -82,6 +82,12 @@ from parity.training import FROZEN_DTYPES, VIT_MATMUL_DTYPES
 )
 @click.option("--stop-at-eos", is_flag=True, help="With --generate: stop rows at <eos> (default: ignore it).")
 @click.option(
+    "--stream",
+    is_flag=True,
+    help="Run the implementation sides block-streamed (one unit's weights at a time; see parity capture "
+    "--stream). Chosen per side automatically when a resident side would not fit.",
+)
+@click.option(
     "--truth",
     is_flag=True,
     help="Also run side A's implementation in float64 and say, per point and overall, which side drifts from it.",
@@ -135,6 +141,7 @@ def compare_cmd(
     generate_steps,
     tokenizer,
     stop_at_eos,
+    stream,
     truth,
     train_step,
     trainable,
@@ -148,6 +155,10 @@ def compare_cmd(
     from parity.compare.html import write_html
     from parity.compare.report import render
 
+    if generate_steps is not None and stream:
+        from parity.errors import UsageError
+
+        raise UsageError("--stream: generation does not run block-streamed yet; drop --stream with --generate")
     if generate_steps is not None:
         _compare_generation(
             ckpt,
@@ -199,6 +210,7 @@ def compare_cmd(
                 allow_convention_mismatch=allow_convention_mismatch,
                 progress=say,
                 truth=truth,
+                stream=stream or None,
             )
     if save:
         cmp.save(c, save)

@@ -100,6 +100,13 @@ def _conventions_line(convention: str, settings) -> str:
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Capture file (.safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    default=None,
+    help="Run block-streamed: one unit's weights at a time, read from CKPT (~1 GB + 2 x the largest block; "
+    "same points). Chosen automatically, with a line saying so, when a resident run would not fit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (the manifest).")
 def capture(
     ckpt,
@@ -116,6 +123,7 @@ def capture(
     points,
     output,
     overwrite,
+    stream,
     as_json,
 ):
     """Run a forward pass of CKPT on --inputs and save the named capture points with a manifest."""
@@ -142,6 +150,7 @@ def capture(
             warn=_warnings(warnings),
             precision=precision,
             mesh=mesh,
+            stream=stream or None,
         )
     m["warnings"] = warnings
 
@@ -151,7 +160,8 @@ def capture(
             f"{'' if r['compute_dtype'] == r['dtype'] else ', computed in ' + r['compute_dtype']}, "
             f"{r['device']}, {_conventions_line(convention, settings)}) -> {r['output']}"
         )
-        click.echo(f"  load {r['load_seconds']} s, forward {r['run_seconds']} s, total {r['seconds']} s")
+        streamed = ", block-streamed" if r.get("execution") == "streamed" else ""
+        click.echo(f"  load {r['load_seconds']} s, forward {r['run_seconds']} s{streamed}, total {r['seconds']} s")
 
     _emit(m, as_json, render)
 

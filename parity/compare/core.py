@@ -186,6 +186,7 @@ def compare(
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
     truth: bool = False,
+    stream: bool | None = None,
 ) -> Comparison:
     """Compare side B against side A (see the module docstring). Sides: `IMPL[:DEVICE][:DTYPE][:PRECISION]` run on
     `ckpt` (B on `against` when given) with `inputs`, or capture files. Without `layer_by_layer` only logits."""
@@ -211,7 +212,9 @@ def compare(
 
         def side_job(side: Side, a_path: str | None) -> dict[str, Any]:
             out = os.path.join(tmp, f"{side.label}.safetensors")
-            return job(side, inputs, out, convention, config, selection, a_path if teacher_forced else None)
+            return job(
+                side, inputs, out, convention, config, selection, a_path if teacher_forced else None, stream=stream
+            )
 
         paths = run_sides(side_a, side_b, side_job, lambda j: run_side(j, isolate), say, side_t)
         say("comparing")

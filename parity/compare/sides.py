@@ -108,9 +108,10 @@ def job(
     config: str | None,
     points: list[str] | None,
     teacher_from: str | None = None,
+    stream: bool | None = None,
 ) -> Job:
     """The job of a run side capturing `points` into `output` (and, with `teacher_from`, its blocks on that
-    capture's block inputs into OUTPUT.teacher.safetensors)."""
+    capture's block inputs into OUTPUT.teacher.safetensors); `stream`: block-streamed (Job.stream)."""
     teacher = None if teacher_from is None else output.replace(".safetensors", ".teacher.safetensors")
     return _job(
         side,
@@ -121,6 +122,7 @@ def job(
         points=points,
         teacher_from=teacher_from,
         teacher_output=teacher,
+        stream=stream,
     )
 
 

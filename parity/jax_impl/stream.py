@@ -1,0 +1,125 @@
+"""The block-streamed run's hook (parity/stream.py drives it; torch_impl/stream.py mirrors it): a PaliGemma with no
+weights (abstract, `nnx.eval_shape`), and each unit run on a state holding only its weights (stacked keys: the
+one layer, as a stack of depth 1; every other leaf an empty placeholder), compiled once per unit kind.
+
+Every function takes the unit's weights as {canonical key: numpy array} (a layer's slice for stacked keys; the
+embedding: the rows of the tokens present, or a chunk of rows for the head) and runs the same module code as the
+resident model's forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from parity import points as pts
+from parity import spec
+from parity.config import PaliGemmaConfig
+from parity.conventions import Conventions
+from parity.errors import ConfigError
+from parity.jax_impl import api
+from parity.jax_impl.decoder import block_mask
+from parity.jax_impl.load import place, to_device
+from parity.jax_impl.model import PaliGemma
+
+
+def skeleton(config: PaliGemmaConfig, conventions: Conventions, dtype: str, device: str, precision: str) -> api.Model:
+    """An abstract PaliGemma (no memory), remembering where and how its units run."""
+    if precision not in api.PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}; allowed: {', '.join(api.PRECISIONS)}")
+    if why := api.x64_refusal(dtype):
+        raise ConfigError(why)
+    device = api.resolve_device(device)
+    model = api.Model(nnx.eval_shape(lambda: PaliGemma(config, conventions)), dtype, device, precision)
+    where = api._jax_device(device)
+    model.stream_where = where
+    model.stream_stacked = {e.key for e in spec.entries(config) if e.layers is not None}
+    model.stream_empty = {e.key: jnp.zeros((0,), api.DTYPES[dtype], device=where) for e in spec.entries(config)}
+    return model
+
+
+def manifest(model: api.Model) -> dict[str, Any]:
+    return api.manifest(model)
+
+
+def _placed(model: api.Model, weights: dict[str, np.ndarray]):
+    """(graphdef, state) of the model holding `weights` (stacked keys as a stack of one layer) and nothing else.
+    `weights` is emptied on the way, so each numpy array is freed once placed (a unit is held once, not twice)."""
+    arrays = dict(model.stream_empty)
+    while weights:
+        key, x = weights.popitem()
+        arrays[key] = to_device(x[None] if key in model.stream_stacked else x, model.dtype, model.stream_where)
+        del x
+    return nnx.split(place(model.module, arrays))
+
+
+def _input(model: api.Model, x: np.ndarray) -> jax.Array:
+    return model.put(np.asarray(x, np.float64 if model.dtype == "float64" else np.float32))
+
+
+def _ints(model: api.Model, x: np.ndarray) -> jax.Array:
+    return model.put(np.asarray(x).astype(np.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _patch(graphdef, state, image):
+    model = nnx.merge(graphdef, state)
+    x = model.img.embedding(image.astype(model.img.pos_embedding[...].dtype))
+    return {pts.IMG_PATCH_EMBED: api._out(x), pts.IMG_POS_EMBED: api._out(x + model.img.pos_embedding[...])}
+
+
+def patch(model: api.Model, weights: dict[str, np.ndarray], image: np.ndarray) -> dict[str, np.ndarray]:
+    """The patch embedding and the position embedding added: {IMG_PATCH_EMBED, IMG_POS_EMBED}."""
+    graphdef, state = _placed(model, weights)
+    with api.matmul_precision(model.precision):
+        return api._numpy(_patch(graphdef, state, model.put(np.asarray(image, np.float32))))
+
+
+def vit_block(model: api.Model, weights: dict[str, np.ndarray], i: int, x: np.ndarray) -> dict[str, np.ndarray]:
+    """ViT block i on its input x: {img_block_attn(i), img_block_out(i)}."""
+    graphdef, state = _placed(model, weights)
+    with api.matmul_precision(model.precision):
+        out = api._numpy(api._vit_block(graphdef, state, jnp.int32(0), _input(model, x)))
+    return {name(i): out[k] for k, name in pts.IMG_BLOCK_POINTS.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _llm_block(graphdef, state, local, x, mask_ar, mask_input):
+    model = nnx.merge(graphdef, state)
+    _, _, positions, masks = model.full_masks(mask_ar, mask_input)
+    x = x.astype(model.llm.final_norm.scale[...].dtype)
+    _, aux, _ = api._layer(model.llm.layers, 0)(
+        x, model.llm.angles(positions, x.dtype), block_mask(masks, local), attn_softcap=model.attn_softcap
+    )
+    return {k: api._out(v) for k, v in aux.items()}
+
+
+def llm_block(model: api.Model, weights: dict[str, np.ndarray], i: int, x: np.ndarray, inputs) -> dict[str, np.ndarray]:
+    """Gemma block i on its input x, with the masks and positions of `inputs`: {attn, mlp, out} of layer i."""
+    mask_ar = _ints(model, inputs["mask_ar"])
+    mask_input = inputs.get("mask_input")
+    mask_input = _ints(model, np.ones_like(inputs["mask_ar"]) if mask_input is None else mask_input)
+    local = jnp.asarray(model.config.text.is_local_layer(i))
+    graphdef, state = _placed(model, weights)
+    with api.matmul_precision(model.precision):
+        out = api._numpy(_llm_block(graphdef, state, local, _input(model, x), mask_ar, mask_input))
+    return {name(i): out[k] for k, name in pts.LLM_BLOCK_POINTS.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _unit(graphdef, state, point: str, x, text):
+    model = nnx.merge(graphdef, state)
+    return api._out(model.unit(point, x.astype(model.llm.final_norm.scale[...].dtype), text))
+
+
+def unit(model: api.Model, weights: dict[str, np.ndarray], point: str, x: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """The unit whose output is `point` (points.graph_units) on x; for LLM_INPUT the weights hold the embedding rows
+    of the tokens present and `text` indexes them, for LOGITS a chunk of rows (the logits of those rows)."""
+    graphdef, state = _placed(model, weights)
+    with api.matmul_precision(model.precision):
+        return np.asarray(jax.device_get(_unit(graphdef, state, point, _input(model, x), _ints(model, text))))
