@@ -65,7 +65,18 @@ def test_train_files_define_the_same_things_in_the_same_order():
     assert (
         torch_defs
         == jax_defs
-        == ["train_step", "_batch", "_leaves", "_value_and_grad", "_loss", "_norms", "_sgd", "_canonical"]
+        == [
+            "train_step",
+            "_batch",
+            "_leaves",
+            "_half",
+            "_text_embedding",
+            "_value_and_grad",
+            "_loss",
+            "_norms",
+            "_sgd",
+            "_canonical",
+        ]
     )
 
 
@@ -81,14 +92,12 @@ def test_new_conventions_load_old_records_and_parse_from_set():
         with_settings(PRESETS["big_vision"], ["loss_normalization=mean"])
 
 
-def test_missing_mask_loss_and_unimplemented_precision_are_refused():
+def test_missing_mask_loss_is_refused():
     model = build(torch_api, CFG)
     inputs = train_inputs(CFG)
     del inputs["mask_loss"]
     with pytest.raises(InputsError, match="parity inputs --suffix"):
         torch_api.train_step(model, inputs, ALL)
-    with pytest.raises(ConfigError, match="--frozen-dtype float16"):
-        torch_api.train_step(model, train_inputs(CFG), TrainOptions(frozen_dtype="float16"))
 
 
 # -- (a) finite differences in float64 -----------------------------------------------------------------------------
