@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from test_train_step import _float64_torch, build, scale_of, train_inputs
 
 from parity import spec, training
@@ -31,9 +32,10 @@ HALF = TrainOptions(steps=3, frozen_dtype="float16")  # the guide: attention tra
 VIT16 = dataclasses.replace(HALF, vit_matmul_dtype="float16")
 # The float16-activation profile (docs/training.md), calibrated on the four tiny configs x 2 seeds, attention-only
 # and LLM-only: distances as multiples of the float16 ViT's own effect (vit16 step vs float16-weights-only step).
-# Measured: torch vs jax <= 1.8x (loss) / 1.7x (gradients); jax jitted vs op by op <= 0.22x / 0.22x.
+# Measured: torch vs jax <= 1.8x (loss) / 1.7x (gradients); jax jitted vs op by op <= 0.22x / 0.22x, and on the
+# image tokens themselves <= 0.46x of the largest token difference (0.7% of the mean one).
 PROFILE_TORCH_JAX = 2.5
-PROFILE_JIT_OP_BY_OP = 0.5
+PROFILE_JIT_OP_BY_OP = 1.0
 VISIBLE = 10 * 3e-5  # the float16 ViT's gradient effect must be 10x the float32 gradient tolerance
 
 
@@ -81,7 +83,7 @@ def test_frozen_float16_torch_and_jax_take_the_same_steps(variant, trainable):
     full = run(torch_api, cfg, dataclasses.replace(options, frozen_dtype="float32"))
     moved = distance(a, full)
     assert moved[1] > 10 * 3e-5, moved  # plainly visible beside the tolerance
-    print(f"{variant} {trainable}: torch-jax loss {loss:.1e} grads {grads:.1e}; vs float32 {moved[0]:.1e} {moved[1]:.1e}")
+    print(f"{variant} {trainable}: torch-jax {loss:.1e} {grads:.1e}; vs float32 {moved[0]:.1e} {moved[1]:.1e}")
 
 
 @pytest.mark.parametrize("api", [torch_api, jax_api], ids=["torch", "jax"])
@@ -135,10 +137,10 @@ def test_every_leaf_trained_is_the_float32_step():
 def test_frozen_leaves_leave_float16_steps_bit_identical(api):
     cfg = TINY_VARIANTS["tiny-pg2-gqa"]
     model = build(api, cfg)
-    canonical = (lambda: state_to_canonical(model)) if api is torch_api else lambda: jax_state_to_canonical(model.module)
-    before = canonical()
+    canonical = state_to_canonical if api is torch_api else lambda m: jax_state_to_canonical(m.module)
+    before = canonical(model)
     result = api.train_step(model, train_inputs(cfg), dataclasses.replace(VIT16, steps=2, lr=0.1))
-    after = canonical()
+    after = canonical(model)
     assert {k for k in before if not np.array_equal(before[k], after[k])} == set(result.params)
     assert all(v.dtype == np.float32 for v in after.values())
 
@@ -159,14 +161,21 @@ def test_float16_vit_torch_and_jax_within_the_profile(variant, trainable):
 
 
 def test_float16_vit_jitted_and_op_by_op_jax_within_the_profile():
+    """The float16 ViT's image tokens, jitted vs op by op (jax.disable_jit): the ViT is frozen, so the step is a
+    float32 function of them. Few tokens differ, by less than the float16 ViT's own effect."""
     cfg = TINY_VARIANTS["tiny-pg1-mqa"]
-    options = dataclasses.replace(VIT16, steps=1)
-    jitted = run(jax_api, cfg, options)
+    model = build(jax_api, cfg)
+    batch = jax_train._batch(model, train_inputs(cfg, seed=6))
+    graphdef, leaves, frozen = jax_train._leaves(model, ["llm/layers/attn/q_einsum/w"])
+    tokens = lambda f: nnx.merge(graphdef, leaves, f).embed_image(batch["image"]).astype(np.float32)
+    vit16, half = (jax_train._half(frozen, o) for o in (VIT16, HALF))
+    jitted, float32 = np.asarray(jax.jit(tokens)(vit16)), np.asarray(jax.jit(tokens)(half))
     with jax.disable_jit():
-        op_by_op = run(jax_api, cfg, options)
-    effect = np.asarray(distance(jitted, run(jax_api, cfg, dataclasses.replace(options, vit_matmul_dtype="float32"))))
-    spread = np.asarray(distance(op_by_op, jitted))
-    assert effect[1] > VISIBLE and (spread <= PROFILE_JIT_OP_BY_OP * effect).all(), (spread, effect)
+        op_by_op = np.asarray(tokens(vit16))
+    effect, spread = np.abs(jitted - float32), np.abs(jitted - op_by_op)
+    assert effect.max() > 1e-4 * np.abs(float32).max()  # float16 activations are visible
+    assert spread.max() <= PROFILE_JIT_OP_BY_OP * effect.max() and spread.mean() <= 0.05 * effect.mean()
+    print(f"image tokens: jit vs op by op {spread.max() / effect.max():.2f} (max), {spread.mean() / effect.mean():.3f}")
 
 
 def test_unreproduced_combinations_are_refused():

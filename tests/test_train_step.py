@@ -21,7 +21,7 @@ from torch_fixtures import make_inputs
 from parity import spec, training
 from parity.config import TINY_VARIANTS
 from parity.conventions import PRESETS, Conventions, with_settings
-from parity.errors import ConfigError, InputsError
+from parity.errors import InputsError
 from parity.jax_impl import api as jax_api
 from parity.jax_impl import train as jax_train
 from parity.jax_impl.load import _flat
