@@ -196,13 +196,24 @@ def test_jax_gradients_match_central_differences_in_float64():
 
 
 # -- (b) the step's loss is the reference loss of the forward logits --------------------------------------------
+_LOGITS: dict = {}
+
+
+def _forward_logits(preset, shifted) -> np.ndarray:
+    """torch's forward logits, once per preset: the numpy reference loss of both implementations' steps is computed
+    from them (for jax, from the other implementation's forward, which saves compiling jax's forward here)."""
+    if preset not in _LOGITS:
+        _LOGITS[preset] = torch_api.forward(build(torch_api, CFG, preset), shifted)["logits"]
+    return _LOGITS[preset]
+
+
 @pytest.mark.parametrize("preset", ["big_vision", "transformers"])
 @pytest.mark.parametrize("api", [torch_api, jax_api], ids=["torch", "jax"])
 def test_step_loss_is_the_reference_loss_of_forward_logits(api, preset):
     inputs = train_inputs(CFG, seed=4)
     inputs["mask_loss"][1, 5:] = 0  # rows with different loss-token counts: the normalisations differ
     shifted = {"image": inputs["image"], "text": inputs["text"][:, :-1], "mask_ar": inputs["mask_ar"][:, :-1]}
-    logits = api.forward(build(api, CFG, preset), shifted)["logits"]
+    logits = _forward_logits(preset, shifted)
     want, want_rows = training.reference_loss(logits, inputs, PRESETS[preset])
     got = api.train_step(build(api, CFG, preset), inputs, ALL).steps[0]
     assert abs(got.loss - want) <= 1e-6 * abs(want)
