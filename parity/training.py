@@ -24,6 +24,7 @@ from parity.errors import ConfigError, InputsError
 
 DEFAULT_TRAINABLE = ("llm/layers/attn/*",)  # the guide's mask: the LLM's attention kernels
 ALL = "all"
+EMBEDDING = "llm/embedder/input_embedding"  # the tied table: its lookup is formed in its own dtype
 FROZEN_DTYPES = ("float32", "float16")
 VIT_MATMUL_DTYPES = ("float32", "float16")
 
@@ -76,11 +77,44 @@ class TrainOptions:
         return cls(**d)
 
 
-def check_implemented(options: TrainOptions) -> None:
-    """ConfigError for the options the implementations do not run yet (the guide's float16 mixed precision)."""
-    for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
-        if value != "float32":
-            raise ConfigError(f"{flag} {value}: not implemented yet in parity's torch and jax steps; use float32")
+def check_implemented(options: TrainOptions, trainable: Iterable[str] = ()) -> None:
+    """ConfigError for the combinations the implementations do not run: `--vit-matmul-dtype float16` reproduces the
+    guide's ViT (every ViT leaf frozen and float16, so every ViT activation is float16); with float32 ViT leaves
+    (trainable, or `--frozen-dtype float32`) big_vision keeps the residual stream, LayerNorms, position embedding
+    and projector in float32 and casts only the Dense/Conv operands, which parity does not reproduce."""
+    if options.vit_matmul_dtype == "float32":
+        return
+    if options.frozen_dtype != "float16":
+        raise ConfigError(
+            "--vit-matmul-dtype float16 needs --frozen-dtype float16 (the guide's recipe: float16 ViT weights); "
+            "float32 ViT weights keep part of big_vision's ViT in float32, which parity does not reproduce"
+        )
+    vit = [k for k in trainable if k.startswith("img/")]
+    if vit:
+        raise ConfigError(
+            f"--vit-matmul-dtype float16 with trainable ViT leaves ({vit[0]}, ...): big_vision then keeps their "
+            "LayerNorms, position embedding and projector in float32, which parity does not reproduce; "
+            "train LLM leaves only (the guide's recipe) or use --vit-matmul-dtype float32"
+        )
+
+
+def is_rms_scale(key: str) -> bool:
+    """The LLM's RMSNorm scales (`llm/layers/pre_attention_norm/scale`, `llm/final_norm/scale`, ...), whose
+    `1 + scale` big_vision forms in the weight's dtype; the ViT's LayerNorms (`img/.../scale`) are not."""
+    return key.startswith("llm/") and key.endswith("norm/scale")
+
+
+def half_weights(key: str, value: np.ndarray) -> np.ndarray:
+    """The values a frozen leaf `key` computes with under `--frozen-dtype float16`, in `value`'s dtype (float32 or
+    float64): rounded to float16 (big_vision casts frozen leaves to float16 and computes in float32 on them); for
+    an RMSNorm scale, r - 1 with r = float16(1 + float16(scale)), so that the module's `1 + scale`, formed in
+    float32, is exactly r: big_vision forms `1 + scale` in float16 (ppp/gemma.py RMSNorm). r - 1 is exact in
+    float32: r is a float16 value (lsb >= 2^-24, |r| <= 65504), so r - 1 needs at most 24 significant bits."""
+    rounded = np.asarray(value).astype(np.float16)
+    if is_rms_scale(key):
+        rounded = np.float16(1) + rounded  # numpy's float16 add: computed wider, rounded once to float16
+        return rounded.astype(value.dtype) - np.asarray(1, value.dtype)
+    return rounded.astype(value.dtype)
 
 
 def trainable_leaves(options: TrainOptions, leaves: Iterable[str]) -> list[str]:

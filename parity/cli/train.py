@@ -26,13 +26,15 @@ from parity.training import DEFAULT_TRAINABLE, FROZEN_DTYPES, VIT_MATMUL_DTYPES
     "--frozen-dtype",
     default="float32",
     type=click.Choice(FROZEN_DTYPES),
-    help="float16: frozen leaves rounded to float16, trained ones float32 (big_vision's guide).",
+    help="float16: frozen leaves rounded to float16, trained ones float32; the embedding product and RMSNorm's "
+    "1 + scale formed in float16 (big_vision's guide; exact to float32 rounding).",
 )
 @click.option(
     "--vit-matmul-dtype",
     default="float32",
     type=click.Choice(VIT_MATMUL_DTYPES),
-    help="float16: the ViT's activations in float16 (big_vision img.dtype_mm).",
+    help="float16: the ViT's activations in float16 (big_vision img.dtype_mm); needs --frozen-dtype float16 and "
+    "a frozen ViT.",
 )
 @click.option(
     "--grads",

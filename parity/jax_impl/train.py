@@ -4,12 +4,15 @@ layout).
 
 The NNX state is split by a path filter into trainable and frozen parts; the jitted step differentiates the
 trainable part only, so the gradient tree holds exactly the trainable leaves. The model is updated in place.
+The guide's float16 mixed precision (`_half`, `_text_embedding`; docs/training.md) passes the jitted step a frozen
+state holding the values big_vision computes with; the model's own state is left as it was.
 Mirrored definition for definition by parity/torch_impl/train.py.
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -20,6 +23,7 @@ from flax import nnx
 from parity import spec, training
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
+from parity.jax_impl.decoder import Embedder
 from parity.jax_impl.load import _flat
 from parity.jax_impl.model import PaliGemma
 from parity.training import StepRecord, TrainOptions, TrainResult
@@ -32,14 +36,17 @@ def train_step(model, inputs: dict[str, np.ndarray], options: TrainOptions) -> T
     from parity.jax_impl.api import matmul_precision  # api re-exports train_step: imported here, not at the top
 
     options.check()
-    training.check_implemented(options)
     if model.module.llm.final_norm.scale[...].dtype not in TRAIN_DTYPES:
         raise ConfigError(
             f"train-step: the model is {model.module.llm.final_norm.scale[...].dtype}; build it in float32"
         )
     batch = _batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
+    training.check_implemented(options, names)
     graphdef, leaves, frozen = _leaves(model, names)
+    frozen = _half(frozen, options)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in names:
+        batch["text_embedding"] = _text_embedding(model, batch["text"])
     records, first = [], {}
     with matmul_precision(model.precision):
         for step in range(1, options.steps + 1):
@@ -82,6 +89,32 @@ def _leaves(model, names: list[str]) -> tuple[Any, nnx.State, nnx.State]:
     return nnx.split(model.module, trainable, ...)
 
 
+def _half(frozen: nnx.State, options: TrainOptions) -> nnx.State:
+    """--frozen-dtype float16: a copy of the frozen state holding training.half_weights' values (float16-rounded;
+    an RMSNorm scale such that 1 + scale is float16's), the ViT's (all frozen) as float16 arrays under
+    --vit-matmul-dtype float16, so the ViT runs in float16 (big_vision's img.dtype_mm). The model's own state is
+    not touched: frozen leaves leave bit-identical."""
+    if options.frozen_dtype != "float16":
+        return frozen
+
+    def half(path, value):
+        key = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        h = training.half_weights(key, np.asarray(jax.device_get(value)))
+        vit16 = options.vit_matmul_dtype == "float16" and key.startswith("img/")
+        return jax.device_put(h.astype(np.float16) if vit16 else h, value.sharding)
+
+    return jax.tree_util.tree_map_with_path(half, frozen)
+
+
+def _text_embedding(model, text: jax.Array) -> jax.Array:
+    """The text tokens' embeddings formed from the frozen table in float16, as big_vision forms them (ppp/gemma.py
+    Embedder.encode: the lookup, then `x *= sqrt(D).astype(x.dtype)`): the model's own encode run on the table
+    cast to float16 (exact: half_weights rounds it so), eagerly, outside the jitted step, so each float16 op is
+    rounded. Constant over the steps: the table is frozen."""
+    table = SimpleNamespace(input_embedding=model.module.llm.embedder.input_embedding[...].astype(jnp.float16))
+    return Embedder.encode(table, text, model.conventions.normalizer_dtype)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _value_and_grad(graphdef, leaves: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]):
     """((loss, per-row losses), gradient of the trainable leaves only); the per-row losses ride as the aux."""
@@ -90,9 +123,12 @@ def _value_and_grad(graphdef, leaves: nnx.State, frozen: nnx.State, batch: dict[
 
 def _loss(model: PaliGemma, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(loss, per-row losses) of the shifted batch: the text logits of a forward pass with no input mask (the
-    final softcap as the convention puts it on forward logits), log-softmax over every vocabulary row."""
+    final softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text
+    tokens are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    x = model.embed(batch["image"], batch["text"])
+    image_tokens = model.embed_image(batch["image"])  # float16 under --vit-matmul-dtype float16
+    text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
+    x = jnp.concatenate([image_tokens, text_tokens], axis=1).astype(batch["image"].dtype)  # big_vision: then float32
     no_input_mask = jnp.ones_like(batch["text"])
     _, _, positions, masks = model.full_masks(batch["mask_ar"], no_input_mask, causal=conv.train_prefix == "causal")
     x, _ = model.llm(x, positions, masks, attn_softcap=model.attn_softcap, capture=(), out={})

@@ -3,11 +3,15 @@ plain SGD on the trainable leaves. Numpy in, numpy out (TrainResult in canonical
 
 Frozen parameters get requires_grad=False before anything runs, so autograd neither computes nor holds a gradient
 for them; gradients are taken with torch.autograd.grad (no `.grad` is ever written). The model is updated in place.
+The guide's float16 mixed precision (`_half`, `_text_embedding`; docs/training.md) swaps the frozen parameters'
+data for the values big_vision computes with and puts the originals back afterwards.
 Mirrored definition for definition by parity/jax_impl/train.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +20,7 @@ import torch
 from parity import spec, training
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
+from parity.torch_impl.decoder import Embedder
 from parity.torch_impl.load import torch_names
 from parity.torch_impl.model import PaliGemma
 from parity.training import StepRecord, TrainOptions, TrainResult
@@ -28,14 +33,16 @@ def train_step(model: PaliGemma, inputs: dict[str, np.ndarray], options: TrainOp
     from parity.torch_impl.api import matmul_precision  # api re-exports train_step: imported here, not at the top
 
     options.check()
-    training.check_implemented(options)
     if model.llm.final_norm.scale.dtype not in TRAIN_DTYPES:
         raise ConfigError(f"train-step: the model is {model.llm.final_norm.scale.dtype}; build it in float32")
     batch = _batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
+    training.check_implemented(options, names)
     leaves = _leaves(model, names)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:
+        batch["text_embedding"] = _text_embedding(model, batch["text"])
     records, first = [], {}
-    with matmul_precision(model.precision):
+    with matmul_precision(model.precision), _half(model, leaves, options):
         for step in range(1, options.steps + 1):
             weight_norm = _norms(leaves)
             (loss, example), grads = _value_and_grad(model, leaves, batch)
@@ -81,6 +88,37 @@ def _leaves(model: PaliGemma, names: list[str]) -> dict[str, list[torch.nn.Param
     return leaves
 
 
+@contextlib.contextmanager
+def _half(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], options: TrainOptions):
+    """--frozen-dtype float16: inside, every frozen parameter holds training.half_weights' values (float16-rounded;
+    an RMSNorm scale such that 1 + scale is float16's), and under --vit-matmul-dtype float16 the ViT's (all frozen)
+    are float16 tensors, so the ViT runs in float16 (big_vision's img.dtype_mm). The original data is put back on
+    exit: frozen leaves leave bit-identical."""
+    named, saved = dict(model.named_parameters()), {}
+    try:
+        for e in spec.entries(model.config) if options.frozen_dtype == "float16" else ():
+            if e.key in leaves:
+                continue
+            vit16 = options.vit_matmul_dtype == "float16" and e.key.startswith("img/")
+            for n in torch_names(e.key, e.layers):
+                p = named[n]
+                half = torch.as_tensor(training.half_weights(e.key, p.data.cpu().numpy()), device=p.device)
+                saved[n], p.data = p.data, (half.half() if vit16 else half)
+        yield
+    finally:
+        for n, data in saved.items():
+            named[n].data = data
+
+
+def _text_embedding(model: PaliGemma, text: torch.Tensor) -> torch.Tensor:
+    """The text tokens' embeddings formed from the frozen table in float16, as big_vision forms them (ppp/gemma.py
+    Embedder.encode: the lookup, then `x *= sqrt(D).astype(x.dtype)`): the model's own encode run on the table
+    cast to float16 (exact: half_weights rounds it so). Constant over the steps: the table is frozen."""
+    table = SimpleNamespace(input_embedding=model.llm.embedder.input_embedding.detach().half())
+    with torch.no_grad():
+        return Embedder.encode(table, text, model.conventions.normalizer_dtype)
+
+
 def _value_and_grad(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], batch: dict[str, torch.Tensor]):
     """((loss, per-row losses), {key: gradient of each of its parameters}): torch.autograd.grad over the trainable
     parameters only, so no `.grad` is written and nothing is held for frozen ones."""
@@ -94,9 +132,12 @@ def _value_and_grad(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]
 
 def _loss(model: PaliGemma, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-row losses) of the shifted batch: the text logits of a forward pass with no input mask (the final
-    softcap as the convention puts it on forward logits), log-softmax over every vocabulary row."""
+    softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text tokens
+    are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    x = model.embed(batch["image"], batch["text"])
+    image_tokens = model.embed_image(batch["image"])  # float16 under --vit-matmul-dtype float16
+    text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
+    x = torch.cat([image_tokens, text_tokens], dim=1).to(batch["image"].dtype)  # big_vision: concat, then float32
     no_input_mask = torch.ones_like(batch["text"])
     _, _, positions, masks = model.full_masks(batch["mask_ar"], no_input_mask, causal=conv.train_prefix == "causal")
     x, _ = model.llm(x, positions, masks, attn_softcap=model.attn_softcap, capture=(), out={})
