@@ -128,12 +128,17 @@ def load(
         estimate.check_fits(cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device)
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
-        params = ck.load(FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None, on_chunk)
+        cast = FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None
+        options = {"mesh": job.mesh} if job.mesh else {}
+        # torch / jax load block by block straight into their tensors (no numpy copy beside them); other backends
+        # get the numpy dict.
+        params = ck.load(cast, on_chunk, stream=getattr(be, "loads_blocks", False))
+        model = be.build_model(
+            cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options
+        )
+        del params
     if progress:
         progress("building", None, None)
-    options = {"mesh": job.mesh} if job.mesh else {}
-    model = be.build_model(cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options)
-    del params
     if progress:
         progress("hashing", None, None)
     manifest = {
