@@ -10,7 +10,8 @@ Checkpoints: benchmarks/convert.py's generator (`generate(variant, path, seed, w
 `parity compare` in its own child process (peak resident set: the largest process of its tree, os.wait4's
 ru_maxrss of the child, which includes its waited-for side workers; the sides run one after the other):
   correct-*   `compare CKPT --a torch --b jax --layer-by-layer --teacher-forced`: two correct ports;
-  planted-*   `compare CKPT --against CKPT_PLANTED --impl torch --layer-by-layer --teacher-forced`: the planted copy
+  planted-*   `compare CKPT --against CKPT_PLANTED --impl torch --layer-by-layer` (chaotic: `--teacher-forced` too,
+              the way chaotic weights are judged; realistic ones are judged on propagated error): the planted copy
               has each element of LLM block PLANT_LAYER's `mlp/linear` (its down projection) multiplied by 1.01 or
               0.99 (a seeded random sign per element), stored float32 so the 1% survives (bf16's 8-bit mantissa
               would round it). Not a uniform x1.01: Gemma 2's post-MLP RMSNorm divides a uniform scale away.
@@ -171,6 +172,14 @@ def svg(result: dict) -> str:
             out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y0}" y2="{y0 + H}" stroke="#bbb"/>')
             out.append(f'<text x="{x + 4:.1f}" y="{y0 + 12}" fill="#777">LLM blocks →</text>')
         out.append(f'<text x="{pad + 4}" y="{y0 + 12}" fill="#777">ViT blocks</text>')
+        planted = [p["depth"] for p in pts if p["point"].startswith(f"llm/layer{result.get('plant_layer', -1):02d}/")]
+        if name.startswith("planted") and planted:
+            x = X(planted[0])
+            out.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y0}" y2="{y0 + H}" stroke="#d62728" stroke-dasharray="2 2"/>'
+            )
+            out.append(f'<text x="{x + 4:.1f}" y="{y0 + 26}" fill="#d62728">planted block</text>')
+        out.append(f'<text x="{pad + 4}" y="{y0 + H - 4}" fill="#777">(0 and below 1e-9 drawn at 1e-9)</text>')
         lx = W - pad - 250
         for j, (label, color, dash) in enumerate(
             (("propagated", COLORS["propagated"], ""), ("local (teacher-forced)", COLORS["local"], ""),
@@ -210,7 +219,10 @@ def main() -> int:
         for name in args.runs.split(","):
             kind, weights = name.split("-")
             ck = ckpts[weights]
-            common = ["--inputs", inputs, "--layer-by-layer", "--teacher-forced"]
+            # realistic weights are judged on propagated error (no teacher forcing needed), chaotic ones on local
+            common = ["--inputs", inputs, "--layer-by-layer"] + (
+                ["--teacher-forced"] if name != "planted-realistic" else []
+            )
             if kind == "correct":
                 cmd = [ck, "--a", "torch", "--b", "jax", *common]
             else:
