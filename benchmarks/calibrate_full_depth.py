@@ -129,6 +129,34 @@ def summarize(report: dict) -> dict:
     }
 
 
+# -- the calibration table ------------------------------------------------------------------------------------------
+GROUPS = {"logits": ["logits"], "branches": ["img/block*/attn", "llm/layer*/attn", "llm/layer*/mlp"], "other": ["*"]}
+
+
+def group_of(point: str) -> str:
+    """The fp32 profile's group of a point (parity.compare.tolerances._GROUPS: first match wins)."""
+    import fnmatch
+
+    return next(g for g, pats in GROUPS.items() if any(fnmatch.fnmatchcase(point, p) for p in pats))
+
+
+def table(result: dict) -> str:
+    """Markdown: per run and group, the largest propagated and local max_rel and where."""
+    lines = ["| run | exit | group | largest propagated | largest local (teacher-forced) |", "|---|---|---|---|---|"]
+    for name in RUNS:
+        r = result["runs"].get(name)
+        if r is None:
+            continue
+        for g in GROUPS:
+            pts = [p for p in r["points"] if group_of(p["point"]) == g]
+            wp = max(pts, key=lambda p: p["propagated"])
+            loc = [p for p in pts if p["local"] is not None]
+            wl = max(loc, key=lambda p: p["local"]) if loc else None
+            local = f"{wl['local']:.2e} (`{wl['point']}`)" if wl else "not run"
+            lines.append(f"| {name} | {r['exit']} | {g} | {wp['propagated']:.2e} (`{wp['point']}`) | {local} |")
+    return "\n".join(lines)
+
+
 # -- the chart --------------------------------------------------------------------------------------------------
 COLORS = {"propagated": "#1f77b4", "local": "#d62728"}
 
@@ -201,10 +229,14 @@ def main() -> int:
     ap.add_argument("-o", "--output", default=str(RESULT))
     ap.add_argument("--svg", default=str(SVG))
     ap.add_argument("--svg-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the calibration table (markdown) from the JSON")
     ap.add_argument("--plant-layer", type=int, default=PLANT_LAYER, help="the LLM block planted")
     args = ap.parse_args()
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    if args.table:
+        print(table(result))
+        return 0
     if not args.svg_only:
         from converters.checkpoint import open_checkpoint
 
@@ -233,8 +265,9 @@ def main() -> int:
                 cmd = [ck, "--against", planted, "--impl", "torch", *common]
             print(f"{name}: parity compare {' '.join(cmd)}", file=sys.stderr, flush=True)
             r = run_compare(cmd, Path(args.workdir) / f"calibration-{name}.log")
-            if r["report"] is None:
-                raise SystemExit(f"{name}: exit {r['exit']}, no report (see calibration-{name}.log)")
+            if r["report"] is None or "points" not in r["report"]:
+                print(f"{name}: exit {r['exit']}, no comparison (see calibration-{name}.log)", file=sys.stderr)
+                continue
             s = summarize(r["report"])
             result["runs"][name] = {"command": "parity compare " + " ".join(cmd), "exit": r["exit"]}
             result["runs"][name].update(wall_s=r["wall_s"], peak_rss=r["peak_rss"], **s)
