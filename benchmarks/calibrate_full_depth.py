@@ -129,6 +129,23 @@ def summarize(report: dict) -> dict:
     }
 
 
+def dump(result: dict) -> str:
+    """The result as JSON, every flat object (a point, an amplification row) on one line: a small file."""
+
+    def enc(x, indent: str) -> str:
+        if not isinstance(x, dict | list) or not any(
+            isinstance(v, dict | list) for v in (x.values() if isinstance(x, dict) else x)
+        ):
+            return json.dumps(x)
+        inner = indent + " "
+        if isinstance(x, dict):
+            body = ",\n".join(f"{inner}{json.dumps(k)}: {enc(v, inner)}" for k, v in x.items())
+            return "{\n" + body + "\n" + indent + "}"
+        return "[\n" + ",\n".join(inner + enc(v, inner) for v in x) + "\n" + indent + "]"
+
+    return enc(result, "") + "\n"
+
+
 def rebound(result: dict) -> None:
     """Each point's bound and verdicts from the fp32 profile as it is now (parity.compare.tolerances), so the JSON,
     the table and the chart agree with the code whatever profile a run was judged under (the max_rel figures are
@@ -295,11 +312,11 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            out.write_text(json.dumps(result, indent=1) + "\n")
+            out.write_text(dump(result))
         result["machine_rusage_self_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(dump(result))
     rebound(result)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(dump(result))
     Path(args.svg).parent.mkdir(parents=True, exist_ok=True)
     Path(args.svg).write_text(svg(result))
     print(f"wrote {args.output} and {args.svg}", file=sys.stderr)
