@@ -17,7 +17,7 @@ computes one side's peak resident set, itemised (docs/memory.md explains every t
                capture file is written in one go; step logits and cache points of a generation file likewise
 
 torch and jax: peak = runtime + weights + max(load copy, run); other backends: runtime + weights + load copy + run.
-Measured: docs/memory.md ("Resident runs": 3B float32, 1.09x / 1.12x the model).
+Measured: docs/memory.md ("Resident runs": 3B float32, 1.09x / 1.13x the model).
 
 A compare runs each side in its own process, one after the other (parity.compare.sides): its peak is the larger
 side plus the comparing process, which reads the two captures one point at a time.

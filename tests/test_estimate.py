@@ -39,10 +39,10 @@ def test_3b_float32_load_copy_is_one_block_and_the_peak_bounds_the_measurement()
     numpy parameters beside torch's). torch and jax now load block by block (parity.param_blocks): the load copy is
     one block of the checkpoint (64 MiB of bf16; jax also its float32 cast and device copy), and the estimate must
     not be below the peaks measured since (benchmarks/results/resident_memory_3b.json: torch 13.21 GB, jax
-    13.63 GB), nor far above. A backend handed the numpy dict still counts the whole bf16 copy."""
+    13.64 GB), nor far above. A backend handed the numpy dict still counts the whole bf16 copy."""
     cfg = VARIANTS["paligemma2-3b-224"]
     block = (64 << 20) // 2
-    for impl, measured, load_copy in (("torch", 13.21e9, block * 2), ("jax", 13.63e9, block * (2 + 4 + 4))):
+    for impl, measured, load_copy in (("torch", 13.21e9, block * 2), ("jax", 13.64e9, block * (2 + 4 + 4))):
         e = E.estimate(cfg, impl, "float32", 1, 64, E.Work("capture"), 2)
         assert e.items["load copy"] == load_copy
         assert measured <= e.peak <= 1.25 * measured, (impl, e.brief())
