@@ -32,6 +32,7 @@ from converters.formats import Tensors, detect_format, normalize_hf_key, open_te
 from parity import spec
 from parity.config import ALL_VARIANTS, PaliGemmaConfig
 from parity.errors import CheckpointError, ConfigError, describe
+from parity.param_blocks import ParamBlocks
 
 __all__ = [  # what other modules import from here
     "Checkpoint",
@@ -186,22 +187,44 @@ class Checkpoint:
                 dtype,
             )
 
-    def load(
+    def blocks(
         self, dtype: np.dtype | None = None, progress: Callable[[int, int, str], None] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Every canonical tensor in memory (for building a model); progress(bytes read, total, key) per chunk."""
-        out = {}
+    ) -> Iterator[tuple[str, tuple[int, ...], tuple[int, int], np.ndarray]]:
+        """Every canonical tensor as consecutive C-order blocks `(key, index, rows, tensor[index][rows[0]:rows[1]])`
+        (converters.blocks: at most BLOCK_BYTES each on disk), cast to `dtype` (None: as stored); progress(bytes
+        read, total, key) after each. The stored checksums are verified after the last block (verify_read), so a
+        consumer must not keep what it built from the blocks when iterating raises."""
         total = sum(int(np.prod(e.shape)) * self.dtype(e).itemsize for e in self.entries()) if progress else 0
         done = 0
         for e in self.entries():
-            chunks = []
-            for c in self.canonical_chunks(e):
-                chunks.append(dtypes.cast(c, dtype))
+            for index, rows in blocks.blocks(e.shape, self.dtype(e).itemsize):
+                c = self.canonical_block(e, index, rows)
                 done += c.nbytes
+                yield e.key, index, rows, dtypes.cast(c, dtype)
+                del c
                 if progress:
                     progress(done, total, e.key)
-            out[e.key] = np.concatenate(chunks).reshape(e.shape) if len(chunks) > 1 else chunks[0].reshape(e.shape)
         self.verify_read()
+
+    def load(
+        self,
+        dtype: np.dtype | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+        *,
+        stream: bool = False,
+    ) -> dict[str, np.ndarray] | ParamBlocks:
+        """Every canonical tensor, cast to `dtype` (None: as stored); progress(bytes read, total, key) per block.
+        stream=True: as parity.param_blocks.ParamBlocks, read lazily block by block while an implementation's
+        loader copies them into its tensors (no second copy of the model); else a numpy dict (what backends
+        without block loading are given, and the converters' tools), each tensor filled block by block in place."""
+        shapes = {e.key: tuple(e.shape) for e in self.entries()}
+        if stream:
+            return ParamBlocks(shapes, self.blocks(dtype, progress), self.path)
+        out: dict[str, np.ndarray] = {}
+        for key, index, rows, c in self.blocks(dtype, progress):
+            if key not in out:
+                out[key] = np.empty(shapes[key], c.dtype)
+            out[key][index][rows[0] : rows[1]] = c
         return out
 
     def verify_read(self) -> None:

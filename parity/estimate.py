@@ -5,17 +5,19 @@ computes one side's peak resident set, itemised (docs/memory.md explains every t
 
   runtime      the framework once imported, plus its first forward's own buffers (measured per implementation)
   weights      the spec's parameter count x the compute dtype's size
-  load copy    today's loaders hold the numpy parameters (in the checkpoint's dtype, or --dtype when it differs
-               from the compute dtype) beside the framework's tensors; torch also casts one layer's slice at a time
-               (the largest slice, when the dtypes differ)
+  load copy    what loading holds beside the weights. torch and jax (BLOCK_LOADERS) fill their tensors from a stream
+               of blocks (parity.param_blocks: at most converters.blocks.BLOCK_BYTES each in the checkpoint's
+               dtype, or --dtype when it differs from the compute dtype): one block as read, its cast and (jax)
+               its device copy, gone before the forward. Other backends are handed the whole numpy dict (in the
+               checkpoint's dtype) beside their own tensors and keep it through the run
   activations  the largest live set of the forward: attention scores and probabilities [B, N, S, S] float32, the
                MLP hidden [B, S, F] (gate, up, product), a few residual-width tensors, the logits [B, S, V]
   kv cache     generation: [L, B, S + new, K, H] x 2 in the compute dtype
   outputs      every captured point is held (float32, plus the compute-dtype tensor when that differs) until the
                capture file is written in one go; step logits and cache points of a generation file likewise
 
-torch frees the numpy parameters before the forward (peak = runtime + weights + max(load copy, run)); jax keeps
-them alive through the run (peak = runtime + weights + load copy + run). Measured: docs/memory.md.
+torch and jax: peak = runtime + weights + max(load copy, run); other backends: runtime + weights + load copy + run.
+Measured: docs/memory.md ("Resident runs": 3B float32, 1.09x / 1.13x the model).
 
 A compare runs each side in its own process, one after the other (parity.compare.sides): its peak is the larger
 side plus the comparing process, which reads the two captures one point at a time.
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from converters.blocks import BLOCK_BYTES
 from parity import points as pts
 from parity import spec
 from parity.config import PaliGemmaConfig
@@ -43,7 +46,8 @@ GB = 1e9
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Resident set of the imported framework and its first forward (measured, docs/memory.md; rounded up).
 RUNTIME = {"torch": 0.45 * GB, "jax": 0.55 * GB, "transformers": 0.80 * GB}  # measured + ~25% (docs/memory.md)
-KEEPS_LOAD_COPY = {"torch": False, "jax": True, "transformers": True}
+BLOCK_LOADERS = ("torch", "jax")  # load block by block: no numpy copy of the model (parity.param_blocks)
+KEEPS_LOAD_COPY = {"torch": False, "jax": False, "transformers": True}
 SLACK = 1.10  # allocator fragmentation, inputs, small buffers: applied to everything but the runtime
 STREAM_BASE = 1.0 * GB  # issue 24 §1's target: 1 GB + 2 x the largest unit
 COMPARING_PROCESS = 0.15 * GB  # the comparing process (numpy, the report) besides its point buffers
@@ -122,26 +126,27 @@ def estimate(
     held_itemsize: float | None = None,
     device: str = "cpu",
 ) -> Estimate:
-    """One run side's peak resident set on the host. `held_itemsize`: bytes per parameter of the numpy copy the
-    loader holds (the checkpoint's dtype, or --dtype when it differs from the compute dtype); default: the compute
-    dtype's. On an accelerator `device` the weights, activations and kv cache live in its memory, which is not
-    estimated here: the host's peak is the runtime, the load copy and the outputs."""
+    """One run side's peak resident set on the host. `held_itemsize`: bytes per parameter as the loader reads
+    them (the checkpoint's dtype, or --dtype when it differs from the compute dtype); default: the compute dtype's.
+    On an accelerator `device` the weights, activations and kv cache live in its memory, which is not estimated
+    here: the host's peak is the runtime, the load copy and the outputs."""
     if work.kind not in KINDS:
         raise ValueError(f"kind {work.kind!r}; one of {', '.join(KINDS)}")
     c = ITEMSIZE[dtype]
     v, t = cfg.vision, cfg.text
     n_params = spec.param_count(cfg)
-    # torch casts one layer's slice at a time into a transient copy (the largest per-layer piece); jax's cast copy
-    # of each stacked tensor becomes its weight (no transient).
-    largest = max((_prod(e.shape[1:]) if e.layers else _prod(e.shape)) for e in spec.entries(cfg))
+    largest = max(_prod(e.shape) for e in spec.entries(cfg))
     B, T = batch, cfg.num_image_tokens
     S = T + text_len
     new = work.new_tokens if work.kind in ("generate", "golden") else 0
     Sk = S + new
     weights = n_params * c
-    held = int(n_params * (held_itemsize or c))
-    load_copy = held + (largest * c if (held_itemsize or c) != c and impl != "jax" else 0)
-
+    held_size = held_itemsize or c
+    if impl in BLOCK_LOADERS:  # one block as read; jax also its host cast and its device copy (torch's copy_ casts)
+        block = min(largest, int(BLOCK_BYTES // held_size))
+        load_copy = int(block * (held_size + ((c if held_size != c else 0) + c if impl == "jax" else 0)))
+    else:
+        load_copy = int(n_params * held_size)
     vit = 2 * B * v.num_heads * T * T * 4 + 2 * B * T * v.mlp_dim * c + 4 * B * T * v.width * c
     llm = 2 * B * t.num_heads * S * Sk * 4 + 3 * B * S * t.mlp_dim * c + 4 * B * S * t.width * c + 2 * B * S * Sk
     capture = work.kind in ("capture", "side", "golden")
@@ -284,8 +289,9 @@ def _rss_now(root: str) -> int:
 
 # -- the refusal ----------------------------------------------------------------------------------------------------
 def held_itemsize(ckpt, compute: str, dtype: str) -> float:
-    """Bytes per parameter of the numpy copy the loader holds: --dtype when it differs from the compute dtype (the
-    loader rounds to it), else the checkpoint's own dtypes (`ckpt`: a converters Checkpoint, or an itemsize)."""
+    """Bytes per parameter as the loader reads them (its blocks, or a whole numpy copy): --dtype when it differs
+    from the compute dtype (the loader rounds to it), else the checkpoint's own dtypes (`ckpt`: a converters
+    Checkpoint, or an itemsize)."""
     if compute != dtype:
         return ITEMSIZE[dtype]
     if isinstance(ckpt, int | float):
@@ -403,7 +409,7 @@ def table(cfg: PaliGemmaConfig, stored: float = 4, rows: int = 1, text_len: int 
         "parameters": spec.param_count(cfg),
         "largest_unit_parameters": largest_unit(cfg),
         "notes": [
-            "resident: today's loaders, numpy parameters beside the framework's (docs/memory.md)",
+            "resident: the weights loaded block by block into the framework's tensors (docs/memory.md)",
             "streamed: capture and compare run block-streamed (--stream, or automatically when resident would not "
             "fit); generate runs resident",
             "compare: the sides run one after the other, each in its own process: the larger side + the comparer",

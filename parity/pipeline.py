@@ -132,17 +132,19 @@ def load(
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.
         rounding = FLOAT_DTYPES.get(job.dtype, np.dtype(job.dtype)) if compute != job.dtype else None
-        params = None if fit.stream else ck.load(rounding, on_chunk)
+        if not fit.stream:
+            options = {"mesh": job.mesh} if job.mesh else {}
+            # torch / jax load block by block straight into their tensors (no numpy copy beside them); other
+            # backends get the numpy dict.
+            params = ck.load(rounding, on_chunk, stream=getattr(be, "loads_blocks", False))
+            model = be.build_model(
+                cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options
+            )
+            del params
     if progress:
         progress("building", None, None)
-    if fit.stream:
+    if fit.stream:  # reopens the checkpoint and keeps it open for the run (parity.stream)
         be, model = stream.open_streamed(be, ckpt, cfg, job, conv, compute, rounding, device, warn, fit.note)
-    else:
-        options = {"mesh": job.mesh} if job.mesh else {}
-        model = be.build_model(
-            cfg, conv, dtype=compute, device=device, params=params, precision=job.precision, **options
-        )
-    del params
     if progress:
         progress("hashing", None, None)
     manifest = {

@@ -34,12 +34,20 @@ def test_weights_are_published_count_times_dtype_size(llm, dtype, size):
         assert e.items["weights"] == n * size
 
 
-def test_3b_float32_load_copy_matches_the_issue_measurement():
-    """Issue 24 measured 20.4 GB peak for a 3B float32 torch capture of a bf16 checkpoint (1.7x the 12 GB model):
-    the estimate must not be below it, nor far above (the load copy is the bf16 parameters + one float32 slice)."""
-    e = E.estimate(VARIANTS["paligemma2-3b-224"], "torch", "float32", 1, 64, E.Work("capture"), 2)
-    assert e.items["load copy"] == PUBLISHED["paligemma2-3b"][0] * 2 + 257_152 * 2304 * 4
-    assert 20.4e9 <= e.peak <= 1.25 * 20.4e9
+def test_3b_float32_load_copy_is_one_block_and_the_peak_bounds_the_measurement():
+    """Issue 24 measured 20.4 GB peak for a 3B float32 torch capture of a bf16 checkpoint (1.7x the 12 GB model: the
+    numpy parameters beside torch's). torch and jax now load block by block (parity.param_blocks): the load copy is
+    one block of the checkpoint (64 MiB of bf16; jax also its float32 cast and device copy), and the estimate must
+    not be below the peaks measured since (benchmarks/results/resident_memory_3b.json: torch 13.21 GB, jax
+    13.64 GB), nor far above. A backend handed the numpy dict still counts the whole bf16 copy."""
+    cfg = VARIANTS["paligemma2-3b-224"]
+    block = (64 << 20) // 2
+    for impl, measured, load_copy in (("torch", 13.21e9, block * 2), ("jax", 13.64e9, block * (2 + 4 + 4))):
+        e = E.estimate(cfg, impl, "float32", 1, 64, E.Work("capture"), 2)
+        assert e.items["load copy"] == load_copy
+        assert measured <= e.peak <= 1.25 * measured, (impl, e.brief())
+    hf = E.estimate(cfg, "transformers", "float32", 1, 64, E.Work("capture"), 2)
+    assert hf.items["load copy"] == PUBLISHED["paligemma2-3b"][0] * 2
 
 
 # -- the estimate against a measured run ---------------------------------------------------------------------------
@@ -148,19 +156,21 @@ def _inputs(rows, text_len):
 
 def test_way_out_names_bfloat16_and_fewer_rows(tmp_path):
     cfg = VARIANTS["paligemma2-3b-224"]
-    env = {E.ENV_LIMIT: "16G"}
-    with pytest.raises(E.MemoryRefused) as info:  # float32 needs ~23 GB; bfloat16 ~14 GB fits
-        E.check_fits(cfg, _inputs(1, 64), "torch", "float32", "float32", 2, root=str(tmp_path), env=env)
+    env = {E.ENV_LIMIT: "12G"}
+    gen = E.Work("generate", new_tokens=1)  # generation runs resident only: a refusal, not a streamed run
+    with pytest.raises(E.MemoryRefused) as info:  # float32 needs ~15 GB; bfloat16 ~8 GB fits
+        E.check_fits(cfg, _inputs(1, 64), "torch", "float32", "float32", 2, gen, root=str(tmp_path), env=env)
     msg = str(info.value)
     assert "--dtype bfloat16 needs" in msg and "(fits" in msg and "fewer rows" not in msg
-    assert "available (PARITY_MEMORY_LIMIT=16G)" in msg
-    big = E.estimate(cfg, "torch", "bfloat16", 64, 1024, E.Work("capture"), 2)
-    fits = next(
-        r for r in range(64, 0, -1) if E.estimate(cfg, "torch", "bfloat16", r, 1024, E.Work(), 2).peak <= 16 * GIB
-    )
-    assert big.peak > 16 * GIB and 1 <= fits < 64
+    assert "available (PARITY_MEMORY_LIMIT=12G)" in msg
+    big = E.estimate(cfg, "torch", "bfloat16", 64, 1024, gen, 2)
+    fits = next(r for r in range(64, 0, -1) if E.estimate(cfg, "torch", "bfloat16", r, 1024, gen, 2).peak <= 12 * GIB)
+    assert big.peak > 12 * GIB and 1 <= fits < 64
     with pytest.raises(E.MemoryRefused, match=f"fewer rows in the inputs \\({fits} of 64 would fit\\)"):
-        E.check_fits(cfg, _inputs(64, 1024), "torch", "bfloat16", "bfloat16", 2, root=str(tmp_path), env=env)
+        E.check_fits(cfg, _inputs(64, 1024), "torch", "bfloat16", "bfloat16", 2, gen, root=str(tmp_path), env=env)
+    # a capture that would not fit resident streams instead, saying so in one line
+    streamed = E.check_fits(cfg, _inputs(1, 64), "torch", "float32", "float32", 2, root=str(tmp_path), env=env)
+    assert streamed.stream and "running block-streamed instead" in streamed.note and "\n" not in streamed.note
     # what fits is not refused, and the escape hatch skips the check
     E.check_fits(cfg, _inputs(1, 64), "torch", "bfloat16", "bfloat16", 2, root=str(tmp_path), env=env)
     E.check_fits(
@@ -271,8 +281,11 @@ def test_inspect_json_carries_the_estimate():
     for (_, dtype), t in rows.items():
         assert t["items"]["torch"]["weights"] == spec.param_count(cfg) * E.ITEMSIZE[dtype]
         assert t["resident_bytes"]["torch"] > 0 and t["streamed_bytes"] > 0
-    # the checkpoint is bf16: the loader's copy is 2 bytes a parameter, in either compute dtype
-    assert rows[("capture", "bfloat16")]["items"]["torch"]["load copy"] == spec.param_count(cfg) * 2
+    # the checkpoint is bf16 and smaller than one block: torch's load copy is its largest tensor as read, 2 bytes a
+    # parameter, in either compute dtype (copy_ casts into the parameter)
+    largest = max(int(np.prod(e.shape)) for e in spec.entries(cfg))
+    for dtype in ("bfloat16", "float32"):
+        assert rows[("capture", dtype)]["items"]["torch"]["load copy"] == largest * 2
     assert any("block-streamed" in n for n in mem["notes"])
     text = CliRunner().invoke(main, ["inspect", CKPT]).stdout
     assert "memory estimate" in text and "streamed*" in text

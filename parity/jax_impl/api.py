@@ -32,6 +32,7 @@ from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
 from parity.jax_impl.model import PaliGemma
 from parity.jax_impl.train import train_step  # noqa: F401  (the TrainBackend's step; documented there)
+from parity.param_blocks import ParamBlocks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 PRECISIONS = ("highest", "high", "default")
@@ -152,12 +153,13 @@ def build_model(
     conventions: Conventions,
     dtype: str = "float32",
     device: str = "cpu",
-    params: dict[str, np.ndarray] | None = None,
+    params: dict[str, np.ndarray] | ParamBlocks | None = None,
     precision: str = "highest",
     mesh: str | None = None,
 ) -> Model:
     """A PaliGemma on `device` (or sharded over `mesh`, "data=D,model=M", on that platform's devices) in `dtype`;
-    parameters loaded from canonical numpy `params` if given (zeros otherwise), each copied once."""
+    parameters loaded from canonical `params` if given (a numpy dict, or parity.param_blocks.ParamBlocks streamed from
+    a checkpoint, filled in place block by block; zeros otherwise), each copied once."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
@@ -360,6 +362,7 @@ from parity import backend  # noqa: E402  (the protocol; framework-free)
 
 name = "jax"
 build_options: tuple[str, ...] = ("mesh",)
+loads_blocks = True  # build_model takes parity.param_blocks.ParamBlocks as params (the pipeline streams)
 
 
 def speed_warning(dtype: str, device: str) -> str | None:

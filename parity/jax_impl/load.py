@@ -4,20 +4,24 @@ Every key and shape is checked against `parity.spec` (`spec.check_params`, share
 is placed. The NNX parameter paths are the canonical keys themselves, stacked depth axis included, so there is no
 transform at all: `llm/layers/attn/q_einsum/w` [L, N, D, H] is the state leaf ("llm", "layers", "attn",
 "q_einsum", "w"). The model is built abstractly (`nnx.eval_shape`: nothing allocated) and each numpy array is
-copied once, straight to its device or shards.
+copied once, straight to its device or shards; values arrive as blocks (parity.param_blocks: a layer, rows of one,
+or a whole tensor), a tensor in several blocks filled in place.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from parity import spec
+from parity import param_blocks, spec
 from parity.errors import CheckpointError
+from parity.param_blocks import ParamBlocks
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float64": np.float64}
 _ACCEPTED = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64))
@@ -71,22 +75,43 @@ def place(model: nnx.Module, arrays: dict[str, jax.Array]) -> nnx.Module:
 
 def load_canonical(
     model: nnx.Module,
-    params: dict[str, np.ndarray],
+    params: dict[str, np.ndarray] | ParamBlocks,
     dtype: str = "float32",
     placement: Callable[[str], object] | None = None,
     source: str = "params",
 ) -> nnx.Module:
-    """A copy of `model` holding `params`, each cast to `dtype` and placed by `placement(key)` (a device or a
-    sharding; default: jax's default device). Checks every key and shape before placing anything."""
-    spec.check_params(model.config, params, source)
+    """A copy of `model` holding `params` (a numpy dict, or ParamBlocks streamed from a checkpoint), each cast to
+    `dtype` and placed by `placement(key)` (a device or a sharding; default: jax's default device). Checks every key
+    and shape before placing anything. A tensor that arrives in blocks goes into a zero array allocated where it
+    belongs, block by block, each update donating the array (in place: no second copy of the model)."""
+    blocks = param_blocks.of(params, source)
+    spec.check_params(model.config, blocks.shape_view(), blocks.source)
     default = jax.devices()[0]
-    return place(
-        model,
-        {
-            e.key: to_device(params[e.key], dtype, placement(e.key) if placement else default)
-            for e in spec.entries(model.config)
-        },
-    )
+    coverage = param_blocks.Coverage(blocks.shapes)
+    arrays: dict[str, jax.Array] = {}
+    for key, index, rows, x in blocks.blocks:
+        coverage.add(key, index, rows, x)
+        where = placement(key) if placement else default
+        shape = blocks.shapes[key]
+        if param_blocks.is_whole(shape, index, rows):
+            arrays[key] = to_device(x, dtype, where)
+            continue
+        if key not in arrays:
+            arrays[key] = jnp.zeros(shape, NP_DTYPES[dtype], device=where)
+        starts = index + ((rows[0],) if rows else ()) + (0,) * (len(shape) - len(index) - (1 if rows else 0))
+        piece = to_device(np.reshape(x, (1,) * len(index) + np.shape(x)), dtype, where)
+        arrays[key] = _update(where)(arrays[key], piece, tuple(np.int32(i) for i in starts))
+        del piece
+    coverage.check()
+    return place(model, arrays)
+
+
+@functools.cache
+def _update(where) -> Callable:
+    """`dynamic_update_slice` jitted with the target donated, so the update is done in place (where the platform
+    honours donation; CPU does), its result kept at `where`'s sharding."""
+    shardings = {"out_shardings": where} if isinstance(where, jax.sharding.Sharding) else {}
+    return jax.jit(lambda a, b, starts: jax.lax.dynamic_update_slice(a, b, starts), donate_argnums=0, **shardings)
 
 
 def state_to_canonical(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from parity.config import PaliGemmaConfig
 from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.inputs import validate_inputs
+from parity.param_blocks import ParamBlocks
 from parity.torch_impl.backward import train_points, unit_vjps  # noqa: F401  (BackwardBackend; there)
 from parity.torch_impl.decoder import block_mask
 from parity.torch_impl.generate import generate as _generate
@@ -119,12 +120,13 @@ def build_model(
     conventions: Conventions,
     dtype: str = "float32",
     device: str = "cpu",
-    params: dict[str, np.ndarray] | None = None,
+    params: dict[str, np.ndarray] | ParamBlocks | None = None,
     precision: str = "highest",
 ) -> PaliGemma:
-    """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical numpy `params` if given
-    (zeros otherwise). precision: float32 matmul precision, kept as `model.precision` and entered by every run call
-    (forward, generate, vit_block, llm_block, unit) with `matmul_precision`."""
+    """A PaliGemma in eval mode on `device` in `dtype`; parameters loaded from canonical `params` if given (a numpy
+    dict, or parity.param_blocks.ParamBlocks streamed from a checkpoint, copied block by block into the parameters
+    allocated here; zeros otherwise). precision: float32 matmul precision, kept as `model.precision` and entered by
+    every run call (forward, generate, vit_block, llm_block, unit) with `matmul_precision`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if precision not in PRECISIONS:
@@ -280,6 +282,7 @@ from parity import backend  # noqa: E402  (the protocol; framework-free)
 
 name = "torch"
 build_options: tuple[str, ...] = ()
+loads_blocks = True  # build_model takes parity.param_blocks.ParamBlocks as params (the pipeline streams)
 
 
 def manifest(model: PaliGemma) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Load canonical parameters (big_vision npz keys without `params/`, layers stacked on axis 0) into the model.
 
-Every key and shape is checked against `parity.spec.entries(config)` before the model is touched. Module names
-mirror the keys, so the only transform is unstacking the layer axis:
+Every key and shape is checked against `parity.spec.entries(config)` before the model is touched; values arrive as
+blocks (parity.param_blocks: a layer, rows of one, or a whole tensor) copied into the parameters already allocated.
+Module names mirror the keys, so the only transform is unstacking the layer axis:
     llm/layers/attn/q_einsum/w [L, N, D, H]  ->  llm.layers.{i}.attn.q_einsum.w [N, D, H]
 """
 
@@ -13,8 +14,9 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from parity import spec
+from parity import param_blocks, spec
 from parity.errors import CheckpointError
+from parity.param_blocks import ParamBlocks
 from parity.spec import check_params
 
 _STACKS = {"llm/layers/": "llm.layers.{i}.", "img/Transformer/encoderblock/": "img.Transformer.encoderblock.{i}."}
@@ -47,15 +49,29 @@ def _pairs(model, config) -> Iterator[tuple[str, int | None, torch.nn.Parameter]
 
 
 @torch.no_grad()
-def load_canonical(model, params: dict[str, np.ndarray], source: str = "params") -> None:
-    """Copy canonical numpy params into `model` (cast to its dtype and device). Checks everything first."""
+def load_canonical(model, params: dict[str, np.ndarray] | ParamBlocks, source: str = "params") -> None:
+    """Copy canonical parameters (a numpy dict, or ParamBlocks streamed from a checkpoint) into `model`, block by
+    block, each cast to the parameter's dtype and device by `copy_` into the tensor the model already holds: no
+    second copy of the model. Checks every key and shape first."""
     config = model.config
-    check_params(config, params, source)
-    seen = set()
-    for key, i, p in _pairs(model, config):
-        x = params[key] if i is None else params[key][i]
-        p.copy_(to_torch(x).to(device=p.device, dtype=p.dtype))  # copy_ keeps the parameter's memory layout
-        seen.add(id(p))
+    blocks = param_blocks.of(params, source)
+    check_params(config, blocks.shape_view(), blocks.source)
+    targets: dict[str, list[torch.nn.Parameter]] = {}
+    for key, _, p in _pairs(model, config):
+        targets.setdefault(key, []).append(p)
+    stacked = {e.key for e in spec.entries(config) if e.layers is not None}
+    coverage = param_blocks.Coverage(blocks.shapes)
+    for key, index, rows, x in blocks.blocks:
+        coverage.add(key, index, rows, x)
+        if key in stacked and not index:  # whole layers rows[0]..rows[1]
+            a = rows[0] if rows else 0
+            for j in range(np.shape(x)[0]):
+                targets[key][a + j].copy_(to_torch(x[j]))
+            continue
+        dst = targets[key][index[0]][index[1:]] if key in stacked else targets[key][0][index]
+        (dst if rows is None else dst[rows[0] : rows[1]]).copy_(to_torch(x))  # copy_ casts; keeps the layout
+    coverage.check()
+    seen = {id(p) for ps in targets.values() for p in ps}
     missed = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missed:  # a model/spec disagreement, not a user error
         raise AssertionError(f"model parameters not covered by the spec: {missed}")
