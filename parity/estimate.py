@@ -51,7 +51,7 @@ KEEPS_LOAD_COPY = {"torch": False, "jax": False, "transformers": True}
 SLACK = 1.10  # allocator fragmentation, inputs, small buffers: applied to everything but the runtime
 STREAM_BASE = 1.0 * GB  # issue 24 §1's target: 1 GB + 2 x the largest unit
 COMPARING_PROCESS = 0.15 * GB  # the comparing process (numpy, the report) besides its point buffers
-KINDS = ("capture", "side", "generate", "golden")
+KINDS = ("capture", "side", "generate", "golden", "train")
 ENV_LIMIT = "PARITY_MEMORY_LIMIT"
 ENV_CHECK = "PARITY_MEMORY_CHECK"  # "off": skip the check
 ENV_ROOT = "PARITY_MEMORY_ROOT"  # a fake / for /proc and /sys (tests)
@@ -67,7 +67,9 @@ class MemoryRefused(ParityError):
 class Work:
     """What a run does after loading: `kind` capture (`points`: globs, None = all), side (a compare's run side;
     `teacher`: also runs its blocks on the other side's capture), generate (`new_tokens`; `step_logits` and
-    `cache_points` when they are written out) or golden (capture of every point, then `new_tokens` steps)."""
+    `cache_points` when they are written out), golden (capture of every point, then `new_tokens` steps) or train
+    (a fine-tuning step: `trainable` parameters get gradients, `frozen_copy` parameters are held a second time by
+    --frozen-dtype float16)."""
 
     kind: str = "capture"
     points: tuple[str, ...] | str | None = None
@@ -75,6 +77,8 @@ class Work:
     step_logits: bool = False
     cache_points: bool = False
     teacher: bool = False
+    trainable: int = 0
+    frozen_copy: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +170,13 @@ def estimate(
         outputs += B * new * t.vocab_size * 4
     if new and (work.cache_points or work.kind == "golden"):
         outputs += 2 * t.depth * B * Sk * t.num_kv_heads * t.head_dim * 4
+    if work.kind == "train":
+        # saved for the backward pass through every LLM layer (the ViT's too when one of its leaves trains), the
+        # text logits with their log-softmax and its gradient; the trainable leaves' gradients and the two float32
+        # copies the result carries out (first-step gradients, updated leaves); --frozen-dtype float16's copy.
+        per_layer = 6 * B * S * t.width + 3 * B * S * t.mlp_dim + 2 * B * t.num_heads * S * S
+        activations = t.depth * per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit
+        outputs = 3 * work.trainable * 4 + work.frozen_copy * c
     run = activations + kv + outputs
     runtime = int(RUNTIME.get(impl, RUNTIME["transformers"]))
     keeps = KEEPS_LOAD_COPY.get(impl, True)
@@ -336,7 +347,7 @@ def check_fits(
     if stream:
         est = dataclasses.replace(est, peak=est.streamed, stream=True)
     elif limit is not None and est.peak > limit and streamable and est.streamed <= limit:
-        what = "a compare side" if work.kind == "side" else work.kind
+        what = {"side": "a compare side", "train": "a training step"}.get(work.kind, work.kind)
         note = (
             f"{cfg.name}: {what} with {impl} {compute} needs {gb(est.peak)} resident but {gb(limit)} is available "
             f"({source}): running block-streamed instead (~{gb(est.streamed)}, one unit's weights at a time)"
@@ -349,7 +360,9 @@ def check_fits(
         return e.peak <= limit
 
     ways = []
-    if compute == "float32":
+    if work.kind == "train":
+        ways.append("fewer --trainable leaves (the default is the LLM's attention)")
+    elif compute == "float32":
         stored = held_itemsize(ckpt, "bfloat16", "bfloat16")  # --dtype bfloat16 holds the checkpoint's own dtype
         small = estimate(cfg, impl, "bfloat16", rows, text_len, work, stored, device)
         if fits(small):
@@ -366,10 +379,12 @@ def check_fits(
         ways.append(f"block-streamed it needs {gb(est.streamed)}, more than available too")
     elif not streamable:
         ways.append(
-            "generation does not run block-streamed yet" if impl in STREAMED_IMPLS else f"{impl} does not stream"
+            f"{'a training step' if work.kind == 'train' else 'generation'} does not run block-streamed yet"
+            if impl in STREAMED_IMPLS
+            else f"{impl} does not stream"
         )
     ways.append(f"{ENV_CHECK}=off runs anyway")
-    what = "a compare side" if work.kind == "side" else work.kind
+    what = {"side": "a compare side", "train": "a training step"}.get(work.kind, work.kind)
     need = f"{gb(est.peak)} block-streamed" if est.stream else est.brief()
     raise MemoryRefused(
         f"{cfg.name}: {what} with {impl} {compute}, {rows} row{'s' * (rows != 1)} x "

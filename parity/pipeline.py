@@ -20,7 +20,7 @@ from converters import hub
 from converters.checkpoint import open_checkpoint
 from converters.dtypes import FLOAT_DTYPES
 from parity import backend as backends
-from parity import estimate, monitor, stream
+from parity import estimate, monitor, spec, stream, training
 from parity import points as pts
 from parity.backend import DTYPES
 from parity.capture_file import Capture, capture_header, file_sha256, library_versions, read_capture, write_capture
@@ -82,9 +82,14 @@ class Record:
         return self.loaded.manifest
 
 
-def work(job: Job) -> estimate.Work:
-    """What the job does after loading, as the memory estimate counts it."""
+def work(job: Job, cfg: PaliGemmaConfig | None = None) -> estimate.Work:
+    """What the job does after loading, as the memory estimate counts it (a training step needs `cfg`)."""
     g = job.generate
+    if job.train is not None and cfg is not None:
+        sizes = {e.key: int(np.prod(e.shape)) for e in spec.entries(cfg)}
+        trained = sum(sizes[k] for k in training.trainable_leaves(job.train, sizes))
+        half = job.train.frozen_dtype == "float16"
+        return estimate.Work("train", trainable=trained, frozen_copy=(sum(sizes.values()) - trained) * half)
     if job.capture is not None and g is not None:
         return estimate.Work("golden", new_tokens=g.steps)
     if job.capture is not None:
@@ -127,7 +132,7 @@ def load(
         # Refuse (exit 2, one line) a run that would not fit in memory before any tensor is read; stream one that
         # would fit only streamed, or when asked (parity.stream).
         fit = estimate.check_fits(
-            cfg, inputs, job.impl, compute, job.dtype, ck, work(job), device=device, stream=job.stream
+            cfg, inputs, job.impl, compute, job.dtype, ck, work(job, cfg), device=device, stream=job.stream
         )
         # Parameters computed in another dtype (bf16 values, float32 compute) are rounded to `dtype` here;
         # otherwise the implementation casts them.

@@ -317,3 +317,35 @@ def test_compare_side_refuses_in_its_own_process(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "a compare side with torch float32" in lines[0] and "way out" in lines[0], lines
     assert os.listdir(tmp_path) == []
+
+
+def test_a_training_step_counts_its_gradients_and_is_refused_not_streamed(tmp_path):
+    """A training step holds the trainable leaves' gradients and the two float32 copies its result carries out
+    (the figures by hand: 3 x 4 bytes a trainable parameter); it does not stream, so a step that does not fit is
+    refused in one line naming fewer --trainable leaves (at 3B float32 every leaf needs ~36 GB more)."""
+    from parity.job import Job
+    from parity.pipeline import work
+    from parity.training import TrainOptions
+
+    cfg = VARIANTS["paligemma2-3b-224"]
+    attn = sum(int(np.prod(e.shape)) for e in spec.entries(cfg) if e.key.startswith("llm/layers/attn/"))
+    w = work(Job(impl="torch", checkpoint="c", inputs="i", train=TrainOptions()), cfg)
+    assert (w.kind, w.trainable, w.frozen_copy) == ("train", attn, 0)
+    everything = work(Job(impl="torch", checkpoint="c", inputs="i", train=TrainOptions(trainable=("all",))), cfg)
+    assert everything.trainable == spec.param_count(cfg)
+    a = E.estimate(cfg, "torch", "float32", 1, 32, w, 2)
+    b = E.estimate(cfg, "torch", "float32", 1, 32, everything, 2)
+    assert a.items["outputs"] == 3 * attn * 4 and b.items["outputs"] == 3 * spec.param_count(cfg) * 4
+    # measured: the 3B attention-only step peaked at 17.99 GB (docs/training.md); the estimate stays above it
+    assert 17.99e9 < a.peak < 1.2 * 17.99e9
+    env = {E.ENV_LIMIT: "22G"}
+    assert not E.check_fits(
+        cfg, _inputs(1, 32), "torch", "float32", "float32", 2, w, root=str(tmp_path), env=env
+    ).stream
+    with pytest.raises(E.MemoryRefused) as info:
+        E.check_fits(cfg, _inputs(1, 32), "torch", "float32", "float32", 2, everything, root=str(tmp_path), env=env)
+    msg = str(info.value)
+    assert (
+        "\n" not in msg and "fewer --trainable leaves" in msg and "a training step does not run block-streamed" in msg
+    )
+    assert "--dtype bfloat16" not in msg  # a step trains in float32
