@@ -38,7 +38,7 @@ def _definitions(path: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["attention", "decoder", "vision", "model", "projector"])
+@pytest.mark.parametrize("module", ["attention", "decoder", "vision", "model", "projector", "precision"])
 def test_model_files_define_the_same_things_in_the_same_order(module):
     torch_defs = _definitions(ROOT / "parity" / "torch_impl" / f"{module}.py")
     jax_defs = _definitions(ROOT / "parity" / "jax_impl" / f"{module}.py")

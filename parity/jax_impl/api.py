@@ -31,11 +31,11 @@ from parity.jax_impl.decoder import block_mask
 from parity.jax_impl.generate import generate as _generate
 from parity.jax_impl.load import load_canonical, place
 from parity.jax_impl.model import PaliGemma
+from parity.jax_impl.precision import PRECISIONS, matmul_precision
 from parity.jax_impl.train import train_step  # noqa: F401  (the TrainBackend's step; documented there)
 from parity.param_blocks import ParamBlocks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
-PRECISIONS = ("highest", "high", "default")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -59,12 +59,6 @@ def own_process(dtype: str) -> dict[str, str] | None:
 def _out(v: jax.Array) -> jax.Array:
     """A point as it leaves the model: float32, or float64 when computed in float64."""
     return v.astype(jnp.promote_types(v.dtype, jnp.float32))
-
-
-def matmul_precision(precision: str):
-    """jax's default matmul precision set to `precision` inside the block and restored after, so nothing
-    process-wide outlives a call ("highest" / "high" / "default"). Every run call enters it."""
-    return jax.default_matmul_precision(precision)
 
 
 # -- devices -------------------------------------------------------------------------------------------------------

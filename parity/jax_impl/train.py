@@ -26,6 +26,7 @@ from parity.inputs import validate_inputs
 from parity.jax_impl.decoder import Embedder
 from parity.jax_impl.load import _flat
 from parity.jax_impl.model import PaliGemma
+from parity.jax_impl.precision import matmul_precision
 from parity.training import StepRecord, TrainOptions, TrainResult
 
 TRAIN_DTYPES = (jnp.float32, jnp.float64)  # float64: the finite-difference tests' models (JAX_ENABLE_X64)
@@ -33,7 +34,6 @@ TRAIN_DTYPES = (jnp.float32, jnp.float64)  # float64: the finite-difference test
 
 def train_step(model, inputs: dict[str, np.ndarray], options: TrainOptions) -> TrainResult:
     """`options.steps` SGD steps on one batch (inputs with mask_loss); see parity.training for the loss."""
-    from parity.jax_impl.api import matmul_precision  # api re-exports train_step: imported here, not at the top
 
     options.check()
     if model.module.llm.final_norm.scale[...].dtype not in TRAIN_DTYPES:

@@ -6,11 +6,9 @@ inputs: image float32[B, H, W, 3] in [-1, 1]; text int32[B, L]; mask_ar int32[B,
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from parity.torch_impl.decoder import block_mask
 from parity.torch_impl.generate import generate as _generate
 from parity.torch_impl.load import load_canonical
 from parity.torch_impl.model import PaliGemma
+from parity.torch_impl.precision import PRECISIONS, matmul_precision
 from parity.torch_impl.train import train_step  # noqa: F401  (the TrainBackend's step; documented there)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -97,22 +96,6 @@ def speed_warning(dtype: str, device: str, threshold: float = 4.0) -> str | None
         f"{fast:.3g} GFLOP/s); --compute-dtype float32 keeps the {dtype} parameter values and computes in "
         f"float32"
     )
-
-
-PRECISIONS = ("highest", "high", "default")
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision set to `precision` ("highest" / "high") inside the block and restored after,
-    so nothing process-wide outlives a call; "default" leaves torch's setting as it is. Every run call enters it."""
-    previous = torch.get_float32_matmul_precision()
-    if precision != "default":
-        torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def build_model(

@@ -20,13 +20,13 @@ from parity import spec, training
 from parity.errors import ConfigError
 from parity.torch_impl import train
 from parity.torch_impl.decoder import block_mask
+from parity.torch_impl.precision import matmul_precision
 from parity.training import TrainOptions
 
 
 def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) -> dict[str, np.ndarray]:
     """Every point of points.train_points for this model and `options` (float32 numpy; the losses as arrays: shape
     () and [B]). The model's trainable leaves are updated in place when options.steps > 1."""
-    from parity.torch_impl.api import matmul_precision
 
     _check(model, options)
     batch = train._batch(model, inputs)
@@ -65,7 +65,6 @@ def unit_vjps(
     forward point, and d loss / d its output: the next unit's input gradient; the head with the loss takes no
     upstream): {unit: its forward points, its input's gradient point and the gradient points of its trainable
     parameters (one layer of a stacked leaf; a whole leaf's share from this unit otherwise)}, float32 numpy."""
-    from parity.torch_impl.api import matmul_precision
 
     _check(model, options)
     batch = train._batch(model, inputs)

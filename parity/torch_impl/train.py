@@ -23,6 +23,7 @@ from parity.inputs import validate_inputs
 from parity.torch_impl.decoder import Embedder
 from parity.torch_impl.load import torch_names
 from parity.torch_impl.model import PaliGemma
+from parity.torch_impl.precision import matmul_precision
 from parity.training import StepRecord, TrainOptions, TrainResult
 
 TRAIN_DTYPES = (torch.float32, torch.float64)  # float64: the finite-difference tests' models
@@ -30,7 +31,6 @@ TRAIN_DTYPES = (torch.float32, torch.float64)  # float64: the finite-difference 
 
 def train_step(model: PaliGemma, inputs: dict[str, np.ndarray], options: TrainOptions) -> TrainResult:
     """`options.steps` SGD steps on one batch (inputs with mask_loss); see parity.training for the loss."""
-    from parity.torch_impl.api import matmul_precision  # api re-exports train_step: imported here, not at the top
 
     options.check()
     if model.llm.final_norm.scale.dtype not in TRAIN_DTYPES:
