@@ -181,7 +181,8 @@ def test_nan_loss_exits_1_naming_the_step(train_inputs, tmp_path):
 
 
 SLOW_WRITE = """
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
 import converters.convert as c
 def write_npz(ck, tmp, dtype, progress):
     with open(tmp, "wb") as f:
@@ -208,7 +209,13 @@ def test_interrupt_while_writing_leaves_nothing(train_inputs, tmp_path):
         assert os.listdir(out)  # the temporaries exist now
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
-        rc = p.wait(timeout=30)
+        try:
+            rc = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # name where it hangs: every thread's stack, then fail
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            p.kill()
+            pytest.fail("no exit within 30 s of SIGINT; the child's threads:\n" + p.stderr.read())
         assert rc == 130 and time.monotonic() - t0 < 15
     finally:
         p.kill()
