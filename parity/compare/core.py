@@ -110,18 +110,7 @@ class Comparison:
         for tower, (first, block_out) in towers.items():
             rows, prev, i = [], by.get(first), 0
             while (r := by.get(block_out(i))) is not None:
-                err = r.stats.max_rel if r.stats else None
-                before = prev.stats.max_rel if prev is not None and prev.stats else None
-                rows.append(
-                    {
-                        "block": i,
-                        "point": r.point,
-                        "max_rel": err,
-                        "ratio": (err / before) if err is not None and before else None,
-                        "local_max_rel": r.local.max_rel if r.local else None,
-                        "passed": r.passed,
-                    }
-                )
+                rows.append(curve_row(i, r, prev))
                 prev, i = r, i + 1
             out[tower] = rows
         return out
@@ -424,3 +413,18 @@ def rejudge(path: str, profile: str | None = None, policy: str | None = None) ->
     """A saved comparison (`--save`) judged again under `profile` / `policy` (default: chosen from its manifests)."""
     c = load(path)
     return judge(c, tol.tolerances(profile, policy, c.sides["A"]["manifest"], c.sides["B"]["manifest"]))
+
+
+def curve_row(block: int, r: PointRecord, prev: PointRecord | None) -> dict[str, Any]:
+    """One row of an amplification curve: the point's max_rel (local beside it when teacher-forced) and its ratio to
+    the previous row's point (> 1 where that unit amplifies error)."""
+    err = r.stats.max_rel if r.stats else None
+    before = prev.stats.max_rel if prev is not None and prev.stats else None
+    return {
+        "block": block,
+        "point": r.point,
+        "max_rel": err,
+        "ratio": (err / before) if err is not None and before else None,
+        "local_max_rel": r.local.max_rel if r.local else None,
+        "passed": r.passed,
+    }

@@ -32,7 +32,7 @@ from parity import backend as backends
 from parity import points as pts
 from parity import spec
 from parity.compare import tolerances as tol
-from parity.compare.core import COMPARED, Comparison, PointRecord, judge, load, point_record, resolve_sides
+from parity.compare.core import COMPARED, Comparison, PointRecord, curve_row, judge, load, point_record, resolve_sides
 from parity.compare.manifests import check_manifests, manifest_differences
 from parity.compare.stats import point_stats
 from parity.conventions import TRAIN_FIELDS
@@ -84,18 +84,7 @@ class TrainComparison(Comparison):
             blocks = sorted((int(m.group(1)) for p in by if (m := pattern.fullmatch(p))), reverse=True)
             for i in blocks:
                 r = by[name(i)]
-                err = r.stats.max_rel if r.stats else None
-                before = prev.stats.max_rel if prev is not None and prev.stats else None
-                rows.append(
-                    {
-                        "block": i,
-                        "point": r.point,
-                        "max_rel": err,
-                        "ratio": (err / before) if err is not None and before else None,
-                        "local_max_rel": r.local.max_rel if r.local else None,
-                        "passed": r.passed,
-                    }
-                )
+                rows.append(curve_row(i, r, prev))
                 prev = r
             amp[tower] = rows
         return amp
