@@ -1,21 +1,27 @@
 """transformers' training step point by point (`parity compare --train-step` with a transformers side), re-exported
 as `parity.hf_side.train_points`.
 
-What runs is transformers' module on the full sequence (`PaliGemmaForConditionalGeneration` with token_type_ids and
-attention_mask, as parity.hf_train runs it) and its loss as `labels=` computes it (the shift inside, -100 on image,
-prefix and padding, a token mean over the batch), with one difference, so that the step is comparable: the
-log-softmax spans the real vocabulary rows only, where transformers' own loss also spans the HF embedding's padding
-rows (`hf_vocab_rows`), which the canonical checkpoint (torch, jax) does not have; `parity train-step --impl
-transformers` runs transformers' own loss unchanged. Plain SGD on the trainable leaves for steps > 1.
+What runs is transformers' module as parity.hf_train runs it under the model's convention (`step_batch`):
+- the `transformers` preset: `PaliGemmaForConditionalGeneration` on the full sequence with token_type_ids and
+  attention_mask (without token_type_ids under train_prefix=causal), and its loss as `labels=` computes it (the
+  shift inside, -100 on image, prefix and padding, a token mean over the batch);
+- `big_vision`: the same module on `[image ; text[:, :-1]]` with big_vision's own attention pattern as a 4D mask
+  (no input mask: padding whose mask_ar is 0 joins the last suffix token's group, so the <eos> sees it), positions
+  from 0 and no final softcap (hf_side.build_model), and the per-example loss (hf_train.big_vision_batch).
+In both the loss is computed from transformers' logits (hf_train.text_loss) with the convention's normalisation over
+the real vocabulary rows only, where transformers' own loss also spans the HF embedding's padding rows
+(`hf_vocab_rows`), which the canonical checkpoint (torch, jax) does not have. Plain SGD on the trainable leaves for
+steps > 1.
 
 Forward hooks record the capture points from the modules that compute them (as hf_side.forward does) and add a
 zero probe to the output of every module that ends a unit (x + 0 is x exactly), so torch.autograd.grad of the loss
 with respect to the probes gives the gradient at every unit input (points.train_units); parameter gradients come
 back in canonical keys and layout (spec).
 
-transformers runs the unshifted sequence (S = T + L positions) where torch and jax run the shifted one (S - 1):
-every [B, S, ...] point is cut to its first S - 1 positions. The last position predicts nothing (its gradient is
-zero) and no earlier one attends to it, so the cut loses nothing compared.
+Under the transformers preset transformers runs the unshifted sequence (S = T + L positions) where torch and jax run
+the shifted one (S - 1): every [B, S, ...] point is cut to its first S - 1 positions. The last position predicts
+nothing (its gradient is zero) and no earlier one attends to it, so the cut loses nothing compared. Under big_vision
+it runs the shifted sequence itself, so every position, the <eos> and the padding included, is big_vision's.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from parity import points as pts
 from parity import spec
 from parity.errors import ConfigError, InputsError
-from parity.hf_train import IGNORE, _canonical, _leaf_params, labels_for
+from parity.hf_train import _canonical, _leaf_params, step_batch, text_loss
 from parity.training import TrainOptions, trainable_leaves
 
 
@@ -91,18 +97,11 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     """Every point of points.train_points transformers has (backend.TrainPointsBackend), float32 numpy."""
     import torch
 
-    from parity.hf_side import hf_batch
     from parity.inputs import validate_inputs
 
     cfg, module = model.config, model.module
     options.check()
     conv = model.conventions
-    if conv.loss_normalization != "per_token" or conv.train_prefix != "bidirectional":
-        raise ConfigError(
-            "compare --train-step: the transformers side trains with transformers' own loss (per_token) and its "
-            f"bidirectional prefix; got loss_normalization={conv.loss_normalization}, "
-            f"train_prefix={conv.train_prefix}"
-        )
     for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
         if value != "float32":
             raise ConfigError(f"compare --train-step {flag} {value}: the transformers side trains in float32")
@@ -117,9 +116,7 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     ids = {id(p) for p in trained}
     for p in module.parameters():
         p.requires_grad_(id(p) in ids)
-    device = next(module.parameters()).device
-    labels = torch.as_tensor(labels_for(cfg, inputs), device=device)
-    batch = hf_batch(cfg, inputs, device)
+    batch = step_batch(model, inputs, conv.train_prefix == "causal")
     out: dict[str, Any] = {}
     probes: dict[str, Any] = {}
     points: dict[str, np.ndarray] = {}
@@ -132,8 +129,8 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
             hooks = _hooks(module, cfg, out, probes) if step == 1 else []
             try:
                 with matmul_precision(model.precision):
-                    logits = module(**batch).logits
-                    loss, example = _loss(logits[..., : cfg.text.vocab_size], labels)
+                    logits = module(**batch).logits[..., : cfg.text.vocab_size]
+                    loss, example = text_loss(logits, cfg, inputs, conv.loss_normalization, None)
                     order = [g for g in pts.backward_points(cfg) if g in probes]
                     flat = torch.autograd.grad(loss, [probes[g] for g in order] + trained)
             finally:
@@ -141,7 +138,7 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
                     h.remove()
             grad_of = {id(p): g for p, g in zip(trained, flat[len(order) :], strict=True)}
             if step == 1:
-                out[pts.LOGITS] = logits[..., : cfg.text.vocab_size]
+                out[pts.LOGITS] = logits
                 out.update(zip(order, flat[: len(order)], strict=True))
                 cut = lambda k, v: v[:, :s] if v.ndim == 3 and not k.startswith(("img/", "grad/img/")) else v
                 points.update({k: _numpy(cut(k, v)) for k, v in out.items()})
@@ -163,19 +160,6 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
         for key, pieces in params.items():
             points[pts.param_at(key, options.steps)] = np.ascontiguousarray(_canonical(pieces, lambda p: p), np.float32)
     return points
-
-
-def _loss(logits, labels):
-    """transformers' token-mean loss (its shift, its -100 labels) over the real vocabulary rows, and the per-row
-    means of the same token losses."""
-    import torch
-
-    targets = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    keep = targets != IGNORE
-    tok = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * keep
-    counts = keep.sum(1)
-    return tok.sum() / counts.sum().clamp(min=1), tok.sum(1) / counts.clamp(min=1)
 
 
 def _numpy(x) -> np.ndarray:

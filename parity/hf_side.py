@@ -4,7 +4,8 @@ It implements parity.backend.Backend (`BACKEND`, the registry's "transformers"; 
 not run one by one here) so parity.pipeline drives it like the others: eager attention, weights mapped by
 `parity.spec.to_hf` (with the vocabulary padding rows), `token_type_ids` from `mask_ar`, `<image>` placeholder ids
 and NCHW pixels built from the inputs file, and forward hooks that record our capture points from transformers'
-modules. It runs under the `transformers` convention only.
+modules. Forward passes and decoding run under the `transformers` convention only; a training step
+(parity.hf_train, parity.hf_backward) runs under big_vision's too (`--convention big_vision`).
 transformers is imported inside the functions: nothing here is loaded unless this side is asked for.
 
 Logits: transformers scores the padded vocabulary (config.hf_vocab_rows). `forward` returns the real rows, and
@@ -29,6 +30,8 @@ from parity.conventions import PRESETS, Conventions
 from parity.errors import ConfigError
 from parity.hf_backward import train_points  # noqa: F401  (backend.TrainPointsBackend; documented there)
 from parity.hf_train import train_step as _train_step
+
+TRAINS_UNDER = ("transformers", "big_vision")  # the presets whose forward fields build_model accepts
 
 # On-disk (spec) names -> transformers 5.x in-memory module names.
 _RENAMES = (
@@ -103,14 +106,19 @@ def build_model(
     precision: str = "highest",
     **impl_kw,
 ) -> HFModel:
-    """The transformers model in `dtype` on `device`. Only the `transformers` convention is what it computes (its
-    training-only fields, conventions.TRAIN_FIELDS, are read by `train_step`, which refuses what it cannot run)."""
+    """The transformers model in `dtype` on `device`, under the forward fields of the `transformers` preset or (for a
+    training step only: `forward` and `generate` refuse it) of `big_vision`'s. Under a convention whose final
+    softcap is not on every logit (big_vision's "decode_only": it trains on uncapped logits) the module is built
+    with `final_logit_softcapping` None, so transformers' own head gives uncapped logits. The training-only fields
+    (conventions.TRAIN_FIELDS) are read by the training step."""
     import torch
 
-    if conventions.forward_dict() != PRESETS["transformers"].forward_dict():
+    trains = {n: PRESETS[n].forward_dict() for n in TRAINS_UNDER}
+    if conventions.forward_dict() not in trains.values():
+        diff = sorted(k for k, v in conventions.forward_dict().items() if v != trains["transformers"][k])
         raise ConfigError(
-            f"the transformers side runs under the 'transformers' convention only, got "
-            f"{conventions.to_dict()}; pass --convention transformers"
+            f"the transformers side runs under the 'transformers' convention (and trains under 'big_vision' too); "
+            f"got {', '.join(f'{k}={conventions.to_dict()[k]!r}' for k in diff)}; pass --convention transformers"
         )
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -125,7 +133,20 @@ def build_model(
         raise ConfigError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     params = params if params is not None else spec.random_params(config, scale=0.0)
     module = hf_module(config, params).to(device=device, dtype=getattr(torch, dtype))
+    if conventions.final_softcap != "always":
+        module.config.get_text_config().final_logit_softcapping = None
     return HFModel(module, config, conventions=conventions, precision=precision)
+
+
+def check_forward_convention(model: HFModel) -> None:
+    """ConfigError unless the model was built under the transformers preset's forward fields: what transformers'
+    own masks, positions and head compute (a big_vision-built model is for a training step only)."""
+    conv = model.conventions
+    if conv is not None and conv.forward_dict() != PRESETS["transformers"].forward_dict():
+        raise ConfigError(
+            "the transformers side runs forward passes and decoding under the 'transformers' convention only "
+            f"(it trains under 'big_vision' too), got {conv.forward_dict()}; pass --convention transformers"
+        )
 
 
 def hf_batch(cfg: PaliGemmaConfig, inputs: dict[str, np.ndarray], device: str = "cpu") -> dict[str, Any]:
@@ -185,6 +206,7 @@ def forward(
 
     from parity.inputs import validate_inputs
 
+    check_forward_convention(model)
     cfg = model.config
     wanted = [points.LOGITS] if points_wanted is None else list(points_wanted)
     inputs = validate_inputs(inputs, cfg, "inputs")
@@ -261,6 +283,7 @@ def generate(
         raise ConfigError(
             "the transformers side decodes greedily only (sampled streams differ between implementations anyway)"
         )
+    check_forward_convention(model)
     cfg = model.config
     inputs = validate_inputs(inputs, cfg, "inputs")
     capture = list(capture or ())

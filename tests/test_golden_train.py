@@ -1,6 +1,7 @@
 """Training-step golden bundles (issue 23): the shipped bundles (one step of tiny-pg2-gqa recorded from transformers
-under its convention, and from torch in float64 under big_vision's) checked against both implementations, a planted
-change caught, and recording / bad input."""
+under each convention preset: its own, and big_vision's, which transformers' modules run with big_vision's mask,
+positions, uncapped logits and per-example loss) checked against both implementations, a planted change caught, and
+recording / bad input."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_bundles_record_what_their_convention_says():
             m = json.load(f)
         assert m["convention"] == preset and m["train"]["trainable"] == ["all"]
         assert m["conventions"]["loss_normalization"] == ("per_token" if preset == "transformers" else "per_example")
-        assert m["impl"] == ("transformers" if preset == "transformers" else "torch")
+        assert m["impl"] == "transformers"
 
 
 def test_a_planted_change_fails_the_check(tmp_path):

@@ -1,12 +1,11 @@
 """The transformers side's training step (parity.hf_side.train_step) against independent computations: its loss
 against a token-level mean computed by hand from transformers' float64 logits, its canonical gradients against
 central finite differences in float64 through the converter's own HF transforms (spec.to_hf), its update against
-w - lr * g, and its refusals."""
+w - lr * g, its big_vision step (`--convention big_vision`) against torch's, and its refusals."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import pytest
@@ -180,11 +179,32 @@ def test_refusals(setup):
         hf_side.train_step(m, x, TrainOptions(frozen_dtype="float16"))
     with pytest.raises(InputsError, match="parity inputs --suffix"):
         hf_side.train_step(m, {k: v for k, v in x.items() if k != "mask_loss"}, TrainOptions())
+    with pytest.raises(ConfigError, match="sliding_window='keras_hub'"):  # keras-hub's band: not transformers'
+        hf_side.build_model(CFG, PRESETS["keras_hub"], params=params)
+    bv = hf_side.build_model(CFG, PRESETS["big_vision"], params=params)  # trains only: no forward, no decoding
+    with pytest.raises(ConfigError, match="forward passes and decoding under the 'transformers' convention"):
+        hf_side.forward(bv, x)
 
-    @dataclasses.dataclass(frozen=True)
-    class WithNorm:  # a Conventions that asks for big_vision's normalisation (its field is CORE's, issue 22)
-        loss_normalization: str = "per_example"
 
-    m.conventions = WithNorm()
-    with pytest.raises(ConfigError, match="per_token"):
-        hf_side.train_step(m, x, TrainOptions())
+def test_big_vision_step_matches_torch(setup):
+    """`--impl transformers --convention big_vision`: transformers' modules run big_vision's step (shifted inputs,
+    its mask, positions from 0, no final softcap, per-example loss over the real vocabulary rows); torch's step
+    (independent code) gives the same losses, first-step gradients of five differently mapped leaves and, after
+    two SGD steps, the same leaves."""
+    from parity.torch_impl import api as torch_api
+
+    params, x, _ = setup
+    opts = TrainOptions(trainable=LEAVES, steps=2, lr=0.1)
+    bv = PRESETS["big_vision"]
+    r = hf_side.train_step(hf_side.build_model(CFG, bv, params=params), x, opts)
+    t = torch_api.train_step(torch_api.build_model(CFG, bv, params=params), x, opts)
+    for got, want in zip(r.steps, t.steps, strict=True):
+        assert abs(got.loss - want.loss) <= 1e-6 * want.loss
+        np.testing.assert_allclose(got.example_loss, want.example_loss, rtol=1e-6)
+        assert abs(got.loss - np.mean(got.example_loss)) <= 1e-6 * got.loss  # per_example
+    for leaf in LEAVES:
+        scale = float(np.abs(t.grads[leaf]).max())
+        assert float(np.abs(r.grads[leaf] - t.grads[leaf]).max()) <= 3e-5 * scale, leaf
+        np.testing.assert_allclose(r.params[leaf], t.params[leaf], rtol=0, atol=1e-5)
+    hf, _ = run(params, x, trainable=LEAVES)  # transformers' own convention: another loss on the same batch
+    assert abs(hf.steps[0].loss - r.steps[0].loss) > 1e-3
