@@ -8,6 +8,7 @@ teacher-forced backward must fail in that block only. Then the CLI's wording, ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -229,6 +230,31 @@ def test_transformers_big_vision_step_at_every_position(name):
     for r, q in eos:
         assert np.max(np.abs(wrong[last][r, q] - t[last][r, q])) > 1e-4 * top  # 10x the agreement bound above
         assert np.max(np.abs(wrong[last][r, q + 1 :] - t[last][r, q + 1 :])) > 1e-2 * top  # the padding
+
+
+@pytest.mark.parametrize(
+    "preset, setting",
+    [("big_vision", "train_prefix=causal"), ("transformers", "loss_normalization=per_example")],
+)
+def test_transformers_trains_the_other_training_fields(preset, setting):
+    """The training fields a preset does not set run on transformers too: big_vision with a causal prefix (a causal
+    4D mask) and the transformers preset with the per-example loss (computed from its logits): loss and gradients
+    as torch's, and not as under the preset alone."""
+    from parity import hf_side
+
+    x = train_inputs(CFG, seed=4)
+    with open_checkpoint(CKPT) as ck:
+        params = ck.load()
+    name, value = setting.split("=")
+    conv = dataclasses.replace(PRESETS[preset], **{name: value})
+    options = TrainOptions()  # the guide's attention leaves
+    t = torch_api.train_points(torch_api.build_model(CFG, conv, params=params), x, options)
+    h = hf_side.train_points(hf_side.build_model(CFG, conv, params=params), x, options)
+    plain = hf_side.train_points(hf_side.build_model(CFG, PRESETS[preset], params=params), x, options)
+    assert abs(float(h[pts.TRAIN_LOSS]) - float(t[pts.TRAIN_LOSS])) <= 1e-6 * float(t[pts.TRAIN_LOSS])
+    assert abs(float(h[pts.TRAIN_LOSS]) - float(plain[pts.TRAIN_LOSS])) > 1e-3
+    for k in (k for k in t if k.startswith("grad/llm/layers/attn/")):
+        assert float(np.max(np.abs(h[k] - t[k]))) <= 1e-5 * float(np.max(np.abs(t[k]))), k
 
 
 def test_a_planted_block_is_named_by_transformers_under_big_vision(files):
