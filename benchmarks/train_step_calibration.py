@@ -4,7 +4,8 @@ bounds of parity.compare.train_step (TRAIN_RULES) are set from.
     python benchmarks/train_step_calibration.py [-o benchmarks/results/train_step_calibration.json]
 
 Sides, all on the same weights and training inputs (every leaf trainable): PyTorch float32, JAX float32, PyTorch
-float64 (the float64 computation) and, under the transformers preset, transformers float32; on the four tiny configs
+float64 (the float64 computation) and transformers float32 (under both presets: big_vision's step runs on
+transformers' modules too, parity.hf_train); on the four tiny configs
 (random weights, seed 1, and the shipped golden checkpoints) under both presets. Each float32 side is measured
 against torch float32 and against float64, per group of points (forward, loss, activation gradients, parameter
 gradients), as max_rel over the positions that reach the loss (parity.compare.train_step); leaves with an exactly-
@@ -112,10 +113,7 @@ def main() -> None:
                     torch_api.build_model(cfg, conv, dtype="float64", params=params), inputs, options
                 ),
             }
-            if preset == "transformers":
-                runs["transformers"] = hf_side.train_points(
-                    hf_side.build_model(cfg, conv, params=params), inputs, options
-                )
+            runs["transformers"] = hf_side.train_points(hf_side.build_model(cfg, conv, params=params), inputs, options)
             leaf = [k for k in runs["float64"] if k.startswith("grad/") and group(k) == "param_grads"]
             scale = max(float(np.abs(runs["float64"][k]).max()) for k in leaf)
             row = {"config": name, "weights": weights, "preset": preset, "global_gradient_scale": scale}
