@@ -10,7 +10,6 @@ resident model's forward.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import gc
 import weakref
@@ -33,8 +32,6 @@ from parity.jax_impl.load import NP_DTYPES, place, to_device
 from parity.jax_impl.model import PaliGemma
 from parity.stream import aligned
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
 
 def skeleton(config: PaliGemmaConfig, conventions: Conventions, dtype: str, device: str, precision: str) -> api.Model:
     """An abstract PaliGemma (no memory), remembering where and how its units run."""
@@ -48,22 +45,7 @@ def skeleton(config: PaliGemmaConfig, conventions: Conventions, dtype: str, devi
     model.stream_where = where
     model.stream_stacked = {e.key for e in spec.entries(config) if e.layers is not None}
     model.stream_empty = {e.key: jnp.zeros((0,), api.DTYPES[dtype], device=where) for e in spec.entries(config)}
-    _return_freed_memory()
     return model
-
-
-def _return_freed_memory() -> None:
-    """Make glibc's malloc serve every block of 1 MiB or more by mmap, so that freeing one returns it to the system
-    at once (M_MMAP_THRESHOLD; elsewhere than glibc: nothing). By default the threshold rises to the size of the
-    largest block freed, up to 32 MiB, and blocks below it come from heaps that keep freed memory: a streamed unit's
-    ~10-20 MB tensors and XLA's activations left 0.3-0.4 GB of RSS behind (3B shapes, float32: peak 1.69 GB with the
-    default, 1.30 GB with this). A process-wide setting; a resident run beside it gets fresh pages either way."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def manifest(model: api.Model) -> dict[str, Any]:
