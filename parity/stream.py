@@ -96,7 +96,9 @@ class Source:
     def _cast(self, x: np.ndarray) -> np.ndarray:
         self.bytes_read += x.nbytes
         x = dtypes.cast(np.ascontiguousarray(x), self.rounding)
-        return x if self.compute is None else aligned(x, self.compute)
+        if self.compute is None or x.dtype == self.compute:
+            return x  # no copy here (torch aliases it as it is; jax's hook copies an unaligned one, a tensor at a time)
+        return aligned(x, self.compute)
 
     def read(self, keys, layer: int | None = None) -> dict[str, np.ndarray]:
         """{key: tensor} of `keys` (their layer `layer` for stacked keys)."""
@@ -139,7 +141,7 @@ def aligned(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """x cast to `dtype` (round to nearest even) in an array at an ALIGN-byte-aligned address; x itself when it is
     one already. numpy's large arrays sit 16 bytes into their pages, so jax's device_put copies them (asynchronously:
     the array and its copy were both held while a unit was placed); an aligned one it aliases, as torch aliases any
-    numpy array. Casting straight into the aligned buffer makes it the one copy the cast makes anyway."""
+    numpy array. The reader casts straight into an aligned buffer, the one copy a cast makes anyway."""
     dtype = np.dtype(dtype)
     if x.dtype == dtype and x.ctypes.data % ALIGN == 0 and x.flags.c_contiguous:
         return x

@@ -58,7 +58,8 @@ def _placed(model: api.Model, weights: dict[str, np.ndarray]) -> Iterator[list]:
     inside the block (a list, emptied when it ends, so the caller keeps no reference to the state); the unit's
     memory is released when the block ends, not when Python's cyclic collector next runs. `weights` is emptied on
     the way; each host array is aliased, not copied, by its device array (parity.stream.aligned: the reader casts
-    into aligned arrays, so nothing is copied here).
+    into aligned arrays, so nothing is copied here, except from a checkpoint stored in the compute dtype: one tensor
+    at a time, each freed as its copy is made).
 
     Releasing: flax's traversals (nnx.split, replace_by_pure_dict) leave a reference cycle (a recursive closure and
     the list of (path, Variable) it built) holding the unit's Variables, so its arrays outlived it until a collection
