@@ -95,7 +95,10 @@ class Source:
 
     def _cast(self, x: np.ndarray) -> np.ndarray:
         self.bytes_read += x.nbytes
-        return dtypes.cast(dtypes.cast(np.ascontiguousarray(x), self.rounding), self.compute)
+        x = dtypes.cast(np.ascontiguousarray(x), self.rounding)
+        if self.compute is None or x.dtype == self.compute:
+            return x  # no copy here (torch aliases it as it is; jax's hook copies an unaligned one, a tensor at a time)
+        return aligned(x, self.compute)
 
     def read(self, keys, layer: int | None = None) -> dict[str, np.ndarray]:
         """{key: tensor} of `keys` (their layer `layer` for stacked keys)."""
@@ -129,6 +132,24 @@ class Source:
         table = np.concatenate(parts) if parts else np.zeros((0,) + e.shape[1:], self.ck.dtype(e))
         self.check()
         return {EMBED: self._cast(table)}
+
+
+ALIGN = 64  # bytes: the alignment at which jax's CPU client aliases a host buffer instead of copying it
+
+
+def aligned(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x cast to `dtype` (round to nearest even) in an array at an ALIGN-byte-aligned address; x itself when it is
+    one already. numpy's large arrays sit 16 bytes into their pages, so jax's device_put copies them (asynchronously:
+    the array and its copy were both held while a unit was placed); an aligned one it aliases, as torch aliases any
+    numpy array. The reader casts straight into an aligned buffer, the one copy a cast makes anyway."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype and x.ctypes.data % ALIGN == 0 and x.flags.c_contiguous:
+        return x
+    raw = np.empty(x.size * dtype.itemsize + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    out = raw[start : start + x.size * dtype.itemsize].view(dtype).reshape(x.shape)
+    np.copyto(out, x, casting="unsafe")
+    return out
 
 
 # -- the model a streamed run holds -------------------------------------------------------------------------------
