@@ -273,12 +273,12 @@ def _vit_dtypes(api, cfg, options) -> dict[str, str]:
     if api is torch_api:
         image = torch_train._batch(model, train_inputs(cfg))["image"]
         with torch.no_grad(), torch_train._half(model, torch_train._leaves(model, names), options):
-            model.embed_image(image, want, out, dtype_mm=torch_train._dtype_mm(options.vit_matmul_dtype))
+            model.embed_image(image, want, out, dtype_mm={"float16": torch.float16}.get(options.vit_matmul_dtype))
     else:
         image = jax_train._batch(model, train_inputs(cfg))["image"]
         graphdef, leaves, frozen = jax_train._leaves(model, names)
         half = nnx.merge(graphdef, leaves, jax_train._half(frozen, options))
-        half.embed_image(image, want, out, dtype_mm=jax_train._dtype_mm(options.vit_matmul_dtype))
+        half.embed_image(image, want, out, dtype_mm={"float16": jax.numpy.float16}.get(options.vit_matmul_dtype))
     return {k: str(out[k].dtype).removeprefix("torch.") for k in want}
 
 

@@ -91,9 +91,9 @@ def _leaves(model, names: list[str]) -> tuple[Any, nnx.State, nnx.State]:
 def _half(frozen: nnx.State, options: TrainOptions) -> nnx.State:
     """--frozen-dtype float16: a copy of the frozen state holding training.half_weights' values (float16-rounded;
     an RMSNorm scale such that 1 + scale is float16's), the frozen ViT leaves as float16 arrays under
-    --vit-matmul-dtype float16, as big_vision holds them: with `_dtype_mm` the ViT's LayerNorms, adds and projector
-    then follow their dtypes (vision.py). Trained leaves stay float32. The model's own state is not touched: frozen
-    leaves leave bit-identical."""
+    --vit-matmul-dtype float16, as big_vision holds them: with `_loss`'s dtype_mm the ViT's LayerNorms, adds and
+    projector then follow their dtypes (vision.py). Trained leaves stay float32. The model's own state is not
+    touched: frozen leaves leave bit-identical."""
     if options.frozen_dtype != "float16":
         return frozen
 
@@ -115,12 +115,6 @@ def _text_embedding(model, text: jax.Array) -> jax.Array:
     return Embedder.encode(table, text, model.conventions.normalizer_dtype)
 
 
-def _dtype_mm(vit_matmul_dtype: str):
-    """big_vision's img.dtype_mm for the ViT (vision.py): float16, or None for float32 (frozen float16 leaves then
-    hold float32 values, so the ViT is float32 throughout, as flax's promotion makes it)."""
-    return jnp.float16 if vit_matmul_dtype == "float16" else None
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _value_and_grad(
     graphdef, leaves: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], vit_matmul_dtype: str = "float32"
@@ -137,7 +131,8 @@ def _loss(
     final softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text
     tokens are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    image_tokens = model.embed_image(batch["image"], dtype_mm=_dtype_mm(vit_matmul_dtype))  # float16 or float32
+    dtype_mm = jnp.float16 if vit_matmul_dtype == "float16" else None  # big_vision img.dtype_mm (vision.py)
+    image_tokens = model.embed_image(batch["image"], dtype_mm=dtype_mm)
     text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
     x = jnp.concatenate([image_tokens, text_tokens], axis=1).astype(batch["image"].dtype)  # big_vision: then float32
     no_input_mask = jnp.ones_like(batch["text"])

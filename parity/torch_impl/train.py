@@ -91,7 +91,7 @@ def _leaves(model: PaliGemma, names: list[str]) -> dict[str, list[torch.nn.Param
 def _half(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], options: TrainOptions):
     """--frozen-dtype float16: inside, every frozen parameter holds training.half_weights' values (float16-rounded;
     an RMSNorm scale such that 1 + scale is float16's), and under --vit-matmul-dtype float16 the frozen ViT leaves
-    are float16 tensors, as big_vision holds them: with `_dtype_mm` the ViT's LayerNorms, adds and projector then
+    are float16 tensors, as big_vision holds them: with `_loss`'s dtype_mm the ViT's LayerNorms, adds and projector then
     follow their dtypes (vision.py). Trained leaves stay float32. The original data is put back on exit: frozen
     leaves leave bit-identical."""
     named, saved = dict(model.named_parameters()), {}
@@ -119,12 +119,6 @@ def _text_embedding(model: PaliGemma, text: torch.Tensor) -> torch.Tensor:
         return Embedder.encode(table, text, model.conventions.normalizer_dtype)
 
 
-def _dtype_mm(vit_matmul_dtype: str) -> torch.dtype | None:
-    """big_vision's img.dtype_mm for the ViT (vision.py): float16, or None for float32 (frozen float16 leaves then
-    hold float32 values, so the ViT is float32 throughout, as flax's promotion makes it)."""
-    return torch.float16 if vit_matmul_dtype == "float16" else None
-
-
 def _value_and_grad(
     model: PaliGemma,
     leaves: dict[str, list[torch.nn.Parameter]],
@@ -148,7 +142,8 @@ def _loss(
     softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text tokens
     are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    image_tokens = model.embed_image(batch["image"], dtype_mm=_dtype_mm(vit_matmul_dtype))  # float16 or float32
+    dtype_mm = torch.float16 if vit_matmul_dtype == "float16" else None  # big_vision img.dtype_mm (vision.py)
+    image_tokens = model.embed_image(batch["image"], dtype_mm=dtype_mm)
     text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
     x = torch.cat([image_tokens, text_tokens], dim=1).to(batch["image"].dtype)  # big_vision: concat, then float32
     no_input_mask = torch.ones_like(batch["text"])
