@@ -42,7 +42,8 @@ class TrainOptions:
     """"float16": frozen leaves rounded to float16 (the guide's mixed precision); trainable leaves stay float32."""
 
     vit_matmul_dtype: str = "float32"
-    """"float16": the ViT's activations in float16 (big_vision `img.dtype_mm`)."""
+    """"float16": big_vision's `img.dtype_mm`: the ViT's Dense/Conv operands cast to float16, the rest following
+    its leaves' dtypes (float16 frozen under frozen_dtype float16, float32 trained or frozen float32)."""
 
     def check(self) -> None:
         """ConfigError (one line, exit 2) for options no step can run with."""
@@ -75,27 +76,6 @@ class TrainOptions:
         if "trainable" in d:
             d["trainable"] = tuple(d["trainable"])
         return cls(**d)
-
-
-def check_implemented(options: TrainOptions, trainable: Iterable[str] = ()) -> None:
-    """ConfigError for the combinations the implementations do not run: `--vit-matmul-dtype float16` reproduces the
-    guide's ViT (every ViT leaf frozen and float16, so every ViT activation is float16); with float32 ViT leaves
-    (trainable, or `--frozen-dtype float32`) big_vision keeps the residual stream, LayerNorms, position embedding
-    and projector in float32 and casts only the Dense/Conv operands, which parity does not reproduce."""
-    if options.vit_matmul_dtype == "float32":
-        return
-    if options.frozen_dtype != "float16":
-        raise ConfigError(
-            "--vit-matmul-dtype float16 needs --frozen-dtype float16 (the guide's recipe: float16 ViT weights); "
-            "float32 ViT weights keep part of big_vision's ViT in float32, which parity does not reproduce"
-        )
-    vit = [k for k in trainable if k.startswith("img/")]
-    if vit:
-        raise ConfigError(
-            f"--vit-matmul-dtype float16 with trainable ViT leaves ({vit[0]}, ...): big_vision then keeps their "
-            "LayerNorms, position embedding and projector in float32, which parity does not reproduce; "
-            "train LLM leaves only (the guide's recipe) or use --vit-matmul-dtype float32"
-        )
 
 
 def is_rms_scale(key: str) -> bool:

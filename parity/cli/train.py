@@ -33,8 +33,8 @@ from parity.training import DEFAULT_TRAINABLE, FROZEN_DTYPES, VIT_MATMUL_DTYPES
     "--vit-matmul-dtype",
     default="float32",
     type=click.Choice(VIT_MATMUL_DTYPES),
-    help="float16: the ViT's activations in float16 (big_vision img.dtype_mm); needs --frozen-dtype float16 and "
-    "a frozen ViT.",
+    help="float16: big_vision's img.dtype_mm: the ViT's Dense/Conv operands in float16, the rest in its leaves' "
+    "dtypes (float16 frozen under --frozen-dtype float16, float32 trained).",
 )
 @click.option(
     "--grads",

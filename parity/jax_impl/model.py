@@ -31,10 +31,13 @@ class PaliGemma(nnx.Module):
         self.llm = Gemma(config.text)
 
     # -- embeddings ------------------------------------------------------------------------------------------------
-    def embed_image(self, image: jax.Array, capture: Collection[str] = (), out: dict | None = None) -> jax.Array:
-        """image float[B, H, W, 3] in [-1, 1] -> float[B, T, D] (projected; not scaled by sqrt(D))."""
+    def embed_image(
+        self, image: jax.Array, capture: Collection[str] = (), out: dict | None = None, dtype_mm=None
+    ) -> jax.Array:
+        """image float[B, H, W, 3] in [-1, 1] -> float[B, T, D] (projected; not scaled by sqrt(D)); `dtype_mm`:
+        big_vision's img.dtype_mm (vision.py), None for a forward run."""
         out = {} if out is None else out
-        z = self.img.head(self.img(image, capture, out))
+        z = self.img.head(self.img(image, capture, out, dtype_mm))
         if points.PROJECTOR in capture:
             out[points.PROJECTOR] = z
         return z

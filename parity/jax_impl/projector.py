@@ -19,4 +19,6 @@ class Projector(nnx.Module):
         self.bias = _param(width)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """In the promotion of x, kernel and bias (big_vision's `head` is a Dense without `dtype`: flax promotes, so
+        a float16 input meets a trained float32 kernel in float32; jnp's `@` and `+` promote alike)."""
         return x @ self.kernel[...] + self.bias[...]  # "BTE,ED->BTD" with E = Dv (+ bias)

@@ -42,7 +42,6 @@ def train_step(model, inputs: dict[str, np.ndarray], options: TrainOptions) -> T
         )
     batch = _batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
-    training.check_implemented(options, names)
     graphdef, leaves, frozen = _leaves(model, names)
     frozen = _half(frozen, options)
     if options.frozen_dtype == "float16" and training.EMBEDDING not in names:
@@ -51,7 +50,7 @@ def train_step(model, inputs: dict[str, np.ndarray], options: TrainOptions) -> T
     with matmul_precision(model.precision):
         for step in range(1, options.steps + 1):
             weight_norm = _norms(leaves)
-            (loss, example), grads = _value_and_grad(graphdef, leaves, frozen, batch)
+            (loss, example), grads = _value_and_grad(graphdef, leaves, frozen, batch, options.vit_matmul_dtype)
             grad_norm = _norms(grads)
             if step == 1:
                 first = _canonical(model, grads)
@@ -91,9 +90,10 @@ def _leaves(model, names: list[str]) -> tuple[Any, nnx.State, nnx.State]:
 
 def _half(frozen: nnx.State, options: TrainOptions) -> nnx.State:
     """--frozen-dtype float16: a copy of the frozen state holding training.half_weights' values (float16-rounded;
-    an RMSNorm scale such that 1 + scale is float16's), the ViT's (all frozen) as float16 arrays under
-    --vit-matmul-dtype float16, so the ViT runs in float16 (big_vision's img.dtype_mm). The model's own state is
-    not touched: frozen leaves leave bit-identical."""
+    an RMSNorm scale such that 1 + scale is float16's), the frozen ViT leaves as float16 arrays under
+    --vit-matmul-dtype float16, as big_vision holds them: with `_loss`'s dtype_mm the ViT's LayerNorms, adds and
+    projector then follow their dtypes (vision.py). Trained leaves stay float32. The model's own state is not
+    touched: frozen leaves leave bit-identical."""
     if options.frozen_dtype != "float16":
         return frozen
 
@@ -115,18 +115,24 @@ def _text_embedding(model, text: jax.Array) -> jax.Array:
     return Embedder.encode(table, text, model.conventions.normalizer_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _value_and_grad(graphdef, leaves: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _value_and_grad(
+    graphdef, leaves: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], vit_matmul_dtype: str = "float32"
+):
     """((loss, per-row losses), gradient of the trainable leaves only); the per-row losses ride as the aux."""
-    return jax.value_and_grad(lambda t: _loss(nnx.merge(graphdef, t, frozen), batch), has_aux=True)(leaves)
+    loss = lambda t: _loss(nnx.merge(graphdef, t, frozen), batch, vit_matmul_dtype)
+    return jax.value_and_grad(loss, has_aux=True)(leaves)
 
 
-def _loss(model: PaliGemma, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _loss(
+    model: PaliGemma, batch: dict[str, jax.Array], vit_matmul_dtype: str = "float32"
+) -> tuple[jax.Array, jax.Array]:
     """(loss, per-row losses) of the shifted batch: the text logits of a forward pass with no input mask (the
     final softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text
     tokens are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    image_tokens = model.embed_image(batch["image"])  # float16 under --vit-matmul-dtype float16
+    dtype_mm = jnp.float16 if vit_matmul_dtype == "float16" else None  # big_vision img.dtype_mm (vision.py)
+    image_tokens = model.embed_image(batch["image"], dtype_mm=dtype_mm)
     text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
     x = jnp.concatenate([image_tokens, text_tokens], axis=1).astype(batch["image"].dtype)  # big_vision: then float32
     no_input_mask = jnp.ones_like(batch["text"])

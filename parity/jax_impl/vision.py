@@ -3,6 +3,12 @@
 Axis letters (parity.config): B batch, T image tokens, P patch size, Dv width, Fv mlp width, Nv heads, Hv head dim.
 Attribute names follow the canonical keys (`img/Transformer/encoderblock/LayerNorm_0/scale` ->
 `img.Transformer.encoderblock.LayerNorm_0.scale`, stacked [Lv, Dv]). The projector (`img/head`) is projector.py.
+
+`dtype_mm` is big_vision's `img.dtype_mm` (`models/vit.py`): when given, every Dense and the patch Conv cast their
+input, kernel and bias to it (flax `promote_dtype(..., dtype=dtype_mm)`), and everything else follows the operands'
+dtypes as jnp's promotion does: the position-embedding add and the residual adds promote (a float32 position
+embedding keeps the residual stream float32), a LayerNorm computes in float32 and returns the promotion of its input,
+scale and bias (flax `_normalize`). None (every forward run) casts nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +24,15 @@ from parity.config import VisionConfig
 from parity.jax_impl.attention import _param, scan, stack
 
 
+def _mm(dtype_mm, *ts: jax.Array) -> tuple[jax.Array, ...]:
+    """The operands of a Dense/Conv as big_vision computes with them: cast to `dtype_mm` (jax's convert_element_type
+    casts a float32 leaf's gradient back from the float16 one); None: as they are."""
+    return ts if dtype_mm is None else tuple(t.astype(dtype_mm) for t in ts)
+
+
 class LayerNorm(nnx.Module):
-    """(x - mean) / sqrt(var + eps) * scale + bias, statistics in float32 (float64 for float64), cast back."""
+    """(x - mean) / sqrt(var + eps) * scale + bias, statistics in float32 (float64 for float64), returned in the
+    promotion of input, scale and bias (flax's LayerNorm: a float32 scale makes a float16 input's output float32)."""
 
     def __init__(self, dim: int, eps: float):
         self.eps = eps
@@ -32,7 +45,8 @@ class LayerNorm(nnx.Module):
         mean = y.mean(-1, keepdims=True)
         var = jnp.square(y - mean).mean(-1, keepdims=True)
         y = (y - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(wide) + self.bias[...].astype(wide)).astype(x.dtype)
+        out = jnp.result_type(x, self.scale[...], self.bias[...])
+        return (y * self.scale[...].astype(wide) + self.bias[...].astype(wide)).astype(out)
 
 
 class Dense(nnx.Module):
@@ -41,6 +55,10 @@ class Dense(nnx.Module):
     def __init__(self, kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...]):
         self.kernel = _param(*kernel_shape)
         self.bias = _param(*bias_shape)
+
+    def operands(self, dtype_mm) -> tuple[jax.Array, ...]:
+        """(kernel, bias) as big_vision's Dense computes with them (`_mm`)."""
+        return _mm(dtype_mm, self.kernel[...], self.bias[...])
 
 
 class MultiHeadDotProductAttention(nnx.Module):
@@ -52,16 +70,16 @@ class MultiHeadDotProductAttention(nnx.Module):
         self.out = Dense((n, h, d), (d,))
         self.scale = h**-0.5
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dtype_mm=None) -> jax.Array:
         b, t, d = x.shape
+        (x,), ops = _mm(dtype_mm, x), [p.operands(dtype_mm) for p in (self.query, self.key, self.value, self.out)]
         q, k, v = (
-            (x @ p.kernel[...].reshape(d, -1)).reshape(b, t, *p.bias[...].shape) + p.bias[...]
-            for p in (self.query, self.key, self.value)
+            (x @ kernel.reshape(d, -1)).reshape(b, t, *bias.shape) + bias for kernel, bias in ops[:3]
         )  # "BTD,DNH->BTNH" (free reshapes)
         s = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(self.scale, q.dtype)
         p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
         o = jnp.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
-        return o @ self.out.kernel[...].reshape(-1, d) + self.out.bias[...]  # "BTNH,NHD->BTD"
+        return o @ ops[3][0].reshape(-1, d) + ops[3][1]  # "BTNH,NHD->BTD"
 
 
 class MlpBlock(nnx.Module):
@@ -69,9 +87,10 @@ class MlpBlock(nnx.Module):
         self.Dense_0 = Dense((cfg.width, cfg.mlp_dim), (cfg.mlp_dim,))
         self.Dense_1 = Dense((cfg.mlp_dim, cfg.width), (cfg.width,))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(x @ self.Dense_0.kernel[...] + self.Dense_0.bias[...], approximate=True)  # "BTD,DF->BTF"
-        return h @ self.Dense_1.kernel[...] + self.Dense_1.bias[...]  # "BTF,FD->BTD"
+    def __call__(self, x: jax.Array, dtype_mm=None) -> jax.Array:
+        ((x,), (k0, b0), (k1, b1)) = _mm(dtype_mm, x), self.Dense_0.operands(dtype_mm), self.Dense_1.operands(dtype_mm)
+        h = jax.nn.gelu(x @ k0 + b0, approximate=True)  # "BTD,DF->BTF"
+        return h @ k1 + b1  # "BTF,FD->BTD"
 
 
 class Encoder1DBlock(nnx.Module):
@@ -83,12 +102,12 @@ class Encoder1DBlock(nnx.Module):
         self.LayerNorm_1 = LayerNorm(cfg.width, cfg.norm_eps)
         self.MlpBlock_0 = MlpBlock(cfg)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, dtype_mm=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x float[B, T, Dv] -> (residual stream after the block, {"attn": attention branch, "out": residual
         stream}: points.IMG_BLOCK_POINTS' kinds)."""
-        a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+        a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), dtype_mm)
         x = x + a
-        x = x + self.MlpBlock_0(self.LayerNorm_1(x))
+        x = x + self.MlpBlock_0(self.LayerNorm_1(x), dtype_mm)
         return x, {"attn": a, "out": x}
 
 
@@ -98,12 +117,12 @@ class Transformer(nnx.Module):
         self.encoderblock = stack(lambda: Encoder1DBlock(cfg), cfg.depth)
         self.encoder_norm = LayerNorm(cfg.width, cfg.norm_eps)
 
-    def __call__(self, x: jax.Array, capture: Collection[str], out: dict) -> jax.Array:
+    def __call__(self, x: jax.Array, capture: Collection[str], out: dict, dtype_mm=None) -> jax.Array:
         """x float[B, T, Dv] -> encoder-normed float[B, T, Dv]; captured block points into `out`."""
         kinds = [k for k, name in points.IMG_BLOCK_POINTS.items() if any(name(i) in capture for i in range(self.depth))]
 
         def body(block, x, _):
-            x, aux = block(x)
+            x, aux = block(x, dtype_mm)
             return x, {k: aux[k] for k in kinds}  # only what is captured
 
         x, ys = scan(self.encoderblock, body, x, None)
@@ -120,12 +139,13 @@ class PatchEmbedding(nnx.Module):
         self.bias = _param(cfg.width)
         self.patch = cfg.patch_size
 
-    def __call__(self, image: jax.Array) -> jax.Array:
+    def __call__(self, image: jax.Array, dtype_mm=None) -> jax.Array:
         """image float[B, H, W, 3] -> float[B, T, Dv], patches row-major (h outer, w inner)."""
+        image, kernel, bias = _mm(dtype_mm, image, self.kernel[...], self.bias[...])
         x = jax.lax.conv_general_dilated(
-            image, self.kernel[...], (self.patch, self.patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            image, kernel, (self.patch, self.patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        x = x + self.bias[...]
+        x = x + bias
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -137,15 +157,15 @@ class SigLIP(nnx.Module):
         self.pos_embedding = _param(1, cfg.num_patches, cfg.width)
         self.Transformer = Transformer(cfg)
 
-    def __call__(self, image: jax.Array, capture: Collection[str], out: dict) -> jax.Array:
-        """image float[B, H, W, 3] in [-1, 1] -> encoder-normed float[B, T, Dv]."""
-        x = self.embedding(image.astype(self.pos_embedding[...].dtype))
+    def __call__(self, image: jax.Array, capture: Collection[str], out: dict, dtype_mm=None) -> jax.Array:
+        """image float[B, H, W, 3] in [-1, 1] -> encoder-normed float[B, T, Dv] (in the residual stream's dtype)."""
+        x = self.embedding(image.astype(self.pos_embedding[...].dtype if dtype_mm is None else dtype_mm), dtype_mm)
         if points.IMG_PATCH_EMBED in capture:
             out[points.IMG_PATCH_EMBED] = x
         x = x + self.pos_embedding[...]
         if points.IMG_POS_EMBED in capture:
             out[points.IMG_POS_EMBED] = x
-        x = self.Transformer(x, capture, out)
+        x = self.Transformer(x, capture, out, dtype_mm)
         if points.IMG_FINAL_NORM in capture:
             out[points.IMG_FINAL_NORM] = x
         return x

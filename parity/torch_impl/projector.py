@@ -21,4 +21,7 @@ class Projector(nn.Module):
         self.bias = _param(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.kernel.t(), self.bias)  # "BTE,ED->BTD" with E = Dv (+ bias)
+        """In the promotion of x, kernel and bias (big_vision's `head` is a Dense without `dtype`: flax promotes, so
+        a float16 input meets a trained float32 kernel in float32; jnp's `@` and `+` do the same in jax_impl)."""
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.kernel.dtype), self.bias.dtype)
+        return F.linear(x.to(dtype), self.kernel.to(dtype).t(), self.bias.to(dtype))  # "BTE,ED->BTD" (+ bias)

@@ -37,7 +37,6 @@ def train_step(model: PaliGemma, inputs: dict[str, np.ndarray], options: TrainOp
         raise ConfigError(f"train-step: the model is {model.llm.final_norm.scale.dtype}; build it in float32")
     batch = _batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
-    training.check_implemented(options, names)
     leaves = _leaves(model, names)
     if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:
         batch["text_embedding"] = _text_embedding(model, batch["text"])
@@ -45,7 +44,7 @@ def train_step(model: PaliGemma, inputs: dict[str, np.ndarray], options: TrainOp
     with matmul_precision(model.precision), _half(model, leaves, options):
         for step in range(1, options.steps + 1):
             weight_norm = _norms(leaves)
-            (loss, example), grads = _value_and_grad(model, leaves, batch)
+            (loss, example), grads = _value_and_grad(model, leaves, batch, options.vit_matmul_dtype)
             grad_norm = _norms(grads)
             if step == 1:
                 first = _canonical(model, grads)
@@ -91,9 +90,10 @@ def _leaves(model: PaliGemma, names: list[str]) -> dict[str, list[torch.nn.Param
 @contextlib.contextmanager
 def _half(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], options: TrainOptions):
     """--frozen-dtype float16: inside, every frozen parameter holds training.half_weights' values (float16-rounded;
-    an RMSNorm scale such that 1 + scale is float16's), and under --vit-matmul-dtype float16 the ViT's (all frozen)
-    are float16 tensors, so the ViT runs in float16 (big_vision's img.dtype_mm). The original data is put back on
-    exit: frozen leaves leave bit-identical."""
+    an RMSNorm scale such that 1 + scale is float16's), and under --vit-matmul-dtype float16 the frozen ViT leaves
+    are float16 tensors, as big_vision holds them: with `_loss`'s dtype_mm the ViT's LayerNorms, adds and projector then
+    follow their dtypes (vision.py). Trained leaves stay float32. The original data is put back on exit: frozen
+    leaves leave bit-identical."""
     named, saved = dict(model.named_parameters()), {}
     try:
         for e in spec.entries(model.config) if options.frozen_dtype == "float16" else ():
@@ -119,10 +119,15 @@ def _text_embedding(model: PaliGemma, text: torch.Tensor) -> torch.Tensor:
         return Embedder.encode(table, text, model.conventions.normalizer_dtype)
 
 
-def _value_and_grad(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]], batch: dict[str, torch.Tensor]):
+def _value_and_grad(
+    model: PaliGemma,
+    leaves: dict[str, list[torch.nn.Parameter]],
+    batch: dict[str, torch.Tensor],
+    vit_matmul_dtype: str = "float32",
+):
     """((loss, per-row losses), {key: gradient of each of its parameters}): torch.autograd.grad over the trainable
     parameters only, so no `.grad` is written and nothing is held for frozen ones."""
-    loss, example = _loss(model, batch)
+    loss, example = _loss(model, batch, vit_matmul_dtype)
     flat = torch.autograd.grad(loss, [p for ps in leaves.values() for p in ps])
     grads, at = {}, 0
     for key, ps in leaves.items():
@@ -130,12 +135,15 @@ def _value_and_grad(model: PaliGemma, leaves: dict[str, list[torch.nn.Parameter]
     return (loss.detach(), example.detach()), grads
 
 
-def _loss(model: PaliGemma, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(
+    model: PaliGemma, batch: dict[str, torch.Tensor], vit_matmul_dtype: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-row losses) of the shifted batch: the text logits of a forward pass with no input mask (the final
     softcap as the convention puts it on forward logits), log-softmax over every vocabulary row. The text tokens
     are batch["text_embedding"] when given (float16-formed, `_text_embedding`)."""
     conv = model.conventions
-    image_tokens = model.embed_image(batch["image"])  # float16 under --vit-matmul-dtype float16
+    dtype_mm = torch.float16 if vit_matmul_dtype == "float16" else None  # big_vision img.dtype_mm (vision.py)
+    image_tokens = model.embed_image(batch["image"], dtype_mm=dtype_mm)
     text_tokens = batch["text_embedding"] if "text_embedding" in batch else model.embed_text(batch["text"])
     x = torch.cat([image_tokens, text_tokens], dim=1).to(batch["image"].dtype)  # big_vision: concat, then float32
     no_input_mask = torch.ones_like(batch["text"])

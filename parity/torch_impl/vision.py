@@ -4,6 +4,12 @@ Axis letters (parity.config): B batch, T image tokens, P patch size, Dv width, F
 Attribute names follow the canonical keys (`img/Transformer/encoderblock/LayerNorm_0/scale` ->
 `img.Transformer.encoderblock.{i}.LayerNorm_0.scale`, the stacked [Lv, Dv] unrolled). The projector (`img/head`) is
 projector.py.
+
+`dtype_mm` is big_vision's `img.dtype_mm` (`models/vit.py`): when given, every Dense and the patch Conv cast their
+input, kernel and bias to it (flax `promote_dtype(..., dtype=dtype_mm)`), and everything else follows the operands'
+dtypes as jnp's promotion does: the position-embedding add and the residual adds promote (a float32 position
+embedding keeps the residual stream float32), a LayerNorm computes in float32 and returns the promotion of its input,
+scale and bias (flax `_normalize`). None (every forward run) casts nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +25,16 @@ from parity.config import VisionConfig
 from parity.torch_impl.attention import _param, scan, stack
 
 
+def _mm(dtype_mm: torch.dtype | None, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of a Dense/Conv as big_vision computes with them: cast to `dtype_mm` (autograd casts a float32
+    leaf's gradient back from the float16 one, as jax's convert_element_type does); None: as they are."""
+    return ts if dtype_mm is None else tuple(t.to(dtype_mm) for t in ts)
+
+
 class LayerNorm(nn.Module):
-    """(x - mean) / sqrt(var + eps) * scale + bias (torch's layer_norm)."""
+    """(x - mean) / sqrt(var + eps) * scale + bias (torch's layer_norm). Mixed dtypes (a float16 input, float32
+    parameters: a trained leaf beside float16 frozen ones) as flax's LayerNorm: computed in float32, returned in the
+    promotion of input, scale and bias."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -29,7 +43,12 @@ class LayerNorm(nn.Module):
         self.bias = _param(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.scale, self.bias, self.eps)
+        if x.dtype == self.scale.dtype == self.bias.dtype:
+            return F.layer_norm(x, x.shape[-1:], self.scale, self.bias, self.eps)
+        out = torch.promote_types(torch.promote_types(x.dtype, self.scale.dtype), self.bias.dtype)
+        wide = torch.promote_types(out, torch.float32)
+        y = F.layer_norm(x.to(wide), x.shape[-1:], self.scale.to(wide), self.bias.to(wide), self.eps)
+        return y.to(out)
 
 
 class Dense(nn.Module):
@@ -39,6 +58,10 @@ class Dense(nn.Module):
         super().__init__()
         self.kernel = _param(*kernel_shape)
         self.bias = _param(*bias_shape)
+
+    def operands(self, dtype_mm: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        """(kernel, bias) as big_vision's Dense computes with them (`_mm`)."""
+        return _mm(dtype_mm, self.kernel, self.bias)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -51,16 +74,16 @@ class MultiHeadDotProductAttention(nn.Module):
         self.out = Dense((n, h, d), (d,))
         self.scale = h**-0.5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype_mm: torch.dtype | None = None) -> torch.Tensor:
         b, t, d = x.shape
+        (x,), ops = _mm(dtype_mm, x), [p.operands(dtype_mm) for p in (self.query, self.key, self.value, self.out)]
         q, k, v = (
-            F.linear(x, p.kernel.reshape(d, -1).t(), p.bias.reshape(-1)).view(b, t, *p.bias.shape)
-            for p in (self.query, self.key, self.value)
+            F.linear(x, kernel.reshape(d, -1).t(), bias.reshape(-1)).view(b, t, *bias.shape) for kernel, bias in ops[:3]
         )  # "BTD,DNH->BTNH" (+ bias)
         s = torch.einsum("BTNH,BSNH->BNTS", q, k) * self.scale
         p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
         o = torch.einsum("BNTS,BSNH->BTNH", p, v).reshape(b, t, -1)
-        return F.linear(o, self.out.kernel.reshape(-1, d).t(), self.out.bias)  # "BTNH,NHD->BTD" (+ bias)
+        return F.linear(o, ops[3][0].reshape(-1, d).t(), ops[3][1])  # "BTNH,NHD->BTD" (+ bias)
 
 
 class MlpBlock(nn.Module):
@@ -69,9 +92,10 @@ class MlpBlock(nn.Module):
         self.Dense_0 = Dense((cfg.width, cfg.mlp_dim), (cfg.mlp_dim,))
         self.Dense_1 = Dense((cfg.mlp_dim, cfg.width), (cfg.width,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(F.linear(x, self.Dense_0.kernel.t(), self.Dense_0.bias), approximate="tanh")  # "BTD,DF->BTF"
-        return F.linear(h, self.Dense_1.kernel.t(), self.Dense_1.bias)  # "BTF,FD->BTD"
+    def forward(self, x: torch.Tensor, dtype_mm: torch.dtype | None = None) -> torch.Tensor:
+        ((x,), (k0, b0), (k1, b1)) = _mm(dtype_mm, x), self.Dense_0.operands(dtype_mm), self.Dense_1.operands(dtype_mm)
+        h = F.gelu(F.linear(x, k0.t(), b0), approximate="tanh")  # "BTD,DF->BTF"
+        return F.linear(h, k1.t(), b1)  # "BTF,FD->BTD"
 
 
 class Encoder1DBlock(nn.Module):
@@ -84,12 +108,14 @@ class Encoder1DBlock(nn.Module):
         self.LayerNorm_1 = LayerNorm(cfg.width, cfg.norm_eps)
         self.MlpBlock_0 = MlpBlock(cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, dtype_mm: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x float[B, T, Dv] -> (residual stream after the block, {"attn": attention branch, "out": residual
         stream}: points.IMG_BLOCK_POINTS' kinds)."""
-        a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+        a = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), dtype_mm)
         x = x + a
-        x = x + self.MlpBlock_0(self.LayerNorm_1(x))
+        x = x + self.MlpBlock_0(self.LayerNorm_1(x), dtype_mm)
         return x, {"attn": a, "out": x}
 
 
@@ -100,12 +126,14 @@ class Transformer(nn.Module):
         self.encoderblock = stack(lambda: Encoder1DBlock(cfg), cfg.depth)
         self.encoder_norm = LayerNorm(cfg.width, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, capture: Collection[str], out: dict) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, capture: Collection[str], out: dict, dtype_mm: torch.dtype | None = None
+    ) -> torch.Tensor:
         """x float[B, T, Dv] -> encoder-normed float[B, T, Dv]; captured block points into `out`."""
         kinds = [k for k, name in points.IMG_BLOCK_POINTS.items() if any(name(i) in capture for i in range(self.depth))]
 
         def body(block, x, _):
-            x, aux = block(x)
+            x, aux = block(x, dtype_mm)
             return x, {k: aux[k] for k in kinds}  # only what is captured
 
         x, ys = scan(self.encoderblock, body, x, None)
@@ -123,9 +151,10 @@ class PatchEmbedding(nn.Module):
         self.bias = _param(cfg.width)
         self.patch = cfg.patch_size
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, dtype_mm: torch.dtype | None = None) -> torch.Tensor:
         """image float[B, H, W, 3] -> float[B, T, Dv], patches row-major (h outer, w inner)."""
-        x = F.conv2d(image.permute(0, 3, 1, 2), self.kernel.permute(3, 2, 0, 1), self.bias, stride=self.patch)
+        image, kernel, bias = _mm(dtype_mm, image, self.kernel, self.bias)
+        x = F.conv2d(image.permute(0, 3, 1, 2), kernel.permute(3, 2, 0, 1), bias, stride=self.patch)
         return x.flatten(2).transpose(1, 2)
 
 
@@ -138,15 +167,17 @@ class SigLIP(nn.Module):
         self.pos_embedding = _param(1, cfg.num_patches, cfg.width)
         self.Transformer = Transformer(cfg)
 
-    def forward(self, image: torch.Tensor, capture: Collection[str], out: dict) -> torch.Tensor:
-        """image float[B, H, W, 3] in [-1, 1] -> encoder-normed float[B, T, Dv]."""
-        x = self.embedding(image.to(self.pos_embedding.dtype))
+    def forward(
+        self, image: torch.Tensor, capture: Collection[str], out: dict, dtype_mm: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """image float[B, H, W, 3] in [-1, 1] -> encoder-normed float[B, T, Dv] (in the residual stream's dtype)."""
+        x = self.embedding(image.to(self.pos_embedding.dtype if dtype_mm is None else dtype_mm), dtype_mm)
         if points.IMG_PATCH_EMBED in capture:
             out[points.IMG_PATCH_EMBED] = x
         x = x + self.pos_embedding
         if points.IMG_POS_EMBED in capture:
             out[points.IMG_POS_EMBED] = x
-        x = self.Transformer(x, capture, out)
+        x = self.Transformer(x, capture, out, dtype_mm)
         if points.IMG_FINAL_NORM in capture:
             out[points.IMG_FINAL_NORM] = x
         return x
