@@ -213,7 +213,7 @@ def capture(
     default=None,
     help="Run block-streamed: the prompt one unit's weights at a time (as capture --stream), the KV cache held. "
     "Cost per token: every decode step reads every Gemma block and the whole embedding table from CKPT again, "
-    "about the checkpoint's size per token (PaliGemma 2 3B bf16: ~5.5 GB per token, at disk or page-cache "
+    "about the checkpoint's size per token (PaliGemma 2 3B bf16: ~5.2 GB per token, at disk or page-cache "
     "speed); same tokens as resident. Chosen automatically, with a line saying so, when a resident run would not "
     "fit.",
 )
