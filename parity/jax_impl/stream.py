@@ -191,7 +191,7 @@ def advance(model: api.Model, state: Decoding, rel: np.ndarray, write_index: int
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6, 7))  # the layer's k, v updated in place
 def _cached_block(graphdef, state, local, x, angles, masks, k, v, write_index):
     model = nnx.merge(graphdef, state)
     x = x.astype(model.llm.final_norm.scale[...].dtype)
