@@ -19,7 +19,8 @@ expectation of its device class (cpu / cuda / tpu) and precision profile (fp32 /
 the closest one (same device class first, then the nearest profile) and saying so. Side A of the comparison is the
 bundle. Its decoding is fed the bundle's tokens (teacher-forced: every step stays comparable, and a step where the
 implementation would pick another token is still reported), so the step logits and the caches are compared at
-every step.
+every step. The run is resident, or block-streamed (`--stream`, or when a resident one would not fit:
+parity.stream, parity.stream_generate).
 """
 
 from __future__ import annotations
