@@ -23,8 +23,8 @@ A compare runs each side in its own process, one after the other (parity.compare
 side plus the comparing process, which reads the two captures one point at a time.
 
 The block-streamed figure (issue 24 §1: 1 GB + 2 x the largest unit in the compute dtype, plus activations and
-outputs) is what a streamed run (parity.stream) needs: `check_fits` streams a capture or compare side that would
-not fit resident but fits streamed (one line says so), and refuses one that fits neither way.
+outputs) is what a streamed run (parity.stream) needs: `check_fits` streams a capture, generation, golden check or
+compare side that would not fit resident but fits streamed (one line says so), and refuses one that fits neither way.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ ENV_LIMIT = "PARITY_MEMORY_LIMIT"
 ENV_CHECK = "PARITY_MEMORY_CHECK"  # "off": skip the check
 ENV_ROOT = "PARITY_MEMORY_ROOT"  # a fake / for /proc and /sys (tests)
 STREAMED_IMPLS = ("torch", "jax")  # the implementations with a streaming hook (parity.stream.HOOKS)
-STREAMED_KINDS = ("capture", "side")  # generation (and so golden) does not stream yet
+STREAMED_KINDS = ("capture", "side", "generate", "golden")  # a training step does not stream
 
 
 class MemoryRefused(ParityError):
@@ -327,10 +327,10 @@ def check_fits(
     stream: bool | None = None,
 ) -> Estimate:
     """The run's estimate, with `stream` set when it is to run block-streamed: asked (`stream` True), or chosen
-    because it would not fit resident but fits streamed (`note`: the one line saying so). Refuse (MemoryRefused,
-    exit 2, one line: the need, what is available and from where, the way out) a run that fits neither way; called
-    before any tensor is read. $PARITY_MEMORY_CHECK=off skips the check. An accelerator's own memory is not checked
-    (the framework reports its out-of-memory errors)."""
+    (`stream` None; False: resident only) because it would not fit resident but fits streamed (`note`: the line).
+    Refuse (MemoryRefused, exit 2, one line: the need, what is available and from where, the way out) a run that
+    fits neither way; called before any tensor is read. $PARITY_MEMORY_CHECK=off skips the check. An accelerator's
+    own memory is not checked (the framework reports its out-of-memory errors)."""
     env = os.environ if env is None else env
     work = work or Work()
     rows, text_len = (int(n) for n in np.shape(inputs["text"]))
@@ -338,15 +338,16 @@ def check_fits(
     est = estimate(cfg, impl, compute, rows, text_len, work, held, device)
     streamable = impl in STREAMED_IMPLS and work.kind in STREAMED_KINDS
     if stream and not streamable:
-        why = f"implementation {impl!r}" if impl not in STREAMED_IMPLS else "generation (golden check, generate)"
+        why = f"implementation {impl!r}" if impl not in STREAMED_IMPLS else "a training step"
         raise UsageError(
-            f"--stream: {why} does not run block-streamed (streamed: capture and compare sides, torch and jax)"
+            f"--stream: {why} does not run block-streamed (streamed: capture, generate, compare sides and golden "
+            f"check, torch and jax)"
         )
     checked = env.get(ENV_CHECK, "").lower() not in ("off", "0", "no", "false")
     limit, source = available(root, env) if checked else (None, "")
     if stream:
         est = dataclasses.replace(est, peak=est.streamed, stream=True)
-    elif limit is not None and est.peak > limit and streamable and est.streamed <= limit:
+    elif stream is None and limit is not None and est.peak > limit and streamable and est.streamed <= limit:
         what = {"side": "a compare side", "train": "a training step"}.get(work.kind, work.kind)
         note = (
             f"{cfg.name}: {what} with {impl} {compute} needs {gb(est.peak)} resident but {gb(limit)} is available "
@@ -379,9 +380,7 @@ def check_fits(
         ways.append(f"block-streamed it needs {gb(est.streamed)}, more than available too")
     elif not streamable:
         ways.append(
-            f"{'a training step' if work.kind == 'train' else 'generation'} does not run block-streamed yet"
-            if impl in STREAMED_IMPLS
-            else f"{impl} does not stream"
+            "a training step does not run block-streamed" if impl in STREAMED_IMPLS else f"{impl} does not stream"
         )
     ways.append(f"{ENV_CHECK}=off runs anyway")
     what = {"side": "a compare side", "train": "a training step"}.get(work.kind, work.kind)
@@ -425,8 +424,8 @@ def table(cfg: PaliGemmaConfig, stored: float = 4, rows: int = 1, text_len: int 
         "largest_unit_parameters": largest_unit(cfg),
         "notes": [
             "resident: the weights loaded block by block into the framework's tensors (docs/memory.md)",
-            "streamed: capture and compare run block-streamed (--stream, or automatically when resident would not "
-            "fit); generate runs resident",
+            "streamed: capture, compare and generate run block-streamed (--stream, or automatically when resident "
+            "would not fit); a streamed generate re-reads the weights every token",
             "compare: the sides run one after the other, each in its own process: the larger side + the comparer",
         ],
         "table": out,

@@ -19,7 +19,8 @@ expectation of its device class (cpu / cuda / tpu) and precision profile (fp32 /
 the closest one (same device class first, then the nearest profile) and saying so. Side A of the comparison is the
 bundle. Its decoding is fed the bundle's tokens (teacher-forced: every step stays comparable, and a step where the
 implementation would pick another token is still reported), so the step logits and the caches are compared at
-every step.
+every step. The run is resident, or block-streamed (`--stream`, or when a resident one would not fit:
+parity.stream, parity.stream_generate).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from parity.config import PaliGemmaConfig
 from parity.conventions import forward_fields
 from parity.errors import CheckpointError, ConfigError, InputsError, OutputError, describe
 from parity.golden_report import render, render_record  # noqa: F401  (the terminal reports, as before)
+from parity.golden_run import run_expectation
 
 SCHEMA = "parity.golden/1"
 CHECK_SCHEMA = "parity.golden.check/1"
@@ -125,50 +127,6 @@ class Bundle:
                 f"{best.device_class}/{best.profile}"
             )
         return best, note
-
-
-# -- running one expectation ------------------------------------------------------------------------------------
-def run_expectation(
-    ckpt: str,
-    inputs: str,
-    impl: str,
-    convention,
-    out_dir: str,
-    name: str,
-    *,
-    dtype: str = "float32",
-    device: str = "cpu",
-    precision: str = "highest",
-    config: str | None = None,
-    steps: int | None = None,
-    forced_from: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[str, str | None, dict[str, Any]]:
-    """Capture every point of one run (and decode `steps` greedy tokens, fed the tokens of the generation file
-    `forced_from` when given) into NAME.capture.safetensors / NAME.generation.safetensors in out_dir.
-    Returns (capture, generation, manifest)."""
-    from parity.job import Generate, Job
-    from parity.pipeline import record_run
-
-    say = progress or (lambda msg: None)
-    say(f"loading {os.path.basename(ckpt)} ({impl})")
-    stages = {"forward": "forward pass", "decoding": f"decoding {steps} steps"}
-    seen: set[str] = set()
-
-    def stage(name: str, done, total) -> None:  # the stages of the run as status lines, each once
-        if name in stages and name not in seen:
-            seen.add(name)
-            say(stages[name])
-
-    cap = os.path.join(out_dir, f"{name}.capture.safetensors")
-    gen = os.path.join(out_dir, f"{name}.generation.safetensors") if steps else None
-    decode = None
-    if steps:
-        record = {"forced_tokens": forced_from is not None}
-        decode = Generate(steps, forced_from=forced_from, record=record, output=gen)
-    job = Job(ckpt, inputs, impl, convention, config=config, dtype=dtype, device=device, precision=precision)
-    rec = record_run(dataclasses.replace(job, capture=cap, generate=decode), stage if progress else None)
-    return cap, gen, rec.manifest
 
 
 # -- record -----------------------------------------------------------------------------------------------------
@@ -363,9 +321,11 @@ def check(
     device: str = "cpu",
     precision: str = "highest",
     progress: Callable[[str], None] | None = None,
+    stream: bool | None = None,
 ) -> GoldenCheck:
     """Run `impl` on the bundle's inputs (its recorded checkpoint, sha256-verified, unless `checkpoint` is given)
-    and compare it with the closest expectation (see the module docstring)."""
+    and compare it with the closest expectation (see the module docstring). `stream`: block-streamed (forward and
+    decoding; None: when a resident run would not fit)."""
     from parity import backend
     from parity.capture_file import file_sha256
     from parity.pipeline import conventions
@@ -417,6 +377,7 @@ def check(
             steps=decoding_steps(forced) if forced else None,
             forced_from=forced,
             progress=progress,
+            stream=stream,
         )
         if progress:
             progress("comparing")

@@ -166,12 +166,14 @@ def generate(
     precision: str = "highest",
     mesh: str | None = None,
     ignore_eos: bool = False,
+    stream: bool | None = None,
 ) -> dict[str, Any]:
     """Generated token ids per row (and text when a SentencePiece tokenizer file is given), with the manifest.
 
     greedy=False samples with temperature (default 1.0), top_k, top_p, seed; passing any of those with greedy=True
     is refused. `output`: also write tokens (int32[B, N]) and step logits (float32[B, N, V]) with the manifest to a
-    safetensors file."""
+    safetensors file. `stream`: run block-streamed (parity.stream_generate: every decode step reads the weights
+    again; None: when a resident run would not fit)."""
     t0 = time.perf_counter()
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -197,7 +199,7 @@ def generate(
         output=output,
     )
     job = Job(ckpt, inputs, impl, convention, settings, config, dtype, compute_dtype, device, precision, mesh)
-    rec = record_run(dataclasses.replace(job, generate=decode), progress, warn)
+    rec = record_run(dataclasses.replace(job, generate=decode, stream=stream), progress, warn)
     rows = []
     for b, ids in enumerate(rec.generated["tokens"].tolist()):
         n = ids.index(1) + 1 if 1 in ids and not ignore_eos else len(ids)

@@ -46,6 +46,7 @@ UNIT_KEYS = {
     pts.LLM_FINAL_NORM: ("llm/final_norm/scale",),
 }
 EMBED = "llm/embedder/input_embedding"
+HEAD_ALIGN = 64  # head chunks hold a multiple of 64 rows (head_rows)
 HOOKS = {"torch": "parity.torch_impl.stream", "jax": "parity.jax_impl.stream"}
 
 
@@ -152,6 +153,24 @@ def aligned(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def pipelined(steps: list[tuple[Callable[[], dict], Callable[[dict], None], str | None]]) -> None:
+    """Run `steps` (read, run, tick) in order, each run given its read's weights; a reader thread reads the next
+    step's weights while this one runs, so at most two units are held. After each run: monitor.tick(tick) when
+    given (progress), else monitor.check() (cancellation)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="parity-stream") as pool:
+        nxt = pool.submit(steps[0][0]) if steps else None
+        for k, (_, run, tick) in enumerate(steps):
+            w = nxt.result()
+            if k + 1 < len(steps):
+                nxt = pool.submit(steps[k + 1][0])
+            run(w)
+            del w
+            if tick:
+                monitor.tick(tick)
+            else:
+                monitor.check()
+
+
 # -- the model a streamed run holds -------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class StreamModel:
@@ -163,15 +182,22 @@ class StreamModel:
     config: PaliGemmaConfig
     chunk_rows: int
 
+    def spans(self) -> list[tuple[int, int]]:
+        """The head's chunks: [a, b) row ranges of the embedding table, `chunk_rows` each."""
+        v, n = self.config.text.vocab_size, self.chunk_rows
+        return [(a, min(a + n, v)) for a in range(0, v, n)]
+
     def close(self) -> None:
         self.source.ck.close()
 
 
 def head_rows(config: PaliGemmaConfig) -> int:
-    """Rows of the embedding table one head chunk holds: as many parameters as the largest other unit."""
+    """Rows of the embedding table one head chunk holds: about as many parameters as the largest other unit, a
+    multiple of HEAD_ALIGN rows. With a chunk of any other size the CPU's matmul (MKL's sgemm, XLA's dot) may sum a
+    logit's D axis in another order than over the whole table (measured: 1-ulp differences for a few rows)."""
     from parity import estimate
 
-    return max(1, estimate.largest_unit(config) // config.text.width)
+    return max(HEAD_ALIGN, estimate.largest_unit(config) // config.text.width // HEAD_ALIGN * HEAD_ALIGN)
 
 
 def load(ck, impl: str, conventions, compute: str, rounding, device: str, precision: str) -> StreamModel:
@@ -211,7 +237,10 @@ class Streamed:
         return {}
 
     def generate(self, m: StreamModel, *args, **kwargs) -> dict[str, Any]:
-        raise UsageError("generation does not run block-streamed yet: run it resident (without --stream)")
+        """Prefill streamed, then each decode step streams the weights again (parity.stream_generate)."""
+        from parity import stream_generate
+
+        return stream_generate.generate(self, m, *args, **kwargs)
 
     # -- one unit each (teacher-forced compares call these on the reference's inputs) ------------------------------
     def vit_block(self, m: StreamModel, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -235,18 +264,9 @@ class Streamed:
 
     def _head(self, m: StreamModel, x: np.ndarray, text) -> np.ndarray:
         """The tied head in row chunks of the embedding table (the next chunk read while this one computes)."""
-        v, n = m.config.text.vocab_size, m.chunk_rows
-        spans = [(a, min(a + n, v)) for a in range(0, v, n)]
-        chunks = [None] * len(spans)
-        with ThreadPoolExecutor(1, thread_name_prefix="parity-stream") as pool:
-            nxt = pool.submit(m.source.rows, *spans[0])
-            for k in range(len(spans)):
-                w = nxt.result()
-                if k + 1 < len(spans):
-                    nxt = pool.submit(m.source.rows, *spans[k + 1])
-                chunks[k] = m.hook.unit(m.model, w, pts.LOGITS, x, text)
-                del w
-                monitor.check()
+        chunks: list[np.ndarray] = []
+        run = lambda w: chunks.append(m.hook.unit(m.model, w, pts.LOGITS, x, text))
+        pipelined([(lambda a=a, b=b: m.source.rows(a, b), run, None) for a, b in m.spans()])
         return np.concatenate(chunks, axis=-1)
 
     # -- a whole forward pass, unit by unit ------------------------------------------------------------------------
@@ -313,19 +333,8 @@ class Streamed:
         steps.append(
             (p, lambda: src.read(UNIT_KEYS[p]), lambda w: keep({p: h.unit(m.model, w, p, state["x"], text)}, p))
         )
-        steps = [s for s in steps if order.index(s[0]) <= last]
-        with ThreadPoolExecutor(1, thread_name_prefix="parity-stream") as pool:
-            nxt = pool.submit(steps[0][1]) if steps else None
-            for k, (name, _, run) in enumerate(steps):
-                w = nxt.result()
-                if k + 1 < len(steps):
-                    nxt = pool.submit(steps[k + 1][1])
-                run(w)
-                del w
-                if "/block" in name or "/layer" in name:
-                    monitor.tick("block")
-                else:
-                    monitor.check()
+        blocks = lambda name: "block" if "/block" in name or "/layer" in name else None
+        pipelined([(read, run, blocks(name)) for name, read, run in steps if order.index(name) <= last])
         if pts.LOGITS in wanted:
             out[pts.LOGITS] = self._head(m, state["x"], text)
             # Every tensor has been read front to back (a stacked key layer by layer, the table chunk by chunk), so
@@ -343,8 +352,6 @@ def open_streamed(
 
     if job.mesh:
         raise UsageError("--stream runs on one device: drop --mesh (or run resident)")
-    if job.generate is not None:
-        raise UsageError("generation does not run block-streamed yet: run it resident (without --stream)")
     if note and warn is not None:
         warn(note)
     ck = open_checkpoint(path, cfg)

@@ -157,9 +157,11 @@ def _inputs(rows, text_len):
 def test_way_out_names_bfloat16_and_fewer_rows(tmp_path):
     cfg = VARIANTS["paligemma2-3b-224"]
     env = {E.ENV_LIMIT: "12G"}
-    gen = E.Work("generate", new_tokens=1)  # generation runs resident only: a refusal, not a streamed run
+    gen = E.Work("generate", new_tokens=1)  # resident only (stream=False): a refusal, not a streamed run
     with pytest.raises(E.MemoryRefused) as info:  # float32 needs ~15 GB; bfloat16 ~8 GB fits
-        E.check_fits(cfg, _inputs(1, 64), "torch", "float32", "float32", 2, gen, root=str(tmp_path), env=env)
+        E.check_fits(
+            cfg, _inputs(1, 64), "torch", "float32", "float32", 2, gen, root=str(tmp_path), env=env, stream=False
+        )
     msg = str(info.value)
     assert "--dtype bfloat16 needs" in msg and "(fits" in msg and "fewer rows" not in msg
     assert "available (PARITY_MEMORY_LIMIT=12G)" in msg
@@ -167,7 +169,9 @@ def test_way_out_names_bfloat16_and_fewer_rows(tmp_path):
     fits = next(r for r in range(64, 0, -1) if E.estimate(cfg, "torch", "bfloat16", r, 1024, gen, 2).peak <= 12 * GIB)
     assert big.peak > 12 * GIB and 1 <= fits < 64
     with pytest.raises(E.MemoryRefused, match=f"fewer rows in the inputs \\({fits} of 64 would fit\\)"):
-        E.check_fits(cfg, _inputs(64, 1024), "torch", "bfloat16", "bfloat16", 2, gen, root=str(tmp_path), env=env)
+        E.check_fits(
+            cfg, _inputs(64, 1024), "torch", "bfloat16", "bfloat16", 2, gen, root=str(tmp_path), env=env, stream=False
+        )
     # a capture that would not fit resident streams instead, saying so in one line
     streamed = E.check_fits(cfg, _inputs(1, 64), "torch", "float32", "float32", 2, root=str(tmp_path), env=env)
     assert streamed.stream and "running block-streamed instead" in streamed.note and "\n" not in streamed.note

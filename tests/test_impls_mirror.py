@@ -46,11 +46,13 @@ def test_model_files_define_the_same_things_in_the_same_order(module):
 
 
 def test_stream_hooks_define_the_same_things_in_the_same_order():
-    """The block-streamed run's hooks (parity/stream.py drives both): the same public functions in the same order
-    (jax adds its jitted bodies, `_patch`, `_llm_block`, `_unit`)."""
+    """The block-streamed run's hooks (parity/stream.py and parity/stream_generate.py drive both): the same public
+    functions in the same order (jax adds its jitted bodies, `_patch`, `_llm_block`, `_unit`, `_cached_block`, ...)."""
     torch_defs = [d for d in _definitions(ROOT / "parity/torch_impl/stream.py") if not d.startswith("_")]
     jax_defs = [d for d in _definitions(ROOT / "parity/jax_impl/stream.py") if not d.startswith("_")]
-    assert torch_defs == jax_defs == ["skeleton", "manifest", "patch", "vit_block", "llm_block", "unit"]
+    forward = ["skeleton", "manifest", "patch", "vit_block", "llm_block", "unit"]
+    generation = ["Decoding", "decoding", "advance", "cached_block", "embed", "head", "sampler", "caches"]
+    assert torch_defs == jax_defs == forward + generation
 
 
 def test_generation_steps_are_the_same_functions():

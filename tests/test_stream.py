@@ -1,6 +1,7 @@
 """Block-streamed runs (parity/stream.py, issue 24 §1): the same points as the resident run of the same file in the
 same dtype, for every format and both implementations; the automatic choice under a small memory limit; a file
-changed or truncated mid-run refused in one line (exit 2), nothing written."""
+changed or truncated mid-run refused in one line (exit 2), nothing written. Streamed generation:
+tests/test_stream_generate.py."""
 
 import os
 import shutil
@@ -170,8 +171,14 @@ def test_truncated_file_fails_in_one_line(files, tmp_path):
     assert not out.exists()
 
 
-def test_generation_is_not_streamed_and_says_so(files, tmp_path):
-    job = Job(files["npz"], INPUTS, "torch", stream=True, generate={"steps": 2})
-    with pytest.raises(ParityError, match="generation") as info:
-        pipeline.record_run(job)
+def test_a_training_step_is_not_streamed_and_says_so(files):
+    """Generation streams now (tests/test_stream_generate.py); a training step does not: --stream is refused in one
+    line, exit 2, before anything is read."""
+    from parity.config import TINY_VARIANTS
+
+    cfg, work = TINY_VARIANTS["tiny-pg2-gqa"], estimate.Work("train", trainable=10)
+    with pytest.raises(ParityError, match="a training step does not run block-streamed") as info:
+        estimate.check_fits(
+            cfg, {"text": np.zeros((1, 4), np.int32)}, "torch", "float32", "float32", 4, work, stream=True
+        )
     assert info.value.exit_code == 2 and "\n" not in str(info.value)

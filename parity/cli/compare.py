@@ -85,7 +85,8 @@ from parity.training import FROZEN_DTYPES, VIT_MATMUL_DTYPES
     "--stream",
     is_flag=True,
     help="Run the implementation sides block-streamed (one unit's weights at a time; see parity capture "
-    "--stream). Chosen per side automatically when a resident side would not fit.",
+    "--stream). With --generate every decode step reads the weights again (~the checkpoint's size per token; "
+    "see parity generate --stream). Chosen per side automatically when a resident side would not fit.",
 )
 @click.option(
     "--truth",
@@ -155,10 +156,6 @@ def compare_cmd(
     from parity.compare.html import write_html
     from parity.compare.report import render
 
-    if generate_steps is not None and stream:
-        from parity.errors import UsageError
-
-        raise UsageError("--stream: generation does not run block-streamed yet; drop --stream with --generate")
     if generate_steps is not None:
         _compare_generation(
             ckpt,
@@ -179,6 +176,7 @@ def compare_cmd(
             tokenizer,
             stop_at_eos,
             layer_by_layer or points or save or rejudge or truth,
+            stream,
         )
     train = _train_options(train_step, trainable, steps, lr, frozen_dtype, vit_matmul_dtype, generate_steps, truth)
     if train is not None or (rejudge and _saved_train_step(rejudge)):
@@ -239,6 +237,7 @@ def _compare_generation(
     tokenizer,
     stop_at_eos,
     contradicting,
+    stream=None,
 ):
     from parity.compare import generation
     from parity.errors import UsageError
@@ -265,6 +264,7 @@ def _compare_generation(
             tokenizer=tokenizer,
             allow_convention_mismatch=allow_convention_mismatch,
             progress=say,
+            stream=stream or None,
         )
     if html_path:
         generation.write_html(c, html_path)
@@ -361,8 +361,14 @@ def golden_record_cmd(
 @click.option("--dtype", default="float32", type=click.Choice(DTYPES), show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="highest", type=click.Choice(PRECISIONS), show_default=True)
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Run block-streamed (see parity capture --stream; the bundle's decoding re-reads the weights every step, "
+    "~the checkpoint's size per token). Chosen automatically when a resident run would not fit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema parity.golden.check/1).")
-def golden_check_cmd(bundle, impl, checkpoint, profile, policy, dtype, device, precision, as_json):
+def golden_check_cmd(bundle, impl, checkpoint, profile, policy, dtype, device, precision, stream, as_json):
     """Run an implementation on a bundle's inputs and compare: exit 0 when it matches, 1 if not, 2 bad input."""
     from parity import golden
 
@@ -380,6 +386,7 @@ def golden_check_cmd(bundle, impl, checkpoint, profile, policy, dtype, device, p
             device=device,
             precision=precision,
             progress=say,
+            stream=stream or None,
         )
     _emit(r.to_dict(), as_json, lambda _: golden.render(r))
     sys.exit(r.exit_code)

@@ -207,6 +207,16 @@ def capture(
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--ignore-eos", is_flag=True, help="Decode exactly --max-new-tokens per row, through <eos>.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    default=None,
+    help="Run block-streamed: the prompt one unit's weights at a time (as capture --stream), the KV cache held. "
+    "Cost per token: every decode step reads every Gemma block and the whole embedding table from CKPT again, "
+    "about the checkpoint's size per token (PaliGemma 2 3B bf16: ~5.2 GB per token, at disk or page-cache "
+    "speed); same tokens as resident. Chosen automatically, with a line saying so, when a resident run would not "
+    "fit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (rows and manifest).")
 def generate(
     ckpt,
@@ -230,6 +240,7 @@ def generate(
     output,
     overwrite,
     ignore_eos,
+    stream,
     as_json,
 ):
     """Generate up to --max-new-tokens per row (prefill, then KV-cache decoding); stops at <eos>."""
@@ -265,6 +276,7 @@ def generate(
             precision=precision,
             mesh=mesh,
             ignore_eos=ignore_eos,
+            stream=stream or None,
         )
     r["manifest"]["warnings"] = warnings
 
@@ -272,9 +284,10 @@ def generate(
         for row in r["rows"]:
             click.echo(f"row {row['row']}: {row['tokens']}" + (f"  {row['text']!r}" if "text" in row else ""))
         m = r["manifest"]
+        streamed = ", block-streamed" if m.get("execution") == "streamed" else ""
         click.echo(
             f"({m['impl']}, {m['dtype']}, {m['device']}, {_conventions_line(convention, settings)}; "
-            f"load {m['load_seconds']} s, generate {m['run_seconds']} s)"
+            f"load {m['load_seconds']} s, generate {m['run_seconds']} s{streamed})"
         )
         if "output" in m:
             click.echo(f"wrote {m['output']}")

@@ -86,8 +86,10 @@ def compare_generation(
     tokenizer: str | None = None,
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
+    stream: bool | None = None,
 ) -> GenerationComparison:
-    """Decode `steps` tokens greedily on both sides (run sides, or generation files) and compare them."""
+    """Decode `steps` tokens greedily on both sides (run sides, or generation files) and compare them. `stream`:
+    the run sides block-streamed (Job.stream; None: each side when it would not fit resident)."""
     if steps < 1:
         raise ConfigError(f"--generate must be >= 1, got {steps}")
     side_a, side_b = resolve_sides(a, b, ckpt, against, impl)
@@ -107,7 +109,7 @@ def compare_generation(
         def side_job(side: Side, a_path: str | None) -> Job:
             out = os.path.join(tmp, f"{side.label}.generation.safetensors")
             forced = a_path if teacher_forced else None
-            return generation_job(side, inputs, out, convention, config, steps, ignore_eos, forced)
+            return generation_job(side, inputs, out, convention, config, steps, ignore_eos, forced, stream)
 
         paths = run_sides(
             side_a, side_b, side_job, lambda j: run_side(j, isolate), lambda msg: say(f"{msg}, {steps} greedy steps")

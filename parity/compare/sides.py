@@ -135,12 +135,13 @@ def generation_job(
     steps: int,
     ignore_eos: bool = True,
     forced_from: str | None = None,
+    stream: bool | None = None,
 ) -> Job:
     """The job of a run side decoding `steps` greedy tokens into the generation file `output` (fed the tokens of
-    the generation file `forced_from` when given)."""
+    the generation file `forced_from` when given); `stream`: block-streamed (Job.stream)."""
     record = {"forced_tokens_from": forced_from}
     decode = Generate(steps, ignore_eos=ignore_eos, forced_from=forced_from, record=record, output=output)
-    return _job(side, inputs, convention, config, generate=decode)
+    return _job(side, inputs, convention, config, generate=decode, stream=stream)
 
 
 def run_job(j: Job) -> dict[str, Any]:

@@ -10,10 +10,11 @@ resident model's forward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.jax_impl import api
 from parity.jax_impl.decoder import block_mask
+from parity.jax_impl.generate import _INDEX, _cache_masks, sample
 from parity.jax_impl.load import NP_DTYPES, place, to_device
 from parity.jax_impl.model import PaliGemma
 from parity.stream import aligned
@@ -158,3 +160,141 @@ def unit(model: api.Model, weights: dict[str, np.ndarray], point: str, x: np.nda
     of the tokens present and `text` indexes them, for LOGITS a chunk of rows (the logits of those rows)."""
     with _placed(model, weights) as unit, api.matmul_precision(model.precision):
         return np.asarray(jax.device_get(_unit(*unit, point, _input(model, x), _ints(model, text))))
+
+
+# -- generation (parity/stream_generate.py drives these): the KV cache held resident, every block streamed ------------
+@dataclasses.dataclass
+class Decoding:
+    """A streamed generation's state: the cache (each layer's k, v [1, B, S, K, H], a stack of one layer as its
+    block sees it; the slots' valid and pos as generate.KVCache's), and the positions, masks and write slot of the
+    pass about to run (the prompt's, then each decode step's)."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+    valid: np.ndarray  # bool[B, S]
+    pos: np.ndarray  # int32[B, S]
+    angles: tuple[jax.Array, jax.Array]  # RoPE (cos, sin), computed once per pass as the resident decoder does
+    masks: dict
+    write_index: jax.Array
+    seq_len: np.ndarray  # int[B]: real prompt tokens per row
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prompt(graphdef, state, mask_ar, mask_input, size: int):
+    model = nnx.merge(graphdef, state)
+    input_mask, _, positions, masks = model.full_masks(mask_ar, mask_input)
+    pad = lambda m: None if m is None else jnp.pad(m, ((0, 0), (0, 0), (0, size - m.shape[2])))
+    angles = model.llm.angles(positions, model.llm.final_norm.scale[...].dtype)
+    return input_mask, positions, {name: pad(m) for name, m in masks.items()}, angles
+
+
+def decoding(model: api.Model, inputs, size: int) -> Decoding:
+    """A zeroed cache of `size` slots with the prompt's slots 0..P-1 marked, and the prompt's positions and masks
+    padded to the cache (generate.prefill's first lines)."""
+    mask_ar = _ints(model, inputs["mask_ar"])
+    mask_input = inputs.get("mask_input")
+    mask_input = _ints(model, np.ones_like(inputs["mask_ar"]) if mask_input is None else mask_input)
+    with _placed(model, {}) as unit:
+        input_mask, positions, masks, angles = _prompt(*unit, mask_ar, mask_input, size)
+    t = model.config.text
+    b, p = input_mask.shape
+    shape = (1, b, size, t.num_kv_heads, t.head_dim)
+    zeros = lambda: jnp.zeros(shape, api.DTYPES[model.dtype], device=model.stream_where)
+    valid, pos = np.zeros((b, size), bool), np.zeros((b, size), np.int32)
+    valid[:, :p] = np.asarray(input_mask).astype(bool)
+    pos[:, :p] = np.asarray(positions) - model.module.conventions.position_origin
+    k, v = [zeros() for _ in range(t.depth)], [zeros() for _ in range(t.depth)]
+    seq_len = np.asarray(input_mask).sum(-1).astype(np.int32)
+    return Decoding(k, v, valid, pos, angles, masks, jnp.asarray(0, _INDEX), seq_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _step_masks(graphdef, state, valid, rel, pos):
+    model = nnx.merge(graphdef, state)
+    angles = model.llm.angles(rel + model.conventions.position_origin, model.llm.final_norm.scale[...].dtype)
+    return _cache_masks(model, valid[:, None, :], rel, pos, None), angles
+
+
+def advance(model: api.Model, state: Decoding, rel: np.ndarray, write_index: int) -> None:
+    """Make `state` the decode step writing slot `write_index` with one token per row at positions `rel` int[B]
+    (no origin): generate.decode_step's first lines."""
+    rel = np.asarray(rel, np.int32)[:, None]
+    state.valid[:, write_index], state.pos[:, write_index] = True, rel[:, 0]
+    state.write_index = jnp.asarray(write_index, _INDEX)
+    with _placed(model, {}) as unit:
+        state.masks, state.angles = _step_masks(*unit, model.put(state.valid), model.put(rel), model.put(state.pos))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6, 7))  # the layer's k, v updated in place
+def _cached_block(graphdef, state, local, x, angles, masks, k, v, write_index):
+    model = nnx.merge(graphdef, state)
+    x = x.astype(model.llm.final_norm.scale[...].dtype)
+    x, _, cache = api._layer(model.llm.layers, 0)(
+        x,
+        angles,
+        block_mask(masks, local),
+        attn_softcap=model.attn_softcap,
+        cache=(k, v, 0),
+        write_index=write_index,
+    )
+    return api._out(x), cache[0], cache[1]
+
+
+def cached_block(
+    model: api.Model, weights: dict[str, np.ndarray], i: int, x: np.ndarray, state: Decoding
+) -> np.ndarray:
+    """Gemma block i on x (the prompt, or one token per row) against the cache, its k, v written at the state's
+    slots: the block's output."""
+    local = jnp.asarray(model.config.text.is_local_layer(i))
+    with _placed(model, weights) as unit, api.matmul_precision(model.precision):
+        out, state.k[i], state.v[i] = _cached_block(
+            *unit, local, _input(model, x), state.angles, state.masks, state.k[i], state.v[i], state.write_index
+        )
+        return np.asarray(jax.device_get(out))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _embed(graphdef, state, local):
+    return api._out(nnx.merge(graphdef, state).embed_text(local))
+
+
+def embed(model: api.Model, weights: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
+    """The text embedding (scaled by sqrt(D)) of tokens `local` int[B, T], indexes into the rows `weights` holds."""
+    with _placed(model, weights) as unit:
+        return np.asarray(jax.device_get(_embed(*unit, _ints(model, local))))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _head(graphdef, state, x, capped: bool):
+    model = nnx.merge(graphdef, state)
+    return api._out(model.llm.logits(x.astype(model.llm.final_norm.scale[...].dtype), capped=capped))
+
+
+def head(model: api.Model, weights: dict[str, np.ndarray], x: np.ndarray, decode: bool) -> np.ndarray:
+    """The logits of a chunk of the embedding table's rows on final-normed x, capped as generation caps them: the
+    prompt's last token as the forward does ("always"), a decode step's unless "never"."""
+    rule = model.module.conventions.final_softcap
+    with _placed(model, weights) as unit, api.matmul_precision(model.precision):
+        out = _head(*unit, _input(model, x), rule != "never" if decode else rule == "always")
+        return np.asarray(jax.device_get(out))
+
+
+def sampler(model: api.Model, seed: int, greedy: bool, temperature: float, top_k, top_p) -> Callable:
+    """logits float[B, V] (numpy) -> int[B]: generate.sample with the keys the resident decode loop splits off."""
+    box = {"key": jax.random.key(seed)}
+    pick = jax.jit(sample, static_argnums=(2, 4, 5))
+
+    def draw(logits: np.ndarray) -> np.ndarray:
+        box["key"], sub = jax.random.split(box["key"])
+        return np.asarray(pick(model.put(logits), sub, greedy, jnp.float32(temperature), top_k, top_p))
+
+    return draw
+
+
+def caches(model: api.Model, state: Decoding) -> dict[str, np.ndarray]:
+    """The cache points llm/layerNN/{k,v}_cache float32[B, S, K, H] (float64 for a float64 model)."""
+    out = {}
+    for i in range(model.config.text.depth):
+        out[pts.llm_k_cache(i)] = np.asarray(jax.device_get(api._out(state.k[i][0])))
+        out[pts.llm_v_cache(i)] = np.asarray(jax.device_get(api._out(state.v[i][0])))
+    return out

@@ -9,7 +9,8 @@ resident model's forward, so a streamed point equals the resident one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from parity.conventions import Conventions
 from parity.errors import ConfigError
 from parity.torch_impl import api
 from parity.torch_impl.decoder import block_mask
+from parity.torch_impl.generate import KVCache, _cache_masks, sample
 from parity.torch_impl.load import to_torch, torch_names
 from parity.torch_impl.model import PaliGemma
 
@@ -110,3 +112,106 @@ def unit(model: PaliGemma, weights: dict[str, np.ndarray], point: str, x: np.nda
     of the tokens present and `text` indexes them, for LOGITS a chunk of rows (the logits of those rows)."""
     with _placed(model, weights), api.matmul_precision(model.precision):
         return api._numpy(model.unit(point, _input(model, x), _ints(model, text)))
+
+
+# -- generation (parity/stream_generate.py drives these): the KV cache held resident, every block streamed ------------
+@dataclasses.dataclass
+class Decoding:
+    """A streamed generation's state: the cache ([L, B, S, K, H], as generate.KVCache), and the positions, masks
+    and write slots of the pass about to run (the prompt's, then each decode step's)."""
+
+    cache: KVCache
+    positions: torch.Tensor
+    masks: dict
+    write_index: torch.Tensor
+    seq_len: np.ndarray  # int[B]: real prompt tokens per row
+
+
+@torch.inference_mode()
+def decoding(model: PaliGemma, inputs, size: int) -> Decoding:
+    """A zeroed cache of `size` slots with the prompt's slots 0..P-1 marked, and the prompt's positions and masks
+    padded to the cache (generate.prefill's first lines)."""
+    mask_ar, mask_input = _ints(model, inputs["mask_ar"]), inputs.get("mask_input")
+    mask_input = torch.ones_like(mask_ar) if mask_input is None else _ints(model, mask_input)
+    t = model.config.text
+    b = mask_ar.shape[0]
+    shape = (t.depth, b, size, t.num_kv_heads, t.head_dim)
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=model.stream_device)
+    kv, slots = (zeros(shape, model.stream_dtype) for _ in "kv"), shape[1:3]
+    cache = KVCache(*kv, zeros(slots, torch.bool), zeros(slots, torch.long))
+    input_mask, _, positions, masks = model.full_masks(mask_ar, mask_input)
+    p = input_mask.shape[1]
+    cache.valid[:, :p] = input_mask.bool()
+    cache.pos[:, :p] = positions - model.conventions.position_origin
+    pad = lambda m: None if m is None else torch.cat([m, m.new_zeros(b, p, size - p)], dim=2)
+    masks = {name: pad(m) for name, m in masks.items()}
+    seq_len = input_mask.long().sum(-1).cpu().numpy()
+    return Decoding(cache, positions, masks, torch.arange(p, device=model.stream_device), seq_len)
+
+
+@torch.inference_mode()
+def advance(model: PaliGemma, state: Decoding, rel: np.ndarray, write_index: int) -> None:
+    """Make `state` the decode step writing slot `write_index` with one token per row at positions `rel` int[B]
+    (no origin): generate.decode_step's first lines."""
+    cache, rel_t = state.cache, _ints(model, np.asarray(rel)[:, None])
+    state.write_index = torch.tensor([write_index], device=model.stream_device)
+    cache.valid.index_fill_(1, state.write_index, True)
+    cache.pos.index_copy_(1, state.write_index, rel_t)
+    state.masks = _cache_masks(model, cache.valid[:, None, :], rel_t, cache.pos, None)
+    state.positions = rel_t + model.conventions.position_origin
+
+
+@torch.inference_mode()
+def cached_block(
+    model: PaliGemma, weights: dict[str, np.ndarray], i: int, x: np.ndarray, state: Decoding
+) -> np.ndarray:
+    """Gemma block i on x (the prompt, or one token per row) against the cache, its k, v written at the state's
+    slots: the block's output."""
+    with _placed(model, weights, i), api.matmul_precision(model.precision):
+        h = _input(model, x)
+        mask = block_mask(state.masks, model.llm.local_layers()[i])
+        cache = (state.cache.k, state.cache.v, i)
+        h, _, _ = model.llm.layers[i](
+            h,
+            model.llm.angles(state.positions, h.dtype),
+            mask,
+            attn_softcap=model.attn_softcap,
+            cache=cache,
+            write_index=state.write_index,
+        )
+    return api._numpy(h)
+
+
+@torch.inference_mode()
+def embed(model: PaliGemma, weights: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
+    """The text embedding (scaled by sqrt(D)) of tokens `local` int[B, T], indexes into the rows `weights` holds."""
+    with _placed(model, weights):
+        return api._numpy(model.embed_text(_ints(model, local)))
+
+
+@torch.inference_mode()
+def head(model: PaliGemma, weights: dict[str, np.ndarray], x: np.ndarray, decode: bool) -> np.ndarray:
+    """The logits of a chunk of the embedding table's rows on final-normed x, capped as generation caps them: the
+    prompt's last token as the forward does ("always"), a decode step's unless "never"."""
+    rule = model.conventions.final_softcap
+    with _placed(model, weights), api.matmul_precision(model.precision):
+        return api._numpy(model.llm.logits(_input(model, x), capped=rule != "never" if decode else rule == "always"))
+
+
+def sampler(model: PaliGemma, seed: int, greedy: bool, temperature: float, top_k, top_p) -> Callable:
+    """logits float[B, V] (numpy) -> int[B]: generate.sample with the generator the resident decode seeds."""
+    gen = torch.Generator(device=model.stream_device).manual_seed(seed)
+
+    def pick(logits: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(logits, device=model.stream_device)
+        return sample(t, greedy, temperature, top_k, top_p, gen).cpu().numpy()
+
+    return pick
+
+
+def caches(model: PaliGemma, state: Decoding) -> dict[str, np.ndarray]:
+    """The cache points llm/layerNN/{k,v}_cache float32[B, S, K, H] (float64 for a float64 model)."""
+    out = {}
+    for i in range(model.config.text.depth):
+        out[pts.llm_k_cache(i)], out[pts.llm_v_cache(i)] = api._numpy(state.cache.k[i]), api._numpy(state.cache.v[i])
+    return out
