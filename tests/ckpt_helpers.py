@@ -28,3 +28,17 @@ def tiny_npz(tmp_path):
         return path, write_npz(path, cfg, DTYPES[dtype], seed, prefix)
 
     return make
+
+
+def every_format(d, golden_ckpt: str) -> dict[str, str]:
+    """tiny-pg2-gqa in every format a streamed run reads, under directory `d`: float32 npz (no prefix, seed 3), the
+    shipped bf16 npz `golden_ckpt` (|V2, with the params/ prefix), safetensors (of the float32 npz), orbax (of the
+    bf16 one)."""
+    from converters.convert import convert
+
+    f32 = os.path.join(d, "tiny.f32.npz")
+    write_npz(f32, TINY_VARIANTS["tiny-pg2-gqa"], np.float32, seed=3, prefix=False)
+    st, ob = os.path.join(d, "tiny.safetensors"), os.path.join(d, "tiny.orbax")
+    convert(f32, st, "safetensors")
+    convert(golden_ckpt, ob, "orbax")
+    return {"npz": f32, "bf16 npz": golden_ckpt, "safetensors": st, "orbax": ob}

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converters.convert import convert
 from parity import estimate, monitor, pipeline, run
 from parity import points as pts
 from parity.cli import main
 from parity.errors import CheckpointError, ParityError
 from parity.job import Job
-from tests.ckpt_helpers import write_npz
+from tests.ckpt_helpers import every_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_CKPT = os.path.join(ROOT, "golden", "tiny-pg2-gqa.b16.npz")  # bf16 stored as |V2, with the params/ prefix
@@ -26,15 +25,7 @@ INPUTS = os.path.join(ROOT, "golden", "tiny-inputs.npz")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The tiny checkpoint in every format: float32 npz (no prefix), bf16 npz, safetensors, orbax."""
-    from parity.config import TINY_VARIANTS
-
-    d = tmp_path_factory.mktemp("stream")
-    f32 = str(d / "tiny.f32.npz")
-    write_npz(f32, TINY_VARIANTS["tiny-pg2-gqa"], np.float32, seed=3, prefix=False)
-    st, ob = str(d / "tiny.safetensors"), str(d / "tiny.orbax")
-    convert(f32, st, "safetensors")
-    convert(GOLDEN_CKPT, ob, "orbax")
-    return {"npz": f32, "bf16 npz": GOLDEN_CKPT, "safetensors": st, "orbax": ob}
+    return every_format(tmp_path_factory.mktemp("stream"), GOLDEN_CKPT)
 
 
 def _points(job: Job) -> dict[str, np.ndarray]:

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converters.convert import convert
 from parity import estimate, golden, pipeline, run
 from parity import points as pts
 from parity.cli import main
 from parity.job import Job
-from tests.ckpt_helpers import write_npz
+from tests.ckpt_helpers import every_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "golden")
@@ -29,15 +28,7 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The tiny checkpoint in every format: float32 npz (no prefix), bf16 npz, safetensors, orbax."""
-    from parity.config import TINY_VARIANTS
-
-    d = tmp_path_factory.mktemp("stream-generate")
-    f32 = str(d / "tiny.f32.npz")
-    write_npz(f32, TINY_VARIANTS["tiny-pg2-gqa"], np.float32, seed=3, prefix=False)
-    st, ob = str(d / "tiny.safetensors"), str(d / "tiny.orbax")
-    convert(f32, st, "safetensors")
-    convert(GOLDEN_CKPT, ob, "orbax")
-    return {"npz": f32, "bf16 npz": GOLDEN_CKPT, "safetensors": st, "orbax": ob}
+    return every_format(tmp_path_factory.mktemp("stream-generate"), GOLDEN_CKPT)
 
 
 def _generate(ckpt: str, impl: str, stream, dtype: str = "float32", **kw) -> dict:
