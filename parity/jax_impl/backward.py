@@ -36,6 +36,8 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     graphdef, leaves, frozen = train._leaves(model, names)
+    frozen = train._half(frozen, options)
+    _text_half(model, batch, names, options)
     probes = _probes(model, batch)
     with matmul_precision(model.precision):
         out, (grads, probe_grads) = _points(graphdef, leaves, frozen, batch, probes)
@@ -60,6 +62,8 @@ def unit_vjps(
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     graphdef, leaves, frozen = train._leaves(model, names)
+    frozen = train._half(frozen, options)
+    _text_half(model, batch, names, options)
     units = pts.train_units(model.config)
     xs = {u: model.put(_input(model, given[x])) for u, x, _, _ in units if x is not None}
     ups = {u: model.put(_input(model, given[g])) for u, _, _, g in units if g is not None}
@@ -78,11 +82,21 @@ def unit_vjps(
 
 
 def _check(model, options: TrainOptions) -> None:
-    """The options this point-by-point step runs: float32 (or float64) parameters and activations."""
+    """The options this point-by-point step runs: float32 (or float64) activations, the frozen leaves float32 or
+    rounded as train.py's `--frozen-dtype float16` rounds them (train._half, train._text_embedding)."""
     options.check()
-    for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
-        if value != "float32":
-            raise ConfigError(f"compare --train-step {flag} {value}: the point-by-point step runs float32 only")
+    if options.vit_matmul_dtype != "float32":
+        raise ConfigError(
+            f"compare --train-step --vit-matmul-dtype {options.vit_matmul_dtype}: the point-by-point step runs float32 "
+            "ViT activations only (--frozen-dtype float16 runs)"
+        )
+
+
+def _text_half(model, batch: dict[str, jax.Array], names: list[str], options: TrainOptions) -> None:
+    """--frozen-dtype float16 with the embedding frozen: batch["text_embedding"], the text tokens formed in float16
+    as train.py forms them (train._text_embedding); the LLM input unit then joins them (`_unit`)."""
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in names:
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
 
 
 def _context(model, batch: dict[str, jax.Array]) -> dict[str, Any]:
@@ -127,6 +141,9 @@ def _unit(model, unit: str, x, ctx: dict[str, Any]):
         w = ctx["weights"].astype(nll.dtype)
         loss, example = training.normalize((nll * w).sum(1), w.sum(1), model.conventions.loss_normalization)
         return loss, {pts.LOGITS: logits, pts.TRAIN_LOSS: loss, pts.TRAIN_EXAMPLE_LOSS: example}
+    if unit == pts.LLM_INPUT and "text_embedding" in ctx:  # train._loss: [image ; float16 text], then float32
+        y = jnp.concatenate([x, ctx["text_embedding"]], axis=1).astype(ctx["image"].dtype)
+        return y, {unit: y}
     y = model.unit(unit, x, ctx["text"])
     return y, {unit: y}
 

@@ -32,9 +32,10 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
+    _text_half(model, batch, leaves, options)
     out: dict[str, Any] = {}
     probes: dict[str, torch.Tensor] = {}
-    with matmul_precision(model.precision):
+    with matmul_precision(model.precision), train._half(model, leaves, options):
         ctx = _context(model, batch)
         x = None
         for unit, _, grad_in, _ in pts.train_units(model.config):
@@ -70,8 +71,9 @@ def unit_vjps(
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
+    _text_half(model, batch, leaves, options)
     result = {}
-    with matmul_precision(model.precision):
+    with matmul_precision(model.precision), train._half(model, leaves, options):
         ctx = _context(model, batch)
         for unit, x, grad_in, grad_out in pts.train_units(model.config):
             owned = _owned(model, unit, leaves)
@@ -90,11 +92,21 @@ def unit_vjps(
 
 
 def _check(model, options: TrainOptions) -> None:
-    """The options this point-by-point step runs: float32 (or float64) parameters and activations."""
+    """The options this point-by-point step runs: float32 (or float64) activations, the frozen leaves float32 or
+    rounded as train.py's `--frozen-dtype float16` rounds them (train._half, train._text_embedding)."""
     options.check()
-    for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
-        if value != "float32":
-            raise ConfigError(f"compare --train-step {flag} {value}: the point-by-point step runs float32 only")
+    if options.vit_matmul_dtype != "float32":
+        raise ConfigError(
+            f"compare --train-step --vit-matmul-dtype {options.vit_matmul_dtype}: the point-by-point step runs float32 "
+            "ViT activations only (--frozen-dtype float16 runs)"
+        )
+
+
+def _text_half(model, batch: dict[str, torch.Tensor], leaves: dict[str, list], options: TrainOptions) -> None:
+    """--frozen-dtype float16 with the embedding frozen: batch["text_embedding"], the text tokens formed in float16
+    as train.py forms them (train._text_embedding); the LLM input unit then joins them (`_unit`)."""
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
 
 
 def _context(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -137,6 +149,9 @@ def _unit(model, unit: str, x, ctx: dict[str, Any]):
         w = ctx["weights"].to(nll.dtype)
         loss, example = training.normalize((nll * w).sum(1), w.sum(1), model.conventions.loss_normalization)
         return loss, {pts.LOGITS: logits, pts.TRAIN_LOSS: loss, pts.TRAIN_EXAMPLE_LOSS: example}
+    if unit == pts.LLM_INPUT and "text_embedding" in ctx:  # train._loss: [image ; float16 text], then float32
+        y = torch.cat([x, ctx["text_embedding"]], dim=1).to(ctx["image"].dtype)
+        return y, {unit: y}
     y = model.unit(unit, x, ctx["text"])
     return y, {unit: y}
 
