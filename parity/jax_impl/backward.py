@@ -2,10 +2,11 @@
 run unit by unit (points.train_units), with its forward points, the loss, the gradient at every unit boundary and
 every trainable leaf's gradient; and one unit's VJP on given inputs (the teacher-forced backward).
 
-The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing
-changes): jax.value_and_grad of the loss with respect to the probes and the trainable state at once, so the
-gradient reaches every boundary whether or not a parameter below it trains. Numpy in, numpy out. Mirrored
-definition for definition by parity/torch_impl/backward.py.
+The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing changes):
+jax.value_and_grad of the loss with respect to the probes and the trainable state at once, so the gradient reaches
+every boundary whether or not a parameter below it trains. Numpy in, numpy out. --frozen-dtype float16 runs train.py's
+own mixed precision: its `_half` frozen values and `_text_embedding` float16 text tokens (joined at the LLM input unit
+as train._loss joins them). Mirrored definition for definition by parity/torch_impl/backward.py.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     graphdef, leaves, frozen = train._leaves(model, names)
     frozen = train._half(frozen, options)
-    _text_half(model, batch, names, options)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in names:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     probes = _probes(model, batch)
     with matmul_precision(model.precision):
         out, (grads, probe_grads) = _points(graphdef, leaves, frozen, batch, probes)
@@ -63,7 +65,8 @@ def unit_vjps(
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     graphdef, leaves, frozen = train._leaves(model, names)
     frozen = train._half(frozen, options)
-    _text_half(model, batch, names, options)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in names:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     units = pts.train_units(model.config)
     xs = {u: model.put(_input(model, given[x])) for u, x, _, _ in units if x is not None}
     ups = {u: model.put(_input(model, given[g])) for u, _, _, g in units if g is not None}
@@ -90,13 +93,6 @@ def _check(model, options: TrainOptions) -> None:
             f"compare --train-step --vit-matmul-dtype {options.vit_matmul_dtype}: the point-by-point step runs float32 "
             "ViT activations only (--frozen-dtype float16 runs)"
         )
-
-
-def _text_half(model, batch: dict[str, jax.Array], names: list[str], options: TrainOptions) -> None:
-    """--frozen-dtype float16 with the embedding frozen: batch["text_embedding"], the text tokens formed in float16
-    as train.py forms them (train._text_embedding); the LLM input unit then joins them (`_unit`)."""
-    if options.frozen_dtype == "float16" and training.EMBEDDING not in names:
-        batch["text_embedding"] = train._text_embedding(model, batch["text"])
 
 
 def _context(model, batch: dict[str, jax.Array]) -> dict[str, Any]:

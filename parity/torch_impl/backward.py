@@ -2,10 +2,11 @@
 run unit by unit (points.train_units), with its forward points, the loss, the gradient at every unit boundary and
 every trainable leaf's gradient; and one unit's VJP on given inputs (the teacher-forced backward).
 
-The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing
-changes): torch.autograd.grad of the loss with respect to the probes and the trainable parameters at once, so the
-gradient reaches every boundary whether or not a parameter below it trains. Numpy in, numpy out. Mirrored
-definition for definition by parity/jax_impl/backward.py.
+The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing changes):
+torch.autograd.grad of the loss with respect to the probes and the trainable parameters at once, so the gradient
+reaches every boundary whether or not a parameter below it trains. Numpy in, numpy out. --frozen-dtype float16 runs
+train.py's own mixed precision: its `_half` frozen values and `_text_embedding` float16 text tokens (joined at the LLM
+input unit as train._loss joins them). Mirrored definition for definition by parity/jax_impl/backward.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
-    _text_half(model, batch, leaves, options)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     out: dict[str, Any] = {}
     probes: dict[str, torch.Tensor] = {}
     with matmul_precision(model.precision), train._half(model, leaves, options):
@@ -71,7 +73,8 @@ def unit_vjps(
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
-    _text_half(model, batch, leaves, options)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     result = {}
     with matmul_precision(model.precision), train._half(model, leaves, options):
         ctx = _context(model, batch)
@@ -100,13 +103,6 @@ def _check(model, options: TrainOptions) -> None:
             f"compare --train-step --vit-matmul-dtype {options.vit_matmul_dtype}: the point-by-point step runs float32 "
             "ViT activations only (--frozen-dtype float16 runs)"
         )
-
-
-def _text_half(model, batch: dict[str, torch.Tensor], leaves: dict[str, list], options: TrainOptions) -> None:
-    """--frozen-dtype float16 with the embedding frozen: batch["text_embedding"], the text tokens formed in float16
-    as train.py forms them (train._text_embedding); the LLM input unit then joins them (`_unit`)."""
-    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:
-        batch["text_embedding"] = train._text_embedding(model, batch["text"])
 
 
 def _context(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
