@@ -295,6 +295,57 @@ def test_a_planted_block_fails_locally_alone(files, planted, unit, first):
     assert c.verdict().first_differing_unit == unit
 
 
+# -- --frozen-dtype float16: train.py's mixed precision, point by point ----------------------------------------------
+HALF = TrainOptions(trainable=("llm/layers/*",), frozen_dtype="float16")  # the embedding frozen: float16-formed text
+
+
+def test_frozen_float16_torch_vs_jax_and_against_the_other_train_step(tmp_path):
+    """tiny-pg2-gqa (width 48: sqrt(D) is not a power of two, so the float16 text product rounds) under big_vision's
+    convention: torch vs jax, propagated and teacher-forced, under the fp32 training bounds; each side's loss and
+    gradient points against the OTHER implementation's `train-step` (its loop over train._loss, not the units): the
+    loss within 1e-6 relative, each leaf's gradient within 3e-5 of its largest |g|. The float16 rounding moves the
+    loss by far more than that, so a step that ignored --frozen-dtype (or rounded differently) fails here; and the
+    text tokens at the LLM input are the float16-formed ones, exactly."""
+    from parity.jax_impl import api as jax_api
+
+    cfg, ckpt, conv = TINY_VARIANTS["tiny-pg2-gqa"], os.path.join(ROOT, "golden", "tiny-pg2-gqa.b16.npz"), "big_vision"
+    x = train_inputs(cfg, seed=1)
+    np.savez(tmp_path / "train.npz", **x)
+    c = compare_train_step(
+        "torch",
+        "jax",
+        ckpt=ckpt,
+        inputs=str(tmp_path / "train.npz"),
+        convention=conv,
+        options=HALF,
+        teacher_forced=True,
+    )
+    assert c, c.verdict().words
+    assert c.to_dict()["train_step"]["frozen_dtype"] == "float16" and c.first_local_divergence is None
+    assert any(r.local is not None for r in c.records if r.point == pts.LLM_INPUT)  # the float16 text join
+    with open_checkpoint(ckpt) as ck:
+        params = {k: np.asarray(v, np.float32) for k, v in ck.load().items()}
+    got, step = {}, {}
+    for name, api in (("torch", torch_api), ("jax", jax_api)):
+        got[name] = api.train_points(api.build_model(cfg, PRESETS[conv], params=params), x, HALF)
+        step[name] = api.train_step(api.build_model(cfg, PRESETS[conv], params=params), x, HALF)
+    f32 = torch_api.train_step(
+        torch_api.build_model(cfg, PRESETS[conv], params=params), x, dataclasses.replace(HALF, frozen_dtype="float32")
+    )
+    # the text tokens joined at the LLM input: formed in float16 by hand (the lookup in the float16 table, times
+    # float16(sqrt(D)), one rounding: a product of two float16 values is exact in float32)
+    table = params["llm/embedder/input_embedding"].astype(np.float16)
+    text = table[x["text"][:, :-1]] * np.float16(np.sqrt(cfg.text.width))
+    for name in got:
+        np.testing.assert_array_equal(got[name][pts.LLM_INPUT][:, cfg.num_image_tokens :], text.astype(np.float32))
+    for points, other in (("torch", "jax"), ("jax", "torch")):
+        loss = step[other].steps[0].loss
+        assert abs(float(got[points][pts.TRAIN_LOSS]) - loss) <= 1e-6 * abs(loss), points
+        assert abs(f32.steps[0].loss - loss) > 20e-6 * abs(loss)  # the float16 effect, far above the bound
+        for key, g in step[other].grads.items():
+            assert np.max(np.abs(got[points][pts.grad_leaf(key)] - g)) <= 3e-5 * np.max(np.abs(g)), (points, key)
+
+
 # -- the CLI -----------------------------------------------------------------------------------------------------------
 def test_cli_report_exit_codes_save_rejudge_html(files, tmp_path):
     args = ("compare", CKPT, "--against", files["llm1"], "--train-step", "--inputs", files["train"])
@@ -343,6 +394,8 @@ def test_bad_input(files, tmp_path):
     one_line(invoke(*base, "--a", "torch", "--b", "jax", "--truth"), "--truth")
     one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--teacher-forced"), "transformers", "unit_vjps")
     one_line(invoke(*base, "--a", "torch", "--b", "transformers", "--convention", "keras_hub"), "sliding_window")
+    one_line(invoke(*base, "--a", "torch", "--b", "jax", "--frozen-dtype", "float16", "--vit-matmul-dtype", "float16"),
+             "--vit-matmul-dtype float16", "float32 ViT activations only")  # fmt: skip
 
 
 def test_sides_training_under_different_conventions_are_refused():

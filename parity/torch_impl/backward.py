@@ -2,10 +2,11 @@
 run unit by unit (points.train_units), with its forward points, the loss, the gradient at every unit boundary and
 every trainable leaf's gradient; and one unit's VJP on given inputs (the teacher-forced backward).
 
-The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing
-changes): torch.autograd.grad of the loss with respect to the probes and the trainable parameters at once, so the
-gradient reaches every boundary whether or not a parameter below it trains. Numpy in, numpy out. Mirrored
-definition for definition by parity/jax_impl/backward.py.
+The activation gradients come from zero "probes" added at every unit input (x + 0 is x exactly, so nothing changes):
+torch.autograd.grad of the loss with respect to the probes and the trainable parameters at once, so the gradient
+reaches every boundary whether or not a parameter below it trains. Numpy in, numpy out. --frozen-dtype float16 runs
+train.py's own mixed precision: its `_half` frozen values and `_text_embedding` float16 text tokens (joined at the LLM
+input unit as train._loss joins them). Mirrored definition for definition by parity/jax_impl/backward.py.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def train_points(model, inputs: dict[str, np.ndarray], options: TrainOptions) ->
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     out: dict[str, Any] = {}
     probes: dict[str, torch.Tensor] = {}
-    with matmul_precision(model.precision):
+    with matmul_precision(model.precision), train._half(model, leaves, options):
         ctx = _context(model, batch)
         x = None
         for unit, _, grad_in, _ in pts.train_units(model.config):
@@ -70,8 +73,10 @@ def unit_vjps(
     batch = train._batch(model, inputs)
     names = training.trainable_leaves(options, [e.key for e in spec.entries(model.config)])
     leaves = train._leaves(model, names)
+    if options.frozen_dtype == "float16" and training.EMBEDDING not in leaves:  # train.py's float16 text tokens
+        batch["text_embedding"] = train._text_embedding(model, batch["text"])
     result = {}
-    with matmul_precision(model.precision):
+    with matmul_precision(model.precision), train._half(model, leaves, options):
         ctx = _context(model, batch)
         for unit, x, grad_in, grad_out in pts.train_units(model.config):
             owned = _owned(model, unit, leaves)
@@ -90,11 +95,14 @@ def unit_vjps(
 
 
 def _check(model, options: TrainOptions) -> None:
-    """The options this point-by-point step runs: float32 (or float64) parameters and activations."""
+    """The options this point-by-point step runs: float32 (or float64) activations, the frozen leaves float32 or
+    rounded as train.py's `--frozen-dtype float16` rounds them (train._half, train._text_embedding)."""
     options.check()
-    for flag, value in (("--frozen-dtype", options.frozen_dtype), ("--vit-matmul-dtype", options.vit_matmul_dtype)):
-        if value != "float32":
-            raise ConfigError(f"compare --train-step {flag} {value}: the point-by-point step runs float32 only")
+    if options.vit_matmul_dtype != "float32":
+        raise ConfigError(
+            f"compare --train-step --vit-matmul-dtype {options.vit_matmul_dtype}: the point-by-point step runs float32 "
+            "ViT activations only (--frozen-dtype float16 runs)"
+        )
 
 
 def _context(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -137,6 +145,9 @@ def _unit(model, unit: str, x, ctx: dict[str, Any]):
         w = ctx["weights"].to(nll.dtype)
         loss, example = training.normalize((nll * w).sum(1), w.sum(1), model.conventions.loss_normalization)
         return loss, {pts.LOGITS: logits, pts.TRAIN_LOSS: loss, pts.TRAIN_EXAMPLE_LOSS: example}
+    if unit == pts.LLM_INPUT and "text_embedding" in ctx:  # train._loss: [image ; float16 text], then float32
+        y = torch.cat([x, ctx["text_embedding"]], dim=1).to(ctx["image"].dtype)
+        return y, {unit: y}
     y = model.unit(unit, x, ctx["text"])
     return y, {unit: y}
 
