@@ -56,7 +56,7 @@ ENV_LIMIT = "PARITY_MEMORY_LIMIT"
 ENV_CHECK = "PARITY_MEMORY_CHECK"  # "off": skip the check
 ENV_ROOT = "PARITY_MEMORY_ROOT"  # a fake / for /proc and /sys (tests)
 STREAMED_IMPLS = ("torch", "jax")  # the implementations with a streaming hook (parity.stream.HOOKS)
-STREAMED_KINDS = ("capture", "side", "generate", "golden")  # a training step does not stream
+STREAMED_KINDS = ("capture", "side", "generate", "golden", "train")  # train: float32 only (parity.stream_train)
 
 
 class MemoryRefused(ParityError):
