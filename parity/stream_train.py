@@ -110,20 +110,20 @@ def _grads(m: StreamModel, b, ctx, units, params: dict[str, np.ndarray], ids: np
     chunks: list[np.ndarray] = []
     spans = m.spans()
     pipelined([(_rows(m, params, a, c), lambda w: chunks.append(b.stream_head(model, w, xt)), None) for a, c in spans])
-    loss, example, dlogits = b.stream_loss(model, np.concatenate(chunks, axis=-1), ctx)
-    del chunks
+    loss, example, box["dlogits"] = b.stream_loss(model, np.concatenate(chunks, axis=-1), ctx)
+    chunks.clear()
     grads: dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in params.items()}
     train_table = EMBED in params
     dxt = np.zeros_like(xt)
 
     def head(w, a, c):
-        dx, dtable = b.stream_head(model, w, xt, np.ascontiguousarray(dlogits[..., a:c]), train_table)
+        dx, dtable = b.stream_head(model, w, xt, np.ascontiguousarray(box["dlogits"][..., a:c]), train_table)
         dxt[...] = dxt + dx
         if train_table:
             grads[EMBED][a:c] = dtable
 
     pipelined([(_rows(m, params, a, c), lambda w, a=a, c=c: head(w, a, c), None) for a, c in spans])
-    del dlogits
+    del box["dlogits"]
     cot = np.zeros_like(final)
     cot[:, t:] = dxt
     box["cot"] = cot
