@@ -35,6 +35,7 @@ class TrainRecord:
     trainable: list[str]
     seconds: float
     written: dict[str, Any] = dataclasses.field(default_factory=dict)  # "grads": path, "updated": convert's report
+    streamed: bool = False  # block-streamed (parity.stream_train)
 
 
 def record_train(
@@ -108,7 +109,8 @@ def train(
                 result = be.train_step(loaded.model, loaded.inputs, options)
     finally:
         stream.close(loaded.model)
-    rec = TrainRecord(loaded, result, leaves, round(time.perf_counter() - t0, 3))
+    streamed = isinstance(loaded.model, StreamModel)
+    rec = TrainRecord(loaded, result, leaves, round(time.perf_counter() - t0, 3), streamed=streamed)
     if (bad := result.first_nonfinite()) is not None or (bad := _nonfinite_grads(result)) is not None:
         raise Diverged(f"training diverged: {bad} is not finite (NaN/Inf); nothing was written")
     return rec
