@@ -144,6 +144,6 @@ def test_streamed_step_holds_one_unit_at_a_time(files, monkeypatch):
 def test_unknown_impl_is_refused(files):
     ckpt, inputs = files
     job = Job(checkpoint=ckpt, inputs=inputs, impl="transformers", train=TrainOptions(), stream=True)
-    with pytest.raises(ParityError) as info:
+    with pytest.raises(ParityError, match="implementation 'transformers' does not run block-streamed") as info:
         train_run.train(job)
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
