@@ -170,7 +170,7 @@ def train_step(m: StreamModel, inputs: dict[str, np.ndarray], options: TrainOpti
         loss, example, grads = _grads(m, b, ctx, units, params, ids)
         grad_norm = _norms(grads)
         if step == 1:
-            first = {k: v.copy() for k, v in grads.items()}
+            first = grads  # never written to again: each step makes its own
         records.append(
             StepRecord(
                 step=step,
