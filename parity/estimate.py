@@ -178,13 +178,11 @@ def estimate(
         per_layer = 6 * B * S * t.width + 3 * B * S * t.mlp_dim + 2 * B * t.num_heads * S * S
         activations = t.depth * per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit
         outputs = 3 * work.trainable * 4 + work.frozen_copy * c
-    run = activations + kv + outputs
-    streamed_run = run
-    if work.kind == "train":
-        # streamed (parity.stream_train): every unit's input kept ([B, S, D] float32), one unit's saved activations,
-        # the text logits with their gradient; the trainable leaves held and updated, their gradients, the first ones.
-        inputs = (v.depth + t.depth + 6) * B * S * max(v.width, t.width) * 4
-        streamed_run = inputs + per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit + 4 * work.trainable * 4
+    run = streamed_run = activations + kv + outputs
+    if work.kind == "train":  # streamed (parity.stream_train): every unit's input, one unit's saved activations, the
+        # text logits and their gradient; the trainable leaves held, their gradients, the first ones, the updated ones
+        units_in = (v.depth + t.depth + 6) * B * S * max(v.width, t.width) * 4
+        streamed_run = units_in + per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit + 4 * work.trainable * 4
     runtime = int(RUNTIME.get(impl, RUNTIME["transformers"]))
     keeps = KEEPS_LOAD_COPY.get(impl, True)
     dynamic = weights + (load_copy + run if keeps else max(load_copy, run))
