@@ -23,8 +23,9 @@ A compare runs each side in its own process, one after the other (parity.compare
 side plus the comparing process, which reads the two captures one point at a time.
 
 The block-streamed figure (issue 24 §1: 1 GB + 2 x the largest unit in the compute dtype, plus activations and
-outputs) is what a streamed run (parity.stream) needs: `check_fits` streams a capture, generation, golden check or
-compare side that would not fit resident but fits streamed (one line says so), and refuses one that fits neither way.
+outputs) is what a streamed run (parity.stream) needs: `check_fits` streams a capture, generation, golden check,
+compare side or float32 training step that would not fit resident but fits streamed (one line says so), and
+refuses one that fits neither way.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ ENV_LIMIT = "PARITY_MEMORY_LIMIT"
 ENV_CHECK = "PARITY_MEMORY_CHECK"  # "off": skip the check
 ENV_ROOT = "PARITY_MEMORY_ROOT"  # a fake / for /proc and /sys (tests)
 STREAMED_IMPLS = ("torch", "jax")  # the implementations with a streaming hook (parity.stream.HOOKS)
-STREAMED_KINDS = ("capture", "side", "generate", "golden")  # a training step does not stream
+STREAMED_KINDS = ("capture", "side", "generate", "golden", "train")  # train: float32 only (parity.stream_train)
 
 
 class MemoryRefused(ParityError):
@@ -177,7 +178,11 @@ def estimate(
         per_layer = 6 * B * S * t.width + 3 * B * S * t.mlp_dim + 2 * B * t.num_heads * S * S
         activations = t.depth * per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit
         outputs = 3 * work.trainable * 4 + work.frozen_copy * c
-    run = activations + kv + outputs
+    run = streamed_run = activations + kv + outputs
+    if work.kind == "train":  # streamed (parity.stream_train): every unit's input, one unit's saved activations, the
+        # text logits and their gradient; the trainable leaves held, their gradients, the first ones, the updated ones
+        units_in = (v.depth + t.depth + 6) * B * S * max(v.width, t.width) * 4
+        streamed_run = units_in + per_layer * c + 3 * B * text_len * t.vocab_size * 4 + vit + 4 * work.trainable * 4
     runtime = int(RUNTIME.get(impl, RUNTIME["transformers"]))
     keeps = KEEPS_LOAD_COPY.get(impl, True)
     dynamic = weights + (load_copy + run if keeps else max(load_copy, run))
@@ -191,7 +196,7 @@ def estimate(
         "kv cache": kv,
         "outputs": outputs,
     }
-    streamed = int(STREAM_BASE + SLACK * (2 * largest_unit(cfg) * c + run))
+    streamed = int(STREAM_BASE + SLACK * (2 * largest_unit(cfg) * c + streamed_run))
     return Estimate(impl, dtype, items, int(runtime + SLACK * dynamic), streamed)
 
 
@@ -340,8 +345,8 @@ def check_fits(
     if stream and not streamable:
         why = f"implementation {impl!r}" if impl not in STREAMED_IMPLS else "a training step"
         raise UsageError(
-            f"--stream: {why} does not run block-streamed (streamed: capture, generate, compare sides and golden "
-            f"check, torch and jax)"
+            f"--stream: {why} does not run block-streamed (streamed: capture, generate, compare sides, golden "
+            f"check and training steps, torch and jax)"
         )
     checked = env.get(ENV_CHECK, "").lower() not in ("off", "0", "no", "false")
     limit, source = available(root, env) if checked else (None, "")

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from parity import backend as backends
-from parity import monitor
+from parity import monitor, stream, stream_train
 from parity.config import PaliGemmaConfig
 from parity.errors import ConfigError, Diverged, InputsError, UsageError
 from parity.inputs import load_inputs
 from parity.job import Job
 from parity.pipeline import Loaded, Progress, load
+from parity.stream import StreamModel
 from parity.training import TrainResult, trainable_leaves
 
 
@@ -34,6 +35,7 @@ class TrainRecord:
     trainable: list[str]
     seconds: float
     written: dict[str, Any] = dataclasses.field(default_factory=dict)  # "grads": path, "updated": convert's report
+    streamed: bool = False  # block-streamed (parity.stream_train)
 
 
 def record_train(
@@ -66,6 +68,10 @@ def train(
     if options is None:
         raise UsageError("record_train: the job has no training options")
     options.check()
+    if job.stream:
+        stream_train.check(options)  # float32 only, refused in one line before anything is read
+    elif options.frozen_dtype != "float32" or options.vit_matmul_dtype != "float32":
+        job = dataclasses.replace(job, stream=False)  # never chosen automatically for a mode it does not run
     be = backends.get(job.impl)
     if not callable(getattr(be, "train_step", None)):
         raise ConfigError(f"--impl {job.impl}: this implementation has no training step (train_step)")
@@ -95,9 +101,16 @@ def train(
     if progress:
         progress("training", 0, options.steps)
     t0 = time.perf_counter()
-    with monitor.reporting(report if progress else None):
-        result = be.train_step(loaded.model, loaded.inputs, options)
-    rec = TrainRecord(loaded, result, leaves, round(time.perf_counter() - t0, 3))
+    try:
+        with monitor.reporting(report if progress else None):
+            if isinstance(loaded.model, StreamModel):  # block-streamed (parity.stream_train)
+                result = stream_train.train_step(loaded.model, loaded.inputs, options)
+            else:
+                result = be.train_step(loaded.model, loaded.inputs, options)
+    finally:
+        stream.close(loaded.model)
+    streamed = isinstance(loaded.model, StreamModel)
+    rec = TrainRecord(loaded, result, leaves, round(time.perf_counter() - t0, 3), streamed=streamed)
     if (bad := result.first_nonfinite()) is not None or (bad := _nonfinite_grads(result)) is not None:
         raise Diverged(f"training diverged: {bad} is not finite (NaN/Inf); nothing was written")
     return rec

@@ -323,10 +323,11 @@ def test_compare_side_refuses_in_its_own_process(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_training_step_counts_its_gradients_and_is_refused_not_streamed(tmp_path):
+def test_a_training_step_counts_its_gradients_streams_when_only_that_fits_and_is_refused_otherwise(tmp_path):
     """A training step holds the trainable leaves' gradients and the two float32 copies its result carries out
-    (the figures by hand: 3 x 4 bytes a trainable parameter); it does not stream, so a step that does not fit is
-    refused in one line naming fewer --trainable leaves (at 3B float32 every leaf needs ~36 GB more)."""
+    (the figures by hand: 3 x 4 bytes a trainable parameter). A step that fits only block-streamed (parity.stream_train:
+    the trainable leaves held, one unit's weights at a time) streams, one line saying so; one that fits neither way
+    is refused in one line naming fewer --trainable leaves (at 3B float32 every leaf needs ~36 GB more)."""
     from parity.job import Job
     from parity.pipeline import work
     from parity.training import TrainOptions
@@ -349,7 +350,12 @@ def test_a_training_step_counts_its_gradients_and_is_refused_not_streamed(tmp_pa
     with pytest.raises(E.MemoryRefused) as info:
         E.check_fits(cfg, _inputs(1, 32), "torch", "float32", "float32", 2, everything, root=str(tmp_path), env=env)
     msg = str(info.value)
-    assert (
-        "\n" not in msg and "fewer --trainable leaves" in msg and "a training step does not run block-streamed" in msg
-    )
+    assert "\n" not in msg and "fewer --trainable leaves" in msg and "block-streamed it needs" in msg
+    # the streamed step holds the trainable leaves four times (held, gradients, the first ones, the updated ones)
+    assert b.streamed > 4 * 4 * spec.param_count(cfg) > a.streamed > 4 * 4 * attn
+    small = {E.ENV_LIMIT: "12G"}  # the attention-only step: ~20 GB resident, ~8.5 GB streamed
+    fit = E.check_fits(cfg, _inputs(1, 32), "torch", "float32", "float32", 2, w, root=str(tmp_path), env=small)
+    assert fit.stream and fit.peak == a.streamed and "\n" not in fit.note
+    for part in ("a training step", "resident", "PARITY_MEMORY_LIMIT=12G", "block-streamed"):
+        assert part in fit.note, (part, fit.note)
     assert "--dtype bfloat16" not in msg  # a step trains in float32

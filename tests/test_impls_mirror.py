@@ -176,5 +176,7 @@ def test_backward_files_define_the_same_things_in_the_same_order():
     jax_defs = _definitions(ROOT / "parity/jax_impl/backward.py")
     shared = ["train_points", "unit_vjps", "_check", "_context", "_block", "_unit", "_owned", "_canonical"]
     shared += ["_leaf_points", "_input"]
-    assert torch_defs == shared + ["_numpy"]
-    assert jax_defs == shared + ["_probes", "_points", "_vjps"]
+    streamed = ["stream_context", "stream_unit", "stream_head", "stream_loss"]  # parity/stream_train.py's
+    assert torch_defs == shared + ["_numpy"] + streamed
+    jitted = ["_stream_kind", "_stream_run", "_stream_forward", "_stream_vjp", "_stream_loss"]
+    assert jax_defs == shared + ["_probes", "_points", "_vjps"] + streamed + jitted

@@ -162,14 +162,15 @@ def test_truncated_file_fails_in_one_line(files, tmp_path):
     assert not out.exists()
 
 
-def test_a_training_step_is_not_streamed_and_says_so(files):
-    """Generation streams now (tests/test_stream_generate.py); a training step does not: --stream is refused in one
-    line, exit 2, before anything is read."""
+def test_a_training_step_streams_when_asked_and_other_impls_say_they_do_not(files):
+    """A training step streams now (tests/test_stream_train.py); --stream with an implementation that has no
+    streaming hook is refused in one line, exit 2, before anything is read."""
     from parity.config import TINY_VARIANTS
 
     cfg, work = TINY_VARIANTS["tiny-pg2-gqa"], estimate.Work("train", trainable=10)
-    with pytest.raises(ParityError, match="a training step does not run block-streamed") as info:
-        estimate.check_fits(
-            cfg, {"text": np.zeros((1, 4), np.int32)}, "torch", "float32", "float32", 4, work, stream=True
-        )
+    text = {"text": np.zeros((1, 4), np.int32)}
+    est = estimate.check_fits(cfg, text, "torch", "float32", "float32", 4, work, stream=True)
+    assert est.stream and est.peak == est.streamed
+    with pytest.raises(ParityError, match="implementation 'transformers' does not run block-streamed") as info:
+        estimate.check_fits(cfg, text, "transformers", "float32", "float32", 4, work, stream=True)
     assert info.value.exit_code == 2 and "\n" not in str(info.value)

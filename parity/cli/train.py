@@ -57,6 +57,14 @@ from parity.training import DEFAULT_TRAINABLE, FROZEN_DTYPES, VIT_MATMUL_DTYPES
     help="Format of -o  [default: npz for a .npz path; required otherwise]",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    default=None,
+    help="Run block-streamed: one unit's weights at a time, read from CKPT, plus the trainable leaves and their "
+    "gradients (float32 only; the same step). Chosen automatically, with a line saying so, when resident would not "
+    "fit.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print a JSON report: {"steps": [{"step", "loss", ...}], ...}.')
 def train_step(
     ckpt,
@@ -79,6 +87,7 @@ def train_step(
     output,
     to,
     overwrite,
+    stream,
     as_json,
 ):
     """Fine-tune CKPT on the training batch --inputs (made by `parity inputs --suffix`): loss, per-example losses,
@@ -111,6 +120,7 @@ def train_step(
         grads=grads,
         updated=output,
         updated_format=to,
+        stream=stream or None,
     )
     warnings: list[str] = []
     warn = _warnings(warnings)
@@ -130,6 +140,7 @@ def train_step(
         "grads": rec.written.get("grads"),
         "updated": rec.written.get("updated"),
         "train_seconds": rec.seconds,
+        "execution": "streamed" if rec.streamed else "resident",
         "warnings": warnings,
         "manifest": rec.loaded.manifest,
     }
@@ -140,7 +151,8 @@ def train_step(
 
         con = Console()
         con.print(
-            f"{len(r['steps'])} SGD step(s), lr {lr}, {len(r['trainable'])} trainable leaves, {impl} "
+            f"{len(r['steps'])} SGD step(s), lr {lr}, {len(r['trainable'])} trainable leaves, {impl}"
+            f"{', block-streamed' if r['execution'] == 'streamed' else ''} "
             f"({_conventions_line(convention, settings)}), {r['train_seconds']} s",
             highlight=False,
             soft_wrap=True,

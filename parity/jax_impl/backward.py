@@ -22,10 +22,12 @@ from flax import nnx
 from parity import points as pts
 from parity import spec, training
 from parity.errors import ConfigError
+from parity.inputs import validate_inputs
 from parity.jax_impl import train
 from parity.jax_impl.decoder import block_mask
 from parity.jax_impl.load import _flat
 from parity.jax_impl.precision import matmul_precision
+from parity.stream import EMBED
 from parity.training import TrainOptions
 
 
@@ -234,3 +236,120 @@ def _vjps(graphdef, leaves, frozen, xs, ups, batch):
         y, pull, aux_of[unit] = jax.vjp(run, leaves, xs.get(unit), has_aux=True)
         grads_of[unit], gx_of[unit] = pull(ups[unit] if unit in ups else jnp.ones_like(y))
     return aux_of, grads_of, gx_of
+
+
+# -- the block-streamed step (parity/stream_train.py drives these on a streamed skeleton, jax_impl/stream.py) -------
+def stream_context(model, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`_context` of the shifted training batch on a streamed skeleton's device (its parameters are abstract)."""
+    from parity.jax_impl import stream
+
+    checked = validate_inputs({k: v for k, v in inputs.items() if k != "mask_loss"}, model.config, "inputs")
+    shifted = training.shift({**checked, "mask_loss": inputs["mask_loss"]})
+    batch = {k: stream._ints(model, v) for k, v in shifted.items() if k != "image"}
+    batch["image"] = stream._input(model, shifted["image"])
+    module, conv = model.module, model.module.conventions  # abstract: `_context`'s lines, the dtype the model's
+    _, _, positions, masks = module.full_masks(
+        batch["mask_ar"], jnp.ones_like(batch["text"]), causal=conv.train_prefix == "causal"
+    )
+    return {**batch, "masks": masks, "angles": module.llm.angles(positions, jnp.dtype(model.dtype))}
+
+
+def stream_unit(model, weights: dict[str, np.ndarray], unit: str, x, ctx: dict[str, Any], cot=None, train=()):
+    """Unit `unit` of points.train_units (not the head) on x with `weights` placed (the LLM input: the rows of
+    ctx["text"]'s tokens, indexed by `local` in ctx): its output; given `cot` (d loss / d output), its VJP instead:
+    (d loss / d x or None, {key in `train`: its gradient}), recomputing the unit's forward (float32 numpy)."""
+    from parity.jax_impl import stream
+
+    ctx = {k: v for k, v in ctx.items() if k != "local"} | (
+        {"text": stream._ints(model, ctx["local"])} if unit == pts.LLM_INPUT else {}
+    )
+    kind = _stream_kind(model, unit)
+    trained = tuple(sorted(k for k in weights if k in train))
+    xt = None if x is None else stream._input(model, x)
+    with stream._placed(model, weights) as placed, matmul_precision(model.precision):
+        if cot is None:
+            return np.asarray(jax.device_get(_stream_forward(*placed, kind, xt, ctx)))
+        dx, grads = _stream_vjp(*placed, kind, trained, xt, ctx, stream._input(model, cot))
+        dx = None if dx is None else np.asarray(jax.device_get(dx))
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in _flat(nnx.to_pure_dict(grads)).items()}
+    return dx, {k: flat[k][0] if k in model.stream_stacked else flat[k] for k in trained}
+
+
+def stream_head(model, weights: dict[str, np.ndarray], x: np.ndarray, cot=None, train: bool = False):
+    """The training logits of a chunk of the embedding table's rows (`weights`) on the final-normed text positions
+    x; given `cot` (d loss / d those logits), (d loss / d x, the chunk's gradient or None unless `train`)."""
+    from parity.jax_impl import stream
+
+    kind = "head:capped" if model.module.conventions.final_softcap == "always" else "head:plain"
+    trained = (EMBED,) if train else ()
+    with stream._placed(model, weights) as placed, matmul_precision(model.precision):
+        if cot is None:
+            return np.asarray(jax.device_get(_stream_forward(*placed, kind, stream._input(model, x), {})))
+        dx, grads = _stream_vjp(*placed, kind, trained, stream._input(model, x), {}, stream._input(model, cot))
+        dx = np.asarray(jax.device_get(dx))
+        return dx, np.asarray(jax.device_get(_flat(nnx.to_pure_dict(grads))[EMBED])) if train else None
+
+
+def stream_loss(model, logits: np.ndarray, ctx: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray]:
+    """(loss, per-row losses, d loss / d logits) of the text logits, as `_unit`'s head forms the loss."""
+    from parity.jax_impl import stream
+
+    conv = model.module.conventions
+    (loss, example), g = _stream_loss(
+        conv.loss_normalization, stream._input(model, logits), ctx["targets"], ctx["weights"]
+    )
+    return float(loss), np.asarray(jax.device_get(example)), np.asarray(jax.device_get(g))
+
+
+# -- the streamed step's jitted bodies (the jax side alone) ------------------------------------------------------------
+def _stream_kind(model, unit: str) -> str:
+    """The compiled body a unit runs: one per kind of block (the ViT's; the LLM's local or global), else the unit
+    (the head: "head:capped" or "head:plain")."""
+    if unit.startswith("img/block"):
+        return "block:img"
+    if unit.startswith("llm/layer"):
+        return "block:local" if model.config.text.is_local_layer(int(unit[-2:])) else "block:global"
+    return unit
+
+
+def _stream_run(model, kind: str, x, ctx):
+    """The unit `kind` of a placed model (stacked leaves: a stack of one layer) on x."""
+    if kind == "block:img":
+        return _block(model, "img", 0)(x)[0]
+    if kind in ("head:capped", "head:plain"):
+        return model.llm.logits(x, capped=kind == "head:capped")
+    if kind in ("block:local", "block:global"):
+        mask = block_mask(ctx["masks"], kind == "block:local")
+        return _block(model, "llm", 0)(x, ctx["angles"], mask, attn_softcap=model.attn_softcap)[0]
+    return _unit(model, kind, x, ctx)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _stream_forward(graphdef, state, kind, x, ctx):
+    return _stream_run(nnx.merge(graphdef, state), kind, x, ctx)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _stream_vjp(graphdef, state, kind, trained, x, ctx, cot):
+    """(d loss / d x or None, d loss / d the trained state) of the unit for cotangent `cot`."""
+    wanted = set(trained)
+    gd, t, frozen = nnx.split(nnx.merge(graphdef, state), lambda path, _: "/".join(map(str, path)) in wanted, ...)
+    run = lambda t, x: _stream_run(nnx.merge(gd, t, frozen), kind, x, ctx)
+    if x is None:
+        _, pull = jax.vjp(lambda t: run(t, None), t)
+        return None, pull(cot)[0]
+    _, pull = jax.vjp(run, t, x)
+    gt, gx = pull(cot)
+    return gx, gt
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stream_loss(normalization, logits, targets, weights):
+    def loss(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        w = weights.astype(nll.dtype)
+        return training.normalize((nll * w).sum(1), w.sum(1), normalization)
+
+    (value, example), pull = jax.vjp(loss, logits)
+    return (value, example), pull((jnp.ones_like(value), jnp.zeros_like(example)))[0]

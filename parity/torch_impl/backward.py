@@ -19,8 +19,10 @@ import torch
 from parity import points as pts
 from parity import spec, training
 from parity.errors import ConfigError
+from parity.inputs import validate_inputs
 from parity.torch_impl import train
 from parity.torch_impl.decoder import block_mask
+from parity.torch_impl.load import torch_names
 from parity.torch_impl.precision import matmul_precision
 from parity.training import TrainOptions
 
@@ -192,3 +194,71 @@ def _input(model, x: np.ndarray) -> torch.Tensor:
 def _numpy(x: torch.Tensor) -> np.ndarray:
     """float32 numpy; float64 stays float64."""
     return x.detach().to(torch.promote_types(x.dtype, torch.float32)).cpu().numpy()
+
+
+# -- the block-streamed step (parity/stream_train.py drives these on a streamed skeleton, torch_impl/stream.py) -------
+def stream_context(model, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`_context` of the shifted training batch on a streamed skeleton's device (its parameters are on meta)."""
+    from parity.torch_impl import stream
+
+    checked = validate_inputs({k: v for k, v in inputs.items() if k != "mask_loss"}, model.config, "inputs")
+    shifted = training.shift({**checked, "mask_loss": inputs["mask_loss"]})
+    batch = {k: stream._ints(model, v) for k, v in shifted.items() if k != "image"}
+    batch["image"] = stream._input(model, shifted["image"])
+    with torch.no_grad():
+        return _context(model, batch)
+
+
+def stream_unit(model, weights: dict[str, np.ndarray], unit: str, x, ctx: dict[str, Any], cot=None, train=()):
+    """Unit `unit` of points.train_units (not the head) on x with `weights` placed (the LLM input: the rows of
+    ctx["text"]'s tokens, indexed by `local` in ctx): its output; given `cot` (d loss / d output), its VJP instead:
+    (d loss / d x or None, {key in `train`: its gradient}), recomputing the unit's forward (float32 numpy)."""
+    from parity.torch_impl import stream
+
+    layer = int(unit[-2:]) if unit.startswith(("img/block", "llm/layer")) else None
+    if unit == pts.LLM_INPUT:
+        ctx = {**ctx, "text": stream._ints(model, ctx["local"])}
+    names = {k: torch_names(k, None if layer is None else layer + 1)[-1] for k in weights if k in train}
+    with stream._placed(model, weights, layer), matmul_precision(model.precision), torch.enable_grad():
+        params = {k: model.get_parameter(n).requires_grad_(True) for k, n in names.items()}
+        xt = None if x is None else stream._input(model, x).requires_grad_(cot is not None)
+        if cot is None:
+            with torch.no_grad():
+                return _numpy(_unit(model, unit, xt, ctx)[0])
+        y, _ = _unit(model, unit, xt, ctx)
+        wrt = ([] if xt is None else [xt]) + list(params.values())
+        flat = torch.autograd.grad(y, wrt, grad_outputs=stream._input(model, cot), allow_unused=True)
+    dx = None if xt is None else _numpy(flat[0])
+    grads = dict(zip(params, flat[len(wrt) - len(params) :], strict=True))
+    return dx, {k: _numpy(torch.zeros_like(params[k]) if g is None else g) for k, g in grads.items()}
+
+
+def stream_head(model, weights: dict[str, np.ndarray], x: np.ndarray, cot=None, train: bool = False):
+    """The training logits of a chunk of the embedding table's rows (`weights`) on the final-normed text positions
+    x; given `cot` (d loss / d those logits), (d loss / d x, the chunk's gradient or None unless `train`)."""
+    from parity.torch_impl import stream
+
+    capped = model.conventions.final_softcap == "always"
+    with stream._placed(model, weights), matmul_precision(model.precision), torch.enable_grad():
+        table = model.llm.embedder.input_embedding.requires_grad_(train)
+        xt = stream._input(model, x).requires_grad_(cot is not None)
+        if cot is None:
+            with torch.no_grad():
+                return _numpy(model.llm.logits(xt, capped=capped))
+        wrt = [xt, table] if train else [xt]
+        flat = torch.autograd.grad(model.llm.logits(xt, capped=capped), wrt, grad_outputs=stream._input(model, cot))
+    return _numpy(flat[0]), _numpy(flat[1]) if train else None
+
+
+def stream_loss(model, logits: np.ndarray, ctx: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray]:
+    """(loss, per-row losses, d loss / d logits) of the text logits, as `_unit`'s head forms the loss."""
+    from parity.torch_impl import stream
+
+    with torch.enable_grad():
+        lt = stream._input(model, logits).requires_grad_(True)
+        logp = torch.log_softmax(lt, dim=-1)
+        nll = -torch.gather(logp, -1, ctx["targets"][..., None])[..., 0]
+        w = ctx["weights"].to(nll.dtype)
+        loss, example = training.normalize((nll * w).sum(1), w.sum(1), model.conventions.loss_normalization)
+        (g,) = torch.autograd.grad(loss, [lt])
+    return float(loss.detach()), _numpy(example), _numpy(g)
