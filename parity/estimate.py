@@ -381,7 +381,11 @@ def check_fits(
         if n:
             ways.append(f"fewer rows in the inputs ({n} of {rows} would fit)")
     ways.append(f"a machine with {-(-est.peak // (1 << 30))} GiB available")
-    if not est.stream and streamable:
+    if not est.stream and streamable and stream is False:  # streaming ruled out for this run, not too big
+        ways.append(
+            "the float16 training modes run resident only" if work.kind == "train" else "block-streaming is off"
+        )
+    elif not est.stream and streamable:
         ways.append(f"block-streamed it needs {gb(est.streamed)}, more than available too")
     elif not streamable:
         ways.append(

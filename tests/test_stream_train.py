@@ -120,8 +120,9 @@ def test_a_step_that_does_not_fit_resident_streams_and_says_so(files, monkeypatc
     for part in ("a training step", "resident", "PARITY_MEMORY_LIMIT=100M", "block-streamed"):
         assert part in said[0], (part, said[0])
     half = dataclasses.replace(job, train=TrainOptions(trainable=ATTENTION, frozen_dtype="float16"))
-    with pytest.raises(estimate.MemoryRefused):
+    with pytest.raises(estimate.MemoryRefused) as e:
         train_run.train(half)
+    assert "float16 training modes run resident only" in str(e.value) and "more than available" not in str(e.value)
 
 
 def test_streamed_step_holds_one_unit_at_a_time(files, monkeypatch):
