@@ -114,8 +114,9 @@ def test_sampling_record_of_a_comparison_decode_and_of_the_generate_command():
 
 
 def test_capture_compare_and_golden_share_record_run():
-    """No module runs a side its own way: run, compare.sides and golden call parity.pipeline.record_run."""
-    for rel in ("parity/run.py", "parity/compare/sides.py", "parity/golden.py"):
+    """No module runs a side its own way: run, compare.sides and golden (its runs: golden_run) call
+    parity.pipeline.record_run."""
+    for rel in ("parity/run.py", "parity/compare/sides.py", "parity/golden_run.py"):
         with open(os.path.join(ROOT, rel)) as f:
             src = f.read()
         assert "record_run(" in src and "build_model(" not in src and ".forward(" not in src, rel
