@@ -26,8 +26,11 @@ demo: $(VENV)/.installed
 # start their children with the dispositions they rely on (tests/signal_child.py) while pytest itself keeps what it
 # inherited (a `nohup` run still survives a hangup), and stdin is /dev/null, so no child can stop on reading a
 # terminal it does not own (`timeout` runs its command in a background process group).
+# Two workers (pytest-xdist), a test file per worker (`--dist loadfile`: a file's module fixtures are built once):
+# the suite's ~1,050 tests take ~16 min in one process on a 2-core machine. Two, not `-n auto`: each worker holds
+# torch, jax and transformers (~3-4 GB), so one per core of a large machine could run out of memory.
 test: $(VENV)/.installed-keras
-	$(PY) -m pytest -q -p no:cacheprovider tests </dev/null
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests </dev/null
 
 # ruff lints and checks the formatting of everything (configured in pyproject.toml); .ci/run calls it before the tests.
 lint: $(VENV)/.installed
